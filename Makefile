@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Each does its own set-up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RUN ?= runs/demo
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-all setup font bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP) font
+
+# The emoji source renders Debian's Noto Color Emoji font. Install it where we can; say so where we cannot.
+font:
+	@if fc-list 2>/dev/null | grep -qi 'NotoColorEmoji' || test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -q && apt-get install -y -q fonts-noto-color-emoji) >/dev/null 2>&1 \
+		|| echo "note: could not install fonts-noto-color-emoji; the emoji source needs it (or pass --font PATH)"; \
+	else echo "note: install the emoji font with 'sudo apt-get install fonts-noto-color-emoji' (or pass --font PATH)"; fi
+
+demo: setup
+	$(BIN)/dalle demo --run $(RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ''
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from dallecli.cli import main
+
+main()

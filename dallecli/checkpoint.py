@@ -1,0 +1,261 @@
+"""Checkpoints: atomic, self-describing folders (DESIGN.md, "Checkpoints").
+
+    ROOT/step-00001000/
+        model.safetensors      weights
+        ema.safetensors        EMA weights, when kept
+        config.json            {"format", "kind", "step", "fingerprint", "model": {...}, "meta": {...}}
+        training_state.pt      optimizer, scheduler, scaler, RNG, data position (tensors and plain values only)
+        DONE                   empty, written last: a folder without it does not exist for any reader
+
+A save writes into a hidden temporary folder and renames it into place, so a crash at any point
+leaves every earlier checkpoint and "latest" intact. Pruning runs only after the new folder is complete.
+Nothing here unpickles untrusted bytes: weights go through safetensors, configs through JSON and the
+training state through `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dallecli.config import read_json, write_json_atomic
+from dallecli.console import UserError
+
+FORMAT = 1
+KINDS = ("dvae", "prior", "clip")
+STEP_RE = re.compile(r"^step-(\d{8})$")
+MAKER = {"dvae": "dalle train-dvae", "prior": "dalle train-prior", "clip": "dalle train-clip"}
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def complete_steps(root: Path) -> list[tuple[int, Path]]:
+    """Every complete checkpoint under `root` as (step, path), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = STEP_RE.match(child.name)
+        if m and child.is_dir() and (child / "DONE").is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest(root: Path) -> Path | None:
+    """The highest step with a completion marker (never chosen by modification time)."""
+    steps = complete_steps(root)
+    return steps[-1][1] if steps else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights): store an independent copy of each.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(
+    root: Path,
+    step: int,
+    *,
+    kind: str,
+    model_config: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None = None,
+    training_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write a complete checkpoint for `step` atomically, then prune to the newest `keep` (if given)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_file(_plain(weights), tmp / "model.safetensors", metadata={"kind": kind, "step": str(step)})
+        _fsync_file(tmp / "model.safetensors")
+        inference = tmp / "model.safetensors"
+        if ema is not None:
+            save_file(_plain(ema), tmp / "ema.safetensors", metadata={"kind": kind, "step": str(step)})
+            _fsync_file(tmp / "ema.safetensors")
+            inference = tmp / "ema.safetensors"
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+            _fsync_file(tmp / "training_state.pt")
+        write_json_atomic(tmp / "config.json", {
+            "format": FORMAT,
+            "kind": kind,
+            "step": step,
+            # The content hash of the weights used for inference: code shards and samples record it.
+            "fingerprint": sha256_file(inference)[:16],
+            "model": model_config,
+            "meta": meta or {},
+        })
+        (tmp / "DONE").touch()
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step: move the old one aside first
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints, and stale temporary folders."""
+    if keep < 1:
+        raise UserError(f"--keep must be at least 1 (got {keep})")
+    removed = []
+    for _, path in complete_steps(root)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    for child in Path(root).iterdir():
+        if child.name.startswith((".tmp-step-", ".old-step-")):
+            pid = child.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(child, ignore_errors=True)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint folder, validated: its kind, step and config are known."""
+
+    path: Path
+    kind: str
+    step: int
+    fingerprint: str
+    model_config: dict[str, Any]
+    meta: dict[str, Any]
+
+    def weights(self, ema: bool = True, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The EMA weights when present and asked for, else the raw ones."""
+        name = "ema.safetensors" if ema and (self.path / "ema.safetensors").is_file() else "model.safetensors"
+        return _load_tensors(self.path / name, device)
+
+    def has_ema(self) -> bool:
+        return (self.path / "ema.safetensors").is_file()
+
+    def ema_weights(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor] | None:
+        return _load_tensors(self.path / "ema.safetensors", device) if self.has_ema() else None
+
+    def training_state(self) -> dict[str, Any]:
+        path = self.path / "training_state.pt"
+        if not path.is_file():
+            raise UserError(f"checkpoint {self.path} has no training state; it can be used, not resumed")
+        return load_torch_state(path)
+
+
+def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"checkpoint file missing: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint file is empty (0 bytes): {path}; delete the folder and resume from another")
+    try:
+        return load_file(path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint file is corrupt or truncated: {path} ({exc})") from None
+
+
+def load_torch_state(path: Path) -> dict[str, Any]:
+    """Load a training-state file with `weights_only=True`: plain containers and tensors, never code."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"training state is empty (0 bytes): {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError… for bad bytes
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"refusing to load {path}: not a plain tensor file ({first[:160]})") from None
+
+
+def resolve(path: Path, kind: str) -> Path:
+    """A step folder, or a folder of step folders (its latest complete one)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no {kind} checkpoint at {path}; make one with `{MAKER.get(kind, 'dalle')}`")
+    if (path / "config.json").is_file() or STEP_RE.match(path.name):
+        if not (path / "DONE").is_file():
+            raise UserError(f"checkpoint {path} is incomplete (no DONE marker): it was interrupted while "
+                            "saving; use an earlier step or the folder above it")
+        return path
+    found = latest(path)
+    if found is None:
+        raise UserError(f"no complete {kind} checkpoint under {path}; make one with `{MAKER.get(kind, 'dalle')}`")
+    return found
+
+
+def load(path: Path, kind: str) -> Checkpoint:
+    """Open and validate a checkpoint of `kind`; the wrong kind or a bad config is one clear error."""
+    folder = resolve(path, kind)
+    config = read_json(folder / "config.json", what="checkpoint config")
+    if not isinstance(config, dict) or "kind" not in config:
+        raise UserError(f"{folder}/config.json is not a dalle checkpoint config (no 'kind' field)")
+    if config["kind"] != kind:
+        raise UserError(f"{folder} is a {config['kind']} checkpoint, but a {kind} checkpoint was expected "
+                        f"(kind: {config['kind']} != {kind})")
+    if config.get("format") != FORMAT:
+        raise UserError(f"{folder}: checkpoint format {config.get('format')} is not supported (expected {FORMAT})")
+    for key in ("step", "fingerprint", "model"):
+        if key not in config:
+            raise UserError(f"{folder}/config.json lacks the field '{key}'")
+    return Checkpoint(path=folder, kind=kind, step=int(config["step"]), fingerprint=config["fingerprint"],
+                      model_config=config["model"], meta=config.get("meta", {}))

@@ -1,0 +1,77 @@
+"""The `dalle` command line: one thin command per stage of the pipeline (DESIGN.md, "The command line").
+
+Each command lives in `dallecli/commands/<name>.py` as a plain typed function; this module only
+registers them, so that `dalle --help` imports nothing heavy.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Annotated
+
+import typer
+
+from dallecli import __version__
+
+app = typer.Typer(
+    name="dalle",
+    help="DALL·E from the command line: build shards, train the dVAE and the transformer, sample, rerank, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# (command name, module under dallecli.commands, one-line help). Order is the pipeline's order.
+COMMANDS = [
+
+
+]
+
+
+def _register() -> None:
+    for name, module, help_text in COMMANDS:
+        func = importlib.import_module(f"dallecli.commands.{module}").command
+        app.command(name, help=help_text, short_help=help_text)(func)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dalle {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    from dallecli.commands.common import start
+
+    start(quiet, debug)
+
+
+_register()
+
+
+def main() -> None:
+    """Entry point: user errors become one red line and exit code 2; Ctrl-C exits with 130."""
+    from dallecli.console import UserError, print_error, settings
+
+    try:
+        app()
+    except UserError as exc:
+        if settings.debug:
+            raise
+        print_error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

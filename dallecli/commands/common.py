@@ -1,0 +1,21 @@
+"""Options every command shares, and the start-up every command does."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+RunOpt = Annotated[Path, typer.Option("--run", help="Run directory: inputs are found and outputs written here.",
+                                      show_default=True)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; errors and the summary still print.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")]
+DEFAULT_RUN = Path("runs/default")
+
+
+def start(quiet: bool = False, debug: bool = False) -> None:
+    """Apply --quiet / --debug for this process."""
+    from dallecli.console import settings
+
+    settings.quiet = settings.quiet or quiet
+    settings.debug = settings.debug or debug

@@ -1,0 +1,251 @@
+"""Training data: random access into tar shards, an exactly resumable order, per-sample seeded augmentation.
+
+Each shard is indexed once (member names and byte offsets, read from the tar headers only), so any
+sample can be read by index. The order of an epoch is a seeded permutation of all indices; a run's
+data position is simply the number of global batches consumed. Resuming at batch b starts the
+permutation of epoch b // batches_per_epoch at the right place, whatever the number of workers or
+processes: nothing is skipped or seen twice (DESIGN.md, "Checkpoints": exact resume).
+
+Random augmentation draws from a generator seeded by (seed, epoch, index), never from a worker's
+global state, so the same sample gets the same crop in every run.
+
+A bad sample (corrupt image, bad caption) yields `None` with its reason; the collate function drops
+it and reports (shard, key, reason) to the caller, who stops after too many failures in a row.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dallecli.console import UserError
+from dallecli.data.records import IMAGE_EXTS, list_shards, split_member_name
+
+
+@dataclass(frozen=True)
+class Entry:
+    shard: int  # index into the shard list
+    key: str
+    members: tuple[tuple[str, int, int], ...]  # (ext, byte offset, size)
+
+
+def index_shard(path: Path, shard_id: int, errors: list[dict] | None = None) -> list[Entry]:
+    """Scan one tar's headers (no data is read) and group members by key, in file order."""
+    entries: list[Entry] = []
+    current_key, members = None, []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                if key != current_key and current_key is not None:
+                    entries.append(Entry(shard_id, current_key, tuple(members)))
+                    members = []
+                current_key = key
+                members.append((ext, info.offset_data, info.size))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if errors is None:
+            raise UserError(f"shard {path} is corrupt or truncated ({exc}); rebuild it with `dalle build-shards`")
+        errors.append({"shard": path.name, "key": current_key, "reason": f"truncated or corrupt tar: {exc}"})
+        current_key = None  # the record being read when the tar broke may be incomplete: drop it
+    if current_key is not None:
+        entries.append(Entry(shard_id, current_key, tuple(members)))
+    # A truncated final member reads past the end: drop records whose bytes are not all there.
+    size = path.stat().st_size
+    kept = []
+    for entry in entries:
+        if all(off + n <= size for _, off, n in entry.members):
+            kept.append(entry)
+        elif errors is not None:
+            errors.append({"shard": path.name, "key": entry.key, "reason": "member cut off by a truncated tar"})
+    return kept
+
+
+class ShardIndex:
+    """All samples of one split, readable by index."""
+
+    def __init__(self, folder: Path, split: str, errors: list[dict] | None = None):
+        self.paths = list_shards(folder, split)
+        if not self.paths:
+            raise UserError(f"no {split} shards in {folder}; make them with `dalle build-shards`")
+        self.entries: list[Entry] = []
+        seen: set[str] = set()
+        for i, path in enumerate(self.paths):
+            for entry in index_shard(path, i, errors):
+                if entry.key in seen:  # a duplicate key would be trained on twice: keep the first
+                    if errors is not None:
+                        errors.append({"shard": path.name, "key": entry.key, "reason": "duplicate key"})
+                    continue
+                seen.add(entry.key)
+                self.entries.append(entry)
+        if not self.entries:
+            raise UserError(f"the {split} shards in {folder} hold no samples; rebuild them with `dalle build-shards`")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def read(self, i: int) -> tuple[Entry, dict[str, bytes]]:
+        entry = self.entries[i]
+        out = {}
+        with open(self.paths[entry.shard], "rb") as f:
+            for ext, off, n in entry.members:
+                f.seek(off)
+                out[ext] = f.read(n)
+        return entry, out
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's augmentation, stable across runs, workers and machines."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class ResumableSampler(Sampler):
+    """Yields (epoch, index) for this rank, starting at global batch `start_batch`.
+
+    Epoch e's order is a permutation seeded by (seed, e). A global batch holds `batch_size * world`
+    consecutive indices of that order; rank r takes its slice. Incomplete final batches are dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world: int = 1,
+                 shuffle: bool = True):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_batch, self.rank, self.world, self.shuffle = start_batch, rank, world, shuffle
+        self.global_batch = batch_size * world
+        self.batches_per_epoch = n // self.global_batch
+        if self.batches_per_epoch < 1:
+            raise UserError(f"the split has {n} samples, fewer than one global batch of {self.global_batch}; "
+                            "lower --batch-size or add data")
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        b = self.start_batch
+        while True:
+            epoch, within = divmod(b, self.batches_per_epoch)
+            order = self.order(epoch)
+            for j in range(within, self.batches_per_epoch):
+                lo = j * self.global_batch + self.rank * self.batch_size
+                for i in order[lo: lo + self.batch_size].tolist():
+                    yield epoch, i
+            b = (epoch + 1) * self.batches_per_epoch
+
+    def __len__(self) -> int:  # an endless stream; DataLoader only needs this for its own bookkeeping
+        return 2**62
+
+
+class RecordDataset(Dataset):
+    """Maps (epoch, index) to `decode(members, rng) -> sample`, or to None with a reason."""
+
+    def __init__(self, index: ShardIndex, decode: Callable[[dict[str, bytes], np.random.Generator], Any], seed: int):
+        self.index, self.decode, self.seed = index, decode, seed
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, i = item
+        entry, members = self.index.read(i)
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, i))
+        try:
+            return entry.key, self.decode(members, rng), None
+        except BadSample as exc:
+            return entry.key, None, {"shard": self.index.paths[entry.shard].name, "key": entry.key,
+                                     "reason": str(exc)}
+
+
+class BadSample(ValueError):
+    """Raised by a decode function for a sample that cannot be used; the reason is reported."""
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    data: Any  # the collated tensors
+    errors: list[dict]
+
+
+def make_collate(collate: Callable[[list], Any]) -> Callable[[list], Batch]:
+    def _collate(items):
+        good = [(k, s) for k, s, e in items if s is not None]
+        errors = [e for _, s, e in items if s is None]
+        data = collate([s for _, s in good]) if good else None
+        return Batch(keys=[k for k, _ in good], data=data, errors=errors)
+
+    return _collate
+
+
+def make_loader(index: ShardIndex, decode, collate, *, batch_size: int, seed: int, start_batch: int = 0,
+                rank: int = 0, world: int = 1, workers: int = 0, shuffle: bool = True) -> DataLoader:
+    """An endless loader of `Batch`es starting at global batch `start_batch`."""
+    sampler = ResumableSampler(len(index), batch_size, seed, start_batch, rank, world, shuffle)
+    return DataLoader(RecordDataset(index, decode, seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=workers, collate_fn=make_collate(collate),
+                      persistent_workers=False, prefetch_factor=4 if workers else None,
+                      # Its own generator: creating the iterator must not draw from the global RNG,
+                      # or a resumed run's dropout and gumbel noise would shift by one draw.
+                      generator=torch.Generator().manual_seed(seed))
+
+
+# --- decoding helpers shared by the stages -------------------------------------------------------------
+
+def read_caption(members: dict[str, bytes]) -> str:
+    if "txt" not in members:
+        raise BadSample("missing caption (.txt)")
+    try:
+        caption = members["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadSample("caption is not UTF-8") from None
+    if not caption:
+        raise BadSample("empty caption")
+    return caption
+
+
+def read_image(members: dict[str, bytes], size: int | None = None):
+    """Decode the image member as 8-bit RGB (PIL). A wrong size is an error only if `size` is given."""
+    from PIL import Image, UnidentifiedImageError
+
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        raise BadSample("no image member (.png/.jpg/.webp)")
+    try:
+        with Image.open(io.BytesIO(members[ext])) as im:
+            im.load()
+            image = im.convert("RGB") if im.mode != "RGB" else im.copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadSample(f"unreadable image: {exc}") from None
+    return image
+
+
+def read_codes(members: dict[str, bytes], grid: int) -> torch.Tensor:
+    """The uint16 codes of a code shard member, as a (grid, grid) int64 tensor."""
+    raw = members.get("codes")
+    if raw is None:
+        raise BadSample("no codes member (.codes)")
+    if len(raw) != 2 * grid * grid:
+        raise BadSample(f"codes hold {len(raw) // 2} values, expected {grid}x{grid}")
+    return torch.from_numpy(np.frombuffer(raw, dtype="<u2").astype(np.int64)).view(grid, grid)
+
+
+def read_meta(members: dict[str, bytes]) -> dict:
+    raw = members.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadSample("metadata (.json) is not valid JSON") from None
+    return meta if isinstance(meta, dict) else {}

@@ -1,0 +1,70 @@
+"""Scale-out: `--gpus N` (and `--nodes`) relaunch the same command under Accelerate's launcher.
+
+The parent process rebuilds its own command line without `--gpus`, hands it to
+`accelerate launch --multi_gpu --num_processes N -m dallecli ...` and exits with its status.
+The children see DALLE_LAUNCHED=1 and run the work; Accelerate gives each its rank and device.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from dallecli.console import UserError, info
+
+_VALUE_FLAGS = ("--gpus", "--nodes", "--node-rank", "--main-address", "--main-port")
+
+
+def launched() -> bool:
+    return os.environ.get("DALLE_LAUNCHED") == "1"
+
+
+def strip_flags(argv: list[str]) -> list[str]:
+    """Drop the launcher's own flags from a command line (both `--flag V` and `--flag=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _VALUE_FLAGS:
+            skip = True
+            continue
+        if any(arg.startswith(f + "=") for f in _VALUE_FLAGS):
+            continue
+        out.append(arg)
+    return out
+
+
+def launch_command(gpus: int, nodes: int, node_rank: int, main_address: str | None, main_port: int,
+                   cpu: bool, argv: list[str]) -> list[str]:
+    total = gpus * nodes
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(total),
+           "--num_machines", str(nodes), "--machine_rank", str(node_rank), "--main_process_port", str(main_port),
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if total > 1:
+        cmd.append("--multi_gpu")
+    if cpu:
+        cmd.append("--cpu")
+    if nodes > 1:
+        if not main_address:
+            raise UserError("--nodes > 1 needs --main-address (the IP of node 0) on every node")
+        cmd += ["--main_process_ip", main_address]
+    return cmd + ["-m", "dallecli", *strip_flags(argv)]
+
+
+def maybe_relaunch(gpus: int, nodes: int = 1, node_rank: int = 0, main_address: str | None = None,
+                   main_port: int = 29500, cpu: bool = False) -> None:
+    """Relaunch under Accelerate when more than one process is asked for; return if this is the worker."""
+    if gpus < 1 or nodes < 1:
+        raise UserError(f"--gpus and --nodes must be at least 1 (got {gpus}, {nodes})")
+    if launched() or gpus * nodes == 1:
+        return
+    import torch
+
+    if not cpu and torch.cuda.device_count() < gpus:
+        raise UserError(f"--gpus {gpus} asked for, but {torch.cuda.device_count()} CUDA device(s) are visible; "
+                        "lower --gpus (or pass --cpu to test with CPU processes)")
+    cmd = launch_command(gpus, nodes, node_rank, main_address, main_port, cpu, sys.argv[1:])
+    info(f"launching {gpus * nodes} processes: accelerate launch … -m dallecli {' '.join(strip_flags(sys.argv[1:]))}")
+    env = dict(os.environ, DALLE_LAUNCHED="1")
+    sys.exit(subprocess.call(cmd, env=env))

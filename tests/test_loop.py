@@ -1,0 +1,203 @@
+"""The shared training loop on a toy task: loss falls, exact resume, non-finite steps skipped, data order."""
+import io
+import json
+import math
+import shutil
+import tarfile
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dallecli import checkpoint
+from dallecli.console import UserError
+from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_codes
+from dallecli.train.loop import TrainConfig, cosine, ema_decay_at, learning_rate, train
+
+
+def write_shard(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def make_code_shards(folder, n=48, per_shard=12, grid=2, split="train"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        codes = rng.integers(0, 16, size=grid * grid).astype("<u2").tobytes()
+        samples.append((f"s{i:04d}", {"codes": codes, "txt": f"caption {i}".encode()}))
+    for s in range(0, n, per_shard):
+        write_shard(folder / f"{split}-{s // per_shard:06d}.tar", samples[s: s + per_shard])
+    return folder
+
+
+class ToyTask:
+    """Predict the sum of the codes from the codes: a model, data and loss the loop can run."""
+
+    kind, unit = "prior", "img"
+
+    def __init__(self, folder, batch_size=4, workers=0, poison_step=None):
+        self.folder, self.batch_size, self.workers, self.poison_step = folder, batch_size, workers, poison_step
+        self.seen: list[str] = []
+
+    def model_config(self):
+        return {"width": 8}
+
+    def meta(self):
+        return {}
+
+    def build_model(self):
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 1))
+
+    def param_groups(self, model, wd):
+        return [{"params": list(model.parameters()), "weight_decay": wd}]
+
+    def loader(self, start_batch, rank, world):
+        index = ShardIndex(self.folder, "train")
+        return make_loader(index, lambda m, rng: read_codes(m, 2).float().flatten() / 16, torch.stack,
+                           batch_size=self.batch_size, seed=1, start_batch=start_batch, rank=rank, world=world,
+                           workers=self.workers)
+
+    def count(self, batch):
+        self.seen.extend(batch.keys)
+        return len(batch.keys)
+
+    def loss(self, model, x, step):
+        target = x.sum(dim=1, keepdim=True)
+        loss = ((model(x) - target) ** 2).mean()
+        if step == self.poison_step:
+            loss = loss * math.nan
+        return loss, {}
+
+    def evaluate(self, model, step):
+        return {"val_loss": 0.0}
+
+    def check_resume(self, ck):
+        pass
+
+
+CFG = TrainConfig(steps=30, batch_size=4, lr=3e-2, betas=(0.9, 0.99), ema_decay=0.9, save_every=10,
+                  eval_every=15, log_every=1, keep=5, seed=3)
+
+
+def losses(folder):
+    return [r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"]
+
+
+def test_loss_falls_and_checkpoints(tmp_path):
+    shards = make_code_shards(tmp_path / "shards")
+    result = train(ToyTask(shards), CFG, tmp_path / "run")
+    assert result.step == 30
+    assert [s for s, _ in checkpoint.complete_steps(tmp_path / "run")] == [10, 20, 30]
+    trace = losses(tmp_path / "run")
+    assert len(trace) == 30 and np.mean(trace[-5:]) < np.mean(trace[:5])
+    ck = checkpoint.load(tmp_path / "run", "prior")
+    assert ck.has_ema() and ck.training_state()["data_position"] == 30
+
+
+def test_resume_is_exact(tmp_path):
+    shards = make_code_shards(tmp_path / "shards")
+    full = tmp_path / "full"
+    train(ToyTask(shards), CFG, full)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)  # as if killed right after step 20 was saved
+    shutil.rmtree(part / "step-00000030")
+    train(ToyTask(shards), CFG, part)  # rerunning continues from the latest checkpoint
+    assert losses(part) == losses(full)
+    a, b = checkpoint.load(full, "prior"), checkpoint.load(part, "prior")
+    for k, v in a.weights(ema=False).items():
+        assert torch.equal(v, b.weights(ema=False)[k])
+    for k, v in a.weights(ema=True).items():
+        assert torch.equal(v, b.weights(ema=True)[k])
+    sa, sb = a.training_state()["optimizer"]["state"], b.training_state()["optimizer"]["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"])
+
+
+def test_resume_refuses_another_shape(tmp_path):
+    shards = make_code_shards(tmp_path / "shards")
+    train(ToyTask(shards), replace(CFG, steps=10), tmp_path / "run")
+    task = ToyTask(shards)
+    task.model_config = lambda: {"width": 16}
+    with pytest.raises(UserError, match="width: checkpoint 8 != now 16"):
+        train(task, CFG, tmp_path / "run")
+
+
+def test_nonfinite_step_is_skipped(tmp_path):
+    shards = make_code_shards(tmp_path / "shards")
+    cfg = replace(CFG, steps=6, save_every=100, ema_decay=None)
+    # Stop right before the poisoned step, then run it: weights and optimizer must not change.
+    train(ToyTask(shards), replace(cfg, steps=3), tmp_path / "run")
+    before = checkpoint.load(tmp_path / "run", "prior")
+    train(ToyTask(shards, poison_step=3), replace(cfg, steps=4), tmp_path / "run")
+    after = checkpoint.load(tmp_path / "run", "prior")
+    for k, v in before.weights().items():
+        assert torch.equal(v, after.weights()[k])
+    assert after.training_state()["nonfinite"] == 1
+    sa, sb = before.training_state()["optimizer"]["state"], after.training_state()["optimizer"]["state"]
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+def test_nonfinite_in_a_row_aborts(tmp_path):
+    shards = make_code_shards(tmp_path / "shards")
+    task = ToyTask(shards)
+    task.loss = lambda model, x, step: (model(x).sum() * math.inf, {})
+    with pytest.raises(UserError, match="non-finite steps in a row"):
+        train(task, replace(CFG, max_nonfinite=3), tmp_path / "run")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_data_order_resumes_exactly(tmp_path, workers):
+    """Keys consumed by an interrupted and resumed epoch equal an uninterrupted epoch's, any workers."""
+    shards = make_code_shards(tmp_path / "shards", n=48, per_shard=12)
+    index = ShardIndex(shards, "train")
+    decode = lambda m, rng: read_codes(m, 2)  # noqa: E731
+
+    def keys(start, n_batches, rank=0, world=1):
+        loader = make_loader(index, decode, torch.stack, batch_size=4, seed=7, start_batch=start, rank=rank,
+                             world=world, workers=workers)
+        out = []
+        for i, batch in zip(range(n_batches), loader):
+            out.extend(batch.keys)
+        return out
+
+    epoch = keys(0, 12)
+    assert sorted(epoch) == sorted(f"s{i:04d}" for i in range(48))  # each sample exactly once
+    assert keys(0, 5) + keys(5, 7) == epoch
+    # Two processes split each global batch: together they see the same multiset.
+    two = keys(0, 6, rank=0, world=2) + keys(0, 6, rank=1, world=2)
+    assert sorted(two) == sorted(epoch)
+
+
+def test_bad_samples_are_reported_not_fatal(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = (b"\x01\x00" * 4)
+    write_shard(folder / "train-000000.tar", [("a", {"codes": good}), ("b", {"codes": b"\x01"}),
+                                              ("c", {"codes": good}), ("d", {"codes": good})])
+    index = ShardIndex(folder, "train")
+
+    def decode(m, rng):
+        return read_codes(m, 2)
+
+    batch = next(iter(make_loader(index, decode, torch.stack, batch_size=4, seed=0, shuffle=False)))
+    assert batch.keys == ["a", "c", "d"]
+    assert batch.errors == [{"shard": "train-000000.tar", "key": "b", "reason": "codes hold 0 values, expected 2x2"}]
+    with pytest.raises(BadSample):
+        read_codes({}, 2)
+
+
+def test_schedules():
+    assert cosine(0, 100, 1.0, 0.0) == 1.0 and abs(cosine(100, 100, 1.0, 0.0)) < 1e-12
+    assert cosine(500, 100, 1.0, 0.25) == 0.25
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=10, schedule="plateau")
+    assert learning_rate(cfg, 0) == pytest.approx(0.1) and learning_rate(cfg, 50, halvings=2) == 0.25
+    assert ema_decay_at(0.999, 0) < 0.2 and ema_decay_at(0.999, 10**6) == 0.999
