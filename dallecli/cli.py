@@ -25,6 +25,9 @@ app = typer.Typer(
 
 # (command name, module under dallecli.commands, one-line help). Order is the pipeline's order.
 COMMANDS = [
+    ("tokenize", "tokenize", "Train the caption BPE tokenizer (§2.2) on the train shards' captions."),
+    ("train-dvae", "train_dvae", "Train the discrete VAE (stage 1) on the image shards."),
+    ("encode", "encode", "Encode the image shards into code shards with the trained dVAE (or --preview reconstructions)."),
 
 
 ]
