@@ -1,0 +1,501 @@
+"""Where samples come from: a folder of images + captions, a manifest (CSV/TSV/JSONL, paths or URLs),
+existing WebDataset shards, or a built-in renderer (emoji, shapes).
+
+Every source is a deterministic, ordered stream of `Item`s (what to read, not yet read). `prepare_batch`
+turns items into `Prepared` samples or rejections; it runs in worker processes, so it only touches the
+item and its config. Listing is cheap and happens in the main process, in a fixed order: sorted
+folder walk, manifest row order, shard order.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import http.client
+import importlib
+import json
+import os
+import re
+import time
+import unicodedata
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from PIL import Image
+
+from dallecli.console import UserError
+from dallecli.data.images import EncodedImage, ImageConfig, Rejected, process_image
+
+KINDS = ("folder", "manifest", "webdataset", "emoji", "shapes")
+BUILTIN = ("emoji", "shapes")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MANIFEST_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")  # tried in this order
+IMAGE_COLUMNS = ("image", "url", "path", "file", "filename", "image_path", "img")
+CAPTION_COLUMNS = ("caption", "text", "txt", "title", "alt")
+USER_AGENT = "dallecli-build-shards/0.1 (+https://github.com/; image-caption dataset builder)"
+_RETRY_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str
+    path: str | None = None                 # resolved input path (None for built-ins)
+    image_column: str | None = None          # manifest columns; None: the first of IMAGE_COLUMNS / CAPTION_COLUMNS
+    caption_column: str | None = None
+    count: int | None = None                 # shapes: total scenes (train + val)
+    seed: int | None = None                  # shapes
+    font: str | None = None                  # emoji
+    skin_tones: bool = False
+    flags: bool = False
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    timeout: float = 10.0        # seconds per attempt (connect + whole download)
+    retries: int = 2             # extra attempts after a timeout, connection error, 429 or 5xx
+    backoff: float = 0.5         # seconds before retry k: backoff · 2^(k-1)
+    max_bytes: int = 64 << 20    # larger downloads are rejected
+    threads: int = 16            # concurrent downloads per worker
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    image: ImageConfig = field(default_factory=ImageConfig)
+    min_caption_chars: int = 3       # App. C: captions that are too short are discarded
+    max_caption_chars: int = 1000
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    content_hash: bool = False       # compute a hash of the image bytes for --dedup
+
+
+@dataclass
+class Item:
+    """One input, not yet read. `image`: a file, an http(s) URL, bytes from a shard, or a rendered image.
+    `caption`: a .txt file, bytes from a shard, or text (manifest / renderer)."""
+
+    key: str
+    source: str                                  # where it came from, for rejects.jsonl
+    image: Path | str | bytes | Image.Image | None
+    caption: Path | bytes | str | None
+    meta: dict[str, Any] = field(default_factory=dict)   # carried into the sample's json
+    split: str | None = None                     # decided by the source (shapes); else by a hash of the key
+    reject: Rejected | None = None               # decided while listing (duplicate key, bad manifest row)
+
+
+@dataclass
+class Prepared:
+    key: str
+    source: str
+    split: str | None
+    meta: dict[str, Any]
+    image: EncodedImage | None = None
+    caption: str | None = None
+    content_hash: str | None = None
+    reject: Rejected | None = None
+
+
+@dataclass
+class Source:
+    kind: str
+    items: Iterator[Item]
+    total: int | None          # number of items when known in advance (for the progress bar)
+
+
+# ---- keys and captions -------------------------------------------------------------------------
+
+_KEY_BAD = re.compile(r"[^\w\-]+")
+
+
+def make_key(text: str) -> str:
+    """A WebDataset-safe key: the key ends at the first dot of a member name, so dots, slashes and other
+    punctuation become '_' (collisions this creates are caught as duplicate keys)."""
+    return _KEY_BAD.sub("_", text).strip("_")
+
+
+def unique_keys(items: Iterable[Item]) -> Iterator[Item]:
+    """The first item with a key keeps it; later ones are rejected as duplicates, naming the first."""
+    seen: dict[str, str] = {}
+    for item in items:
+        if item.reject is None:
+            if not item.key:
+                item.reject = Rejected("bad-key", "empty key")
+            elif item.key in seen:
+                item.reject = Rejected("duplicate-key", f"key {item.key!r} already used by {seen[item.key]}")
+            else:
+                seen[item.key] = item.source
+        yield item
+
+
+def load_caption(caption: Path | bytes | str | None) -> str:
+    if caption is None:
+        raise Rejected("caption-missing", "no caption")
+    if isinstance(caption, Path):
+        try:
+            caption = caption.read_bytes()
+        except FileNotFoundError:
+            raise Rejected("caption-missing", f"no caption file {caption.name}") from None
+        except OSError as exc:
+            raise Rejected("caption-unreadable", str(exc)) from None
+    if isinstance(caption, bytes):
+        try:
+            return caption.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise Rejected("caption-not-utf8", str(exc)) from None
+    try:
+        caption.encode("utf-8")          # manifests are read with surrogateescape: invalid bytes show here
+    except UnicodeEncodeError:
+        raise Rejected("caption-not-utf8", "caption holds bytes that are not UTF-8") from None
+    return caption
+
+
+def clean_caption(text: str, min_chars: int, max_chars: int) -> str:
+    """Strip, turn control characters into spaces, collapse runs of whitespace; enforce the length limits."""
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    text = " ".join(text.split())
+    if not text:
+        raise Rejected("caption-empty", "caption is empty or only whitespace")
+    if len(text) < min_chars:
+        raise Rejected("caption-too-short", f"{len(text)} characters < --min-caption-chars {min_chars}")
+    if len(text) > max_chars:
+        raise Rejected("caption-too-long", f"{len(text)} characters > --max-caption-chars {max_chars}")
+    return text
+
+
+# ---- URLs ---------------------------------------------------------------------------------------
+
+def is_url(text: str) -> bool:
+    return re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text) is not None
+
+
+def fetch_url(url: str, config: FetchConfig) -> bytes:
+    """GET an http(s) URL with a per-attempt deadline and bounded retries on transient failures."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise Rejected("url-bad-scheme", f"only http and https URLs are fetched: {url[:200]}")
+    failure = Rejected("url-error", url)
+    for attempt in range(config.retries + 1):
+        if attempt:
+            time.sleep(config.backoff * 2 ** (attempt - 1))
+        try:
+            return _fetch_once(url, config)
+        except urllib.error.HTTPError as exc:
+            failure = Rejected(f"url-http-{exc.code}", f"HTTP {exc.code} {exc.reason} from {url[:200]}")
+            if exc.code not in _RETRY_HTTP:
+                break
+        except TimeoutError:
+            failure = Rejected("url-timeout", f"no complete answer within {config.timeout:g} s "
+                                              f"({attempt + 1} tries): {url[:200]}")
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError):
+                failure = Rejected("url-timeout", f"no answer within {config.timeout:g} s "
+                                                  f"({attempt + 1} tries): {url[:200]}")
+            else:
+                failure = Rejected("url-unreachable", f"{reason} ({attempt + 1} tries): {url[:200]}")
+    raise failure
+
+
+def _fetch_once(url: str, config: FetchConfig) -> bytes:
+    deadline = time.monotonic() + config.timeout
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    chunks, size = [], 0
+    with urllib.request.urlopen(request, timeout=config.timeout) as response:
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(url)
+            chunk = response.read(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > config.max_bytes:
+                raise Rejected("url-too-large", f"more than {config.max_bytes:,} bytes: {url[:200]}")
+            chunks.append(chunk)
+
+
+# ---- preparing items (runs in worker processes) -------------------------------------------------
+
+def _read_image(image: Path | str | bytes | Image.Image | None, config: FetchConfig) -> bytes | Image.Image:
+    if image is None:
+        raise Rejected("image-missing", "no image")
+    if isinstance(image, Path):
+        try:
+            return image.read_bytes()
+        except FileNotFoundError:
+            raise Rejected("image-missing", f"no file {image}") from None
+        except OSError as exc:
+            raise Rejected("image-unreadable", str(exc)) from None
+    if isinstance(image, str):
+        return fetch_url(image, config)
+    return image
+
+
+def _content_hash(data: bytes | Image.Image) -> str:
+    if isinstance(data, Image.Image):
+        data = f"{data.mode} {data.size}".encode() + data.tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def prepare_batch(items: list[Item], config: PrepareConfig) -> list[Prepared]:
+    """Items → encoded samples or rejections, in order. URLs in the batch download concurrently."""
+    out = [Prepared(it.key, it.source, it.split, it.meta, reject=it.reject) for it in items]
+    for p, it in zip(out, items):
+        if p.reject is None:
+            try:
+                p.caption = clean_caption(load_caption(it.caption), config.min_caption_chars,
+                                          config.max_caption_chars)
+            except Rejected as exc:
+                p.reject = exc
+    live = [i for i, p in enumerate(out) if p.reject is None]
+
+    def read(i: int) -> bytes | Image.Image | Rejected:
+        try:
+            return _read_image(items[i].image, config.fetch)
+        except Rejected as exc:
+            return exc
+
+    urls = [i for i in live if isinstance(items[i].image, str)]
+    if len(urls) > 1:
+        with ThreadPoolExecutor(min(len(urls), config.fetch.threads)) as pool:
+            data = dict(zip(live, pool.map(read, live)))
+    else:
+        data = {i: read(i) for i in live}
+    for i in live:
+        p, d = out[i], data.pop(i)
+        try:
+            if isinstance(d, Rejected):
+                raise d
+            if config.content_hash:
+                p.content_hash = _content_hash(d)
+            p.image = process_image(d, config.image)
+        except Rejected as exc:
+            p.reject = exc
+    return out
+
+
+# ---- listing sources (main process) -------------------------------------------------------------
+
+def detect_kind(path: Path) -> str:
+    """folder, manifest or webdataset, from what is at `path`; ambiguity is a UserError."""
+    if path.is_file():
+        name = path.name.lower()
+        if path.suffix.lower() in MANIFEST_SUFFIXES:
+            return "manifest"
+        if name.endswith(TAR_SUFFIXES):
+            return "webdataset"
+        raise UserError(f"cannot tell what {path} is: expected a folder, a manifest "
+                        f"({', '.join(MANIFEST_SUFFIXES)}) or a .tar shard; pass --source")
+    if not path.is_dir():
+        raise UserError(f"input {path} does not exist; give a folder of images, a manifest or shards")
+    tars = [p for p in path.iterdir() if p.name.lower().endswith(TAR_SUFFIXES)]
+    images = next((True for _ in _walk_images(path)), False)
+    if tars and images:
+        raise UserError(f"{path} holds both .tar shards and image files; pass --source folder or "
+                        "--source webdataset")
+    if tars:
+        return "webdataset"
+    if images:
+        return "folder"
+    raise UserError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
+
+
+def _walk_images(root: Path) -> Iterator[Path]:
+    """Image files under `root`, recursively, in sorted order; hidden files and folders are skipped."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
+                yield Path(dirpath) / name
+
+
+def folder_source(root: Path) -> Source:
+    """Images with captions in same-stem .txt files beside them (`cat.jpg` + `cat.txt`)."""
+    files = list(_walk_images(root))
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+
+    def items() -> Iterator[Item]:
+        for path in files:
+            rel = path.relative_to(root)
+            yield Item(key=make_key(str(rel.with_suffix(""))), source=str(rel), image=path,
+                       caption=path.with_suffix(".txt"))
+
+    return Source("folder", unique_keys(items()), len(files))
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
+    """(line or row number, row or None when unreadable, problem)."""
+    delimiter = MANIFEST_SUFFIXES[path.suffix.lower()]
+    # surrogateescape: a caption with invalid UTF-8 rejects that row, not the whole manifest
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        if delimiter is None:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield n, None, f"line {n} is not JSON ({exc.msg})"
+                    continue
+                yield (n, row, "") if isinstance(row, dict) else (n, None, f"line {n} is not a JSON object")
+        else:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:       # an over-long field, a NUL byte: skip the row, keep reading
+                    yield reader.line_num, None, f"line {reader.line_num}: {exc}"
+                    continue
+                yield reader.line_num, row, ""
+
+
+def _manifest_columns(path: Path) -> list[str]:
+    delimiter = MANIFEST_SUFFIXES[path.suffix.lower()]
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        if delimiter is not None:
+            return next(csv.reader(f, delimiter=delimiter), [])
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}: the first line is not JSON; a .jsonl manifest holds one "
+                                    "JSON object per line") from None
+                return list(row) if isinstance(row, dict) else []
+    return []
+
+
+def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
+                 flag: str, path: Path) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise UserError(f"{path} has no {what} column {wanted!r} (columns: {', '.join(columns) or 'none'}); "
+                            f"fix {flag}")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise UserError(f"{path}: no {what} column found among {', '.join(columns) or 'no columns'}; "
+                    f"name it with {flag}")
+
+
+def manifest_source(path: Path, image_column: str | None, caption_column: str | None) -> Source:
+    """Rows with an image (a path relative to the manifest, or an http(s) URL) and a caption. A `key`
+    column, when present, names the samples; otherwise they are numbered by row."""
+    columns = _manifest_columns(path)
+    image_col = _pick_column(columns, image_column, IMAGE_COLUMNS, "image", "--image-column", path)
+    caption_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", "--caption-column", path)
+    total = sum(1 for _ in _manifest_rows(path))
+    base = path.parent
+
+    def items() -> Iterator[Item]:
+        for index, (line, row, problem) in enumerate(_manifest_rows(path)):
+            key = f"{index:09d}"
+            where = f"{path.name}:{line}"
+            if row is None:
+                yield Item(key, where, None, None, reject=Rejected("manifest-bad-row", problem))
+                continue
+            if row.get("key") not in (None, ""):
+                key = make_key(str(row["key"]))
+            image = row.get(image_col)
+            caption = row.get(caption_col)
+            caption = None if caption is None else str(caption)
+            meta: dict[str, Any] = {}
+            if not isinstance(image, str) or not image.strip():
+                yield Item(key, where, None, caption, reject=Rejected("image-missing", f"empty {image_col!r}"))
+                continue
+            image = image.strip()
+            if is_url(image):
+                meta["url"] = image
+                target: Path | str = image
+            else:
+                target = base / image
+            yield Item(key, f"{where}: {image[:200]}", target, caption, meta)
+
+    return Source("manifest", unique_keys(items()), total)
+
+
+def webdataset_source(path: Path) -> Source:
+    """Existing shards (img2dataset output: `KEY.jpg` + `KEY.txt` [+ `KEY.json`]), read as raw bytes:
+    only image, txt and json members are looked at, nothing is ever unpickled."""
+    from dallecli.data.records import iter_records
+
+    tars = [path] if path.is_file() else sorted(p for p in path.iterdir()
+                                                if p.name.lower().endswith(TAR_SUFFIXES))
+    if not tars:
+        raise UserError(f"no .tar shards in {path}")
+
+    def items() -> Iterator[Item]:
+        for tar in tars:
+            errors: list = []
+            for record in iter_records(tar, errors):
+                ext = next((e for e in SHARD_IMAGE_EXTS if e in record.members), None)
+                meta: dict[str, Any] = {}
+                if "json" in record.members:
+                    try:
+                        url = json.loads(record.members["json"]).get("url")
+                        if isinstance(url, str):
+                            meta["url"] = url
+                    except (ValueError, AttributeError):
+                        pass
+                yield Item(make_key(record.key), f"{tar.name}:{record.key}",
+                           record.members[ext] if ext else None, record.members.get("txt"), meta)
+            for e in errors:
+                yield Item(make_key(e.key or ""), f"{tar.name}:{e.key or ''}", None, None,
+                           reject=Rejected("corrupt-shard", e.reason))
+
+    return Source("webdataset", unique_keys(items()), None)
+
+
+def shapes_source(spec: SourceSpec, size: int, val_fraction: float) -> Source:
+    """The shapes world (specs/shapes-world.md): train scenes from its 'train' split, val from 'val'."""
+    shapes = importlib.import_module("dallecli.data.shapes")
+    count = 10000 if spec.count is None else spec.count
+    seed = 0 if spec.seed is None else spec.seed
+    n_val = round(count * val_fraction)
+    n_train = count - n_val
+
+    def items() -> Iterator[Item]:
+        for split, n in (("train", n_train), ("val", n_val)):
+            if n == 0:
+                continue
+            for key, image, caption, meta in shapes.iter_scenes(split, n, seed, size):
+                if meta.get("split") not in ("train", "val"):
+                    raise ValueError(f"shapes renderer gave split {meta.get('split')!r} for {key}")
+                yield Item(key, "shapes", image, caption, dict(meta), split=meta["split"])
+
+    return Source("shapes", unique_keys(items()), count)
+
+
+def emoji_source(spec: SourceSpec, size: int) -> Source:
+    emoji = importlib.import_module("dallecli.data.emoji")
+    font = None if spec.font is None else Path(spec.font)
+
+    def items() -> Iterator[Item]:
+        for key, image, caption, meta in emoji.iter_emoji(font, size, spec.skin_tones, spec.flags):
+            yield Item(key, "emoji", image, caption, dict(meta))
+
+    return Source("emoji", unique_keys(items()), None)
+
+
+def open_source(spec: SourceSpec, size: int, val_fraction: float) -> Source:
+    if spec.kind in BUILTIN:
+        return shapes_source(spec, size, val_fraction) if spec.kind == "shapes" else emoji_source(spec, size)
+    path = Path(spec.path) if spec.path else None
+    if path is None:
+        raise UserError(f"--source {spec.kind} needs an input path, e.g. `dalle build-shards photos/`")
+    if not path.exists():
+        raise UserError(f"input {path} does not exist")
+    if spec.kind == "folder":
+        if not path.is_dir():
+            raise UserError(f"--source folder needs a folder, but {path} is a file")
+        return folder_source(path)
+    if spec.kind == "manifest":
+        if not path.is_file() or path.suffix.lower() not in MANIFEST_SUFFIXES:
+            raise UserError(f"--source manifest needs a {', '.join(MANIFEST_SUFFIXES)} file, got {path}")
+        return manifest_source(path, spec.image_column, spec.caption_column)
+    return webdataset_source(path)

@@ -1,0 +1,604 @@
+"""`dalle build-shards`: every source, every kind of bad input, the error-rate stop, exact resume."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from dallecli.commands.build_shards import command
+from dallecli.console import UserError, settings
+from dallecli.data import shards as shards_mod
+from dallecli.data.records import iter_records, list_shards
+from dallecli.data.shards import split_of, tar_end, tar_member
+
+
+@pytest.fixture(autouse=True)
+def _console(monkeypatch):
+    monkeypatch.setattr(settings, "quiet", False)
+    monkeypatch.setattr(settings, "debug", False)
+
+
+def app() -> typer.Typer:
+    a = typer.Typer()
+    a.command()(command)
+    return a
+
+
+def cli(*args) -> "typer.testing.Result":
+    return CliRunner().invoke(app(), [str(a) for a in args])
+
+
+def ok(*args):
+    result = cli(*args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def image_bytes(i: int, fmt: str = "PNG", size=(48, 40), mode="RGB") -> bytes:
+    rng = np.random.default_rng(i)
+    a = rng.integers(0, 256, (size[1], size[0], 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).convert(mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def good_folder(root: Path, n: int, fmt: str = "PNG", ext: str = "png") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"img{i:03d}.{ext}").write_bytes(image_bytes(i, fmt))
+        (root / f"img{i:03d}.txt").write_text(f"a noisy  picture\nnumber {i}")
+    return root
+
+
+def records(folder: Path, split: str) -> list:
+    return [r for p in list_shards(folder, split) for r in iter_records(p)]
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def rejects(folder: Path) -> dict[str, str]:
+    lines = [json.loads(line) for line in (folder / "rejects.jsonl").read_text().splitlines()]
+    return {line["key"]: line["reason"] for line in lines}
+
+
+# ---- the writer --------------------------------------------------------------------------------
+
+def test_tar_members_are_reproducible_and_readable(tmp_path):
+    blob = tar_member("k1.txt", b"hello") + tar_member("k1.json", b"{}")
+    data = blob + tar_end(len(blob))
+    assert len(data) % tarfile.RECORDSIZE == 0
+    (tmp_path / "t.tar").write_bytes(data)
+    with tarfile.open(tmp_path / "t.tar") as tar:
+        infos = tar.getmembers()
+        assert [i.name for i in infos] == ["k1.txt", "k1.json"]
+        assert {(i.mtime, i.uid, i.gid, i.uname, i.gname) for i in infos} == {(0, 0, 0, "", "")}
+        assert tar.extractfile("k1.txt").read() == b"hello"
+
+
+def test_split_is_a_stable_hash_of_the_key():
+    keys = [f"k{i}" for i in range(4000)]
+    val = [k for k in keys if split_of(k, 0.05) == "val"]
+    assert 120 < len(val) < 280
+    assert val == [k for k in keys if split_of(k, 0.05) == "val"]
+    assert all(split_of(k, 0.0) == "train" for k in keys)
+
+
+# ---- folder source: everything that can go wrong -----------------------------------------------
+
+def bad_folder(root: Path, monkeypatch) -> Path:
+    good_folder(root, 14)
+    jpeg = image_bytes(99, "JPEG", (160, 120))
+
+    def put(name: str, data: bytes | None, caption: str | bytes | None = "a perfectly fine caption"):
+        if data is not None:
+            (root / name).write_bytes(data)
+        if caption is not None:
+            cap = root / (name.rsplit(".", 1)[0] + ".txt")
+            cap.write_bytes(caption if isinstance(caption, bytes) else caption.encode())
+
+    put("truncated.jpg", jpeg[: len(jpeg) // 2])
+    put("zero.jpg", b"")
+    put("text.jpg", b"this is not a jpeg at all\n" * 10)
+    big = io.BytesIO()
+    Image.new("L", (1200, 1000)).save(big, "PNG")
+    put("bomb.png", big.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    put("tiny.png", image_bytes(1, "PNG", (1, 1)))
+    put("wide.png", image_bytes(2, "PNG", (300, 60)))
+    put("nocaption.png", image_bytes(3), caption=None)
+    put("emptycap.png", image_bytes(4), caption="")
+    put("spacecap.png", image_bytes(5), caption=" \n\t  ")
+    put("latin1.png", image_bytes(6), caption="caf\xe9 au lait".encode("latin-1"))
+    put("longcap.png", image_bytes(7), caption="word " * 40)
+    put("shortcap.png", image_bytes(8), caption="ab")
+    put("dup.png", image_bytes(9))
+    put("dup.jpg", image_bytes(10, "JPEG"))                      # same key "dup": the second is rejected
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(cmyk, "JPEG")
+    put("cmyk.jpg", cmyk.getvalue())
+    a16 = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 128 * 257, np.uint16)).save(a16, "PNG")
+    put("grey16.png", a16.getvalue())
+    pal = Image.new("P", (40, 40), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.paste(1, (20, 0, 40, 40))
+    p = io.BytesIO()
+    pal.save(p, "PNG", transparency=0)
+    put("palette.png", p.getvalue())
+    put("grey.png", image_bytes(11, "PNG", mode="L"))
+    put("greyalpha.png", image_bytes(12, "PNG", mode="LA"))
+    (root / os.fsdecode(b"caf\xe9.png")).write_bytes(image_bytes(13))       # a file name that is not UTF-8
+    (root / os.fsdecode(b"caf\xe9.txt")).write_text("a cafe with a Latin-1 file name")
+    (root / "orphan.txt").write_text("a caption without an image")       # not an input
+    (root / ".hidden.jpg").write_bytes(b"macOS junk")                    # hidden: skipped
+    return root
+
+
+def test_folder_with_every_kind_of_bad_input(tmp_path, monkeypatch):
+    src = bad_folder(tmp_path / "photos", monkeypatch)
+    out = tmp_path / "out"
+    result = ok(src, "--out", out, "--format", "png", "--size", "32", "--max-caption-chars", "100",
+                "--val-fraction", "0.2", "--workers", "1")
+    got = rejects(out)
+    assert got == {
+        "truncated": "corrupt-image", "zero": "empty-file", "text": "not-an-image", "bomb": "decompression-bomb",
+        "tiny": "too-small", "wide": "aspect-ratio", "nocaption": "caption-missing", "emptycap": "caption-empty",
+        "spacecap": "caption-empty", "latin1": "caption-not-utf8", "longcap": "caption-too-long",
+        "shortcap": "caption-too-short", "dup": "duplicate-key",
+    }
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = 14 + 7      # the good ones, the first "dup", cmyk, grey16, palette, grey, greyalpha, café
+    assert manifest["counts"]["inputs"] == kept + 13
+    assert manifest["counts"]["train"] + manifest["counts"]["val"] == kept
+    assert manifest["counts"]["rejected"] == 13 and manifest["counts"]["errors"] == 9
+    assert manifest["rejects"]["caption-empty"] == 2
+    assert manifest["arguments"]["prepare"]["image"]["size"] == 32
+    assert "13" in result.output and str(out) in result.output
+
+    samples = {r.key: r for split in ("train", "val") for r in records(out, split)}
+    assert len(samples) == kept and "dup" in samples
+    for r in samples.values():
+        meta = json.loads(r.members["json"])
+        assert meta["split"] == split_of(r.key, 0.2) and meta["key"] == r.key
+        assert Image.open(io.BytesIO(r.members["png"])).size == (32, 32)
+    assert samples["img003"].members["txt"] == b"a noisy picture number 3"          # whitespace collapsed
+    assert json.loads(samples["caf"].members["json"])["source"] == "caf\udce9.png"
+    grey16 = np.asarray(Image.open(io.BytesIO(samples["grey16"].members["png"])))
+    assert grey16[10, 10].tolist() == [128, 128, 128]                              # scaled, not clipped to 255
+    pal = np.asarray(Image.open(io.BytesIO(samples["palette"].members["png"])))
+    assert pal[10, 2].tolist() == [255, 255, 255] and pal[10, 29].tolist() == [255, 0, 0]
+    cmyk = np.asarray(Image.open(io.BytesIO(samples["cmyk"].members["png"]))).reshape(-1, 3).mean(0)
+    assert cmyk[0] > 200 and cmyk[1] < 60
+
+    for entry in manifest["shards"]:                                               # the shard list is true
+        path = out / entry["name"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+        assert sum(1 for _ in iter_records(path)) == entry["samples"]
+
+
+def test_workers_do_not_change_the_bytes(tmp_path):
+    src = good_folder(tmp_path / "photos", 30)
+    ok(src, "--out", tmp_path / "w1", "--workers", "1", "--per-shard", "7", "--size", "32")
+    ok(src, "--out", tmp_path / "w2", "--workers", "2", "--per-shard", "7", "--size", "32")
+    a, b = folder_bytes(tmp_path / "w1"), folder_bytes(tmp_path / "w2")
+    assert a == b and "train-000003.tar" in a
+
+
+def test_dedup_drops_repeated_images(tmp_path):
+    src = good_folder(tmp_path / "photos", 4)
+    (src / "copy.png").write_bytes((src / "img001.png").read_bytes())
+    (src / "copy.txt").write_text("another caption for the same picture")
+    ok(src, "--out", tmp_path / "plain", "--size", "32")
+    assert not (tmp_path / "plain" / "rejects.jsonl").read_text()
+    ok(src, "--out", tmp_path / "dedup", "--size", "32", "--dedup")
+    assert rejects(tmp_path / "dedup") == {"img001": "duplicate-image"}    # "copy" sorts first and is kept
+
+
+# ---- error rate ---------------------------------------------------------------------------------
+
+def test_too_many_failures_stop_the_run(tmp_path):
+    src = good_folder(tmp_path / "photos", 5)
+    for i in range(30):
+        (src / f"bad{i:02d}.jpg").write_bytes(b"not an image")
+        (src / f"bad{i:02d}.txt").write_text("caption")
+    result = cli(src, "--out", tmp_path / "out", "--workers", "1")
+    assert result.exit_code == 2
+    assert "--max-error-rate" in result.output and "not-an-image" in result.output
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert len((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()) >= 20
+    # after reading rejects.jsonl, the same command with a generous limit finishes the job
+    ok(src, "--out", tmp_path / "out", "--workers", "1", "--max-error-rate", "1")
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"] == {
+        "inputs": 35, "train": 5 - sum(split_of(f"img{i:03d}", 0.05) == "val" for i in range(5)),
+        "val": sum(split_of(f"img{i:03d}", 0.05) == "val" for i in range(5)), "rejected": 30, "errors": 30}
+
+
+def test_error_rate_is_checked_at_the_end_too(tmp_path):
+    src = good_folder(tmp_path / "photos", 1)
+    for i in range(3):
+        (src / f"bad{i}.jpg").write_bytes(b"")
+        (src / f"bad{i}.txt").write_text("caption")
+    result = cli(src, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "3 of 4 inputs failed" in result.output
+
+
+def test_filters_alone_do_not_stop_the_run_but_nothing_kept_is_an_error(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(25):
+        (src / f"w{i}.png").write_bytes(image_bytes(i, "PNG", (300, 60)))
+        (src / f"w{i}.txt").write_text("a wide picture")
+    result = cli(src, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "no sample passed the filters" in result.output
+
+
+# ---- manifests and URLs -------------------------------------------------------------------------
+
+class _Handler(BaseHTTPRequestHandler):
+    hits: dict[str, int] = {}
+
+    def do_GET(self):  # noqa: N802
+        n = self.hits[self.path] = self.hits.get(self.path, 0) + 1
+        try:
+            if self.path == "/missing.jpg":
+                self.send_error(404)
+            elif self.path == "/slow.jpg":
+                time.sleep(1.0)
+                self._send(image_bytes(7, "JPEG"))
+            elif self.path == "/flaky.jpg" and n == 1:
+                self.send_error(503)
+            elif self.path == "/page.html":
+                self._send(b"<html>not an image</html>")
+            else:
+                self._send(image_bytes(int(self.path.strip("/").split(".")[0].replace("flaky", "5")), "JPEG"))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _send(self, body: bytes):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    _Handler.hits = {}
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_csv_manifest_with_paths_and_urls(tmp_path, server):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "local.png").write_bytes(image_bytes(1))
+    rows = [("imgs/local.png", "a local picture"), (f"{server}/2.jpg", "a downloaded picture"),
+            (f"{server}/missing.jpg", "gone"), (f"{server}/slow.jpg", "too slow"),
+            (f"{server}/flaky.jpg", "works the second time"), (f"{server}/page.html", "a web page"),
+            ("ftp://example.com/x.jpg", "wrong scheme"), ("imgs/absent.png", "no such file"), ("", "no image"),
+            (f"{server}/3.jpg", 'a caption, with "quotes"')]
+    with open(tmp_path / "data.csv", "w", newline="") as f:
+        import csv
+        w = csv.writer(f)
+        w.writerow(["url", "caption"])
+        w.writerows(rows)
+    out = tmp_path / "out"
+    ok(tmp_path / "data.csv", "--out", out, "--timeout", "0.2", "--retries", "1", "--retry-backoff", "0",
+       "--workers", "1", "--size", "32", "--max-error-rate", "0.9")
+    assert rejects(out) == {"000000002": "url-http-404", "000000003": "url-timeout", "000000005": "not-an-image",
+                            "000000006": "url-bad-scheme", "000000007": "image-missing",
+                            "000000008": "image-missing"}
+    assert _Handler.hits["/slow.jpg"] == 2 and _Handler.hits["/flaky.jpg"] == 2 and _Handler.hits["/missing.jpg"] == 1
+    kept = {r.key: r for s in ("train", "val") for r in records(out, s)}
+    assert sorted(kept) == ["000000000", "000000001", "000000004", "000000009"]
+    assert json.loads(kept["000000001"].members["json"])["url"] == f"{server}/2.jpg"
+    assert kept["000000009"].members["txt"] == b'a caption, with "quotes"'
+
+
+def test_tsv_and_jsonl_manifests_with_named_columns(tmp_path):
+    for i in range(3):
+        (tmp_path / f"p{i}.png").write_bytes(image_bytes(i))
+    (tmp_path / "m.tsv").write_text("file\tdescription\n" + "".join(f"p{i}.png\tpicture {i}\n" for i in range(3)))
+    ok(tmp_path / "m.tsv", "--out", tmp_path / "a", "--image-column", "file", "--caption-column", "description",
+       "--size", "32")
+    assert len(records(tmp_path / "a", "train")) + len(records(tmp_path / "a", "val")) == 3
+
+    lines = [json.dumps({"key": f"sample-{i}", "img": f"p{i}.png", "alt": f"picture {i}"}).encode() for i in range(3)]
+    lines[1] = b"{this is not json"
+    lines.append(json.dumps({"key": "sample-0", "img": "p2.png", "alt": "same key again"}).encode())
+    lines.append(b'{"key": "sample-9", "img": "p2.png", "alt": "caf\xe9 au lait"}')     # Latin-1, not UTF-8
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n\n")
+    ok(tmp_path / "m.jsonl", "--out", tmp_path / "b", "--image-column", "img", "--caption-column", "alt",
+       "--size", "32", "--max-error-rate", "1")
+    assert rejects(tmp_path / "b") == {"000000001": "manifest-bad-row", "sample-0": "duplicate-key",
+                                       "sample-9": "caption-not-utf8"}
+
+    result = cli(tmp_path / "m.tsv", "--out", tmp_path / "c", "--caption-column", "nope")
+    assert result.exit_code == 2 and "no caption column 'nope'" in result.output and "description" in result.output
+
+
+# ---- webdataset input ---------------------------------------------------------------------------
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_input_is_resharded_and_resized(tmp_path):
+    src = tmp_path / "img2dataset"
+    src.mkdir()
+    boom = b"cos\nsystem\n(S'echo pwned'\ntR."                   # a pickle that must never be loaded
+    members = []
+    for i in range(5):
+        key = f"00000{i:04d}"
+        members += [(f"{key}.jpg", image_bytes(i, "JPEG", (120, 90))), (f"{key}.txt", f"shard picture {i}".encode()),
+                    (f"{key}.json", json.dumps({"url": f"http://x/{i}.jpg", "key": key}).encode()),
+                    (f"{key}.pyd", boom)]
+    members += [("000009999.jpg", image_bytes(9, "JPEG"))]       # no caption
+    write_tar(src / "00000.tar", members)
+    write_tar(src / "00001.tar", [("000010000.png", image_bytes(10)), ("000010000.txt", b"from the second shard")])
+    good = (src / "00001.tar").read_bytes()
+    (src / "00002.tar").write_bytes(good[:1200].replace(b"000010000", b"000020000"))   # truncated
+    (src / "00000_stats.json").write_text("{}")
+
+    out = tmp_path / "out"
+    ok(src, "--out", out, "--size", "48", "--per-shard", "2", "--val-fraction", "0", "--max-error-rate", "1")
+    got = records(out, "train")
+    assert [r.key for r in got] == [f"00000{i:04d}" for i in range(5)] + ["000010000"]
+    assert [p.name for p in list_shards(out, "train")] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert all(set(r.members) == {"jpg", "txt", "json"} for r in got)
+    assert Image.open(io.BytesIO(got[0].members["jpg"])).size == (48, 48)
+    assert json.loads(got[2].members["json"])["url"] == "http://x/2.jpg"
+    reasons = rejects(out)
+    assert reasons["000009999"] == "caption-missing"
+    assert "corrupt-shard" in reasons.values()
+
+
+# ---- built-in renderers (fakes: the real ones have their own tests) -----------------------------
+
+def fake_scene(i: int, size: int) -> Image.Image:
+    img = Image.new("RGB", (size, size), "white")
+    img.paste((230, 25, 25), (i % size, 0, i % size + 4, 4))
+    return img
+
+
+@pytest.fixture
+def fake_shapes(monkeypatch):
+    calls = []
+
+    def iter_scenes(split, count, seed=0, size=64):
+        calls.append((split, count, seed, size))
+        for i in range(count):
+            yield (f"shapes-{split}-{i:07d}", fake_scene(i, size), f"a red square number {i}",
+                   {"objects": [{"color": "red"}], "relation": None, "template": 0, "split": split})
+
+    monkeypatch.setitem(sys.modules, "dallecli.data.shapes", types.SimpleNamespace(iter_scenes=iter_scenes))
+    return calls
+
+
+def test_shapes_wiring(tmp_path, fake_shapes):
+    run = tmp_path / "run"
+    ok("--source", "shapes", "--count", "40", "--seed", "3", "--val-fraction", "0.25", "--run", run,
+       "--per-shard", "16")
+    assert fake_shapes == [("train", 30, 3, 64), ("val", 10, 3, 64)]
+    folder = run / "shards"
+    train, val = records(folder, "train"), records(folder, "val")
+    assert len(train) == 30 and len(val) == 10
+    assert all(r.key.startswith("shapes-val-") for r in val)
+    meta = json.loads(val[0].members["json"])
+    assert meta["split"] == "val" and meta["objects"] == [{"color": "red"}]
+    img = Image.open(io.BytesIO(train[5].members["png"]))
+    assert img.size == (64, 64) and img.tobytes() == fake_scene(5, 64).tobytes()      # lossless, untouched
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["arguments"]["source"]["count"] == 40 and manifest["counts"]["val"] == 10
+
+
+def test_emoji_wiring_and_missing_font(tmp_path, monkeypatch):
+    calls = []
+
+    def iter_emoji(font=None, size=64, skin_tones=False, flags=False):
+        calls.append((font, size, skin_tones, flags))
+        if font is not None and not Path(font).exists():
+            raise UserError(f"emoji font not found at {font}")
+        for i, name in enumerate(["ox", "red heart", "grinning face"]):
+            yield f"emoji-{i:04x}", fake_scene(i, size), name, {"source": "emoji", "name": name}
+
+    monkeypatch.setitem(sys.modules, "dallecli.data.emoji", types.SimpleNamespace(iter_emoji=iter_emoji))
+    font = tmp_path / "Noto.ttf"
+    font.write_bytes(b"fake font")
+    ok("--source", "emoji", "--font", font, "--skin-tones", "--no-flags", "--size", "32", "--out", tmp_path / "e")
+    assert calls == [(font.resolve(), 32, True, False)]
+    kept = records(tmp_path / "e", "train") + records(tmp_path / "e", "val")
+    assert sorted(r.members["txt"] for r in kept) == [b"grinning face", b"ox", b"red heart"]   # "ox": 1-char minimum
+
+    result = cli("--source", "emoji", "--font", tmp_path / "missing.ttf", "--out", tmp_path / "m")
+    assert result.exit_code == 2 and "emoji font not found" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+# ---- command-line checks ------------------------------------------------------------------------
+
+def test_source_inference_and_bad_combinations(tmp_path, fake_shapes):
+    both = good_folder(tmp_path / "both", 2)
+    write_tar(both / "x.tar", [("a.txt", b"x")])
+    result = cli(both, "--out", tmp_path / "o1")
+    assert result.exit_code == 2 and "pass --source" in result.output
+    ok(both, "--source", "folder", "--out", tmp_path / "o1", "--size", "32")
+    assert cli(tmp_path / "nothing", "--out", tmp_path / "o2").exit_code == 2
+    (tmp_path / "notes.md").write_text("hi")
+    result = cli(tmp_path / "notes.md", "--out", tmp_path / "o3")
+    assert result.exit_code == 2 and "cannot tell what" in result.output
+    result = cli(both, "--source", "shapes")
+    assert result.exit_code == 2 and "drop the input path" in result.output
+    assert cli("--out", tmp_path / "o4").exit_code == 2
+    result = cli("--source", "manifest", "--out", tmp_path / "o5")
+    assert result.exit_code == 2 and "needs an input path" in result.output
+
+
+def test_rerun_is_a_no_op_different_arguments_are_refused(tmp_path):
+    src = good_folder(tmp_path / "photos", 6)
+    out = tmp_path / "out"
+    ok(src, "--out", out, "--size", "32")
+    before = folder_bytes(out)
+    result = ok(src, "--out", out, "--size", "32", "--workers", "2")          # workers don't matter
+    assert "already complete" in result.output and folder_bytes(out) == before
+    result = cli(src, "--out", out, "--size", "48")
+    assert result.exit_code == 2 and "different arguments" in result.output and "--overwrite" in result.output
+    assert "size: 32 → 48" in result.output
+    ok(src, "--out", out, "--size", "48", "--overwrite")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["arguments"]["prepare"]["image"]["size"] == 48
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "train-000000.tar").write_bytes(b"")
+    result = cli(src, "--out", foreign)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+# ---- resume -------------------------------------------------------------------------------------
+
+class Crash(Exception):
+    pass
+
+
+def _crash_in_consume(monkeypatch, at: int):
+    original, n = shards_mod._Build.consume, {"calls": 0}
+
+    def consume(self, index, prepared):
+        n["calls"] += 1
+        if n["calls"] == at:
+            raise Crash()
+        return original(self, index, prepared)
+
+    monkeypatch.setattr(shards_mod._Build, "consume", consume)
+
+
+def _crash_before_state(monkeypatch, at: int):
+    """Shard closed (end blocks written) but the state not yet updated."""
+    original, n = shards_mod.ShardWriter.finish, {"calls": 0}
+
+    def finish(self):
+        n["calls"] += 1
+        result = original(self)
+        if n["calls"] == at:
+            raise Crash()
+        return result
+
+    monkeypatch.setattr(shards_mod.ShardWriter, "finish", finish)
+
+
+def _crash_before_rename(monkeypatch, at: int):
+    """State records the shard as complete, the rename has not happened."""
+    original, n = shards_mod._Build._finish_shard, {"calls": 0}
+
+    def finish_shard(self, writer, next_input):
+        n["calls"] += 1
+        if n["calls"] != at:
+            return original(self, writer, next_input)
+        entry, partial = writer.finish()
+        self.shards.append(entry)
+        self.checkpoint(next_input)
+        raise Crash()
+
+    monkeypatch.setattr(shards_mod._Build, "_finish_shard", finish_shard)
+
+
+@pytest.mark.parametrize("inject,at", [(_crash_in_consume, 19), (_crash_in_consume, 3),
+                                       (_crash_before_state, 3), (_crash_before_rename, 2)])
+def test_interrupted_run_resumes_to_identical_bytes(tmp_path, monkeypatch, inject, at):
+    src = good_folder(tmp_path / "photos", 36)
+    (src / "bad.png").write_bytes(b"garbage")
+    (src / "bad.txt").write_text("caption")
+    args = ["--size", "32", "--per-shard", "4", "--val-fraction", "0.3", "--workers", "1", "--dedup"]
+    ok(src, "--out", tmp_path / "ref", *args)
+
+    with monkeypatch.context() as m:
+        inject(m, at)
+        result = cli(src, "--out", tmp_path / "out", *args)
+        assert isinstance(result.exception, Crash)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    result = ok(src, "--out", tmp_path / "out", *args)
+    assert "done" in result.output
+    assert folder_bytes(tmp_path / "out") == folder_bytes(tmp_path / "ref")
+
+
+def test_resume_does_not_redo_complete_shards(tmp_path, monkeypatch):
+    src = good_folder(tmp_path / "photos", 24)
+    args = ["--size", "32", "--per-shard", "4", "--val-fraction", "0", "--workers", "1"]
+    with monkeypatch.context() as m:
+        _crash_in_consume(m, 15)
+        assert isinstance(cli(src, "--out", tmp_path / "out", *args).exception, Crash)
+    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("train-*.tar")}
+    assert sorted(done) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    seen = []
+    original = shards_mod.prepare_batch
+    monkeypatch.setattr(shards_mod, "prepare_batch", lambda b, c: seen.extend(i.key for i in b) or original(b, c))
+    ok(src, "--out", tmp_path / "out", *args)
+    assert seen[0] == "img012" and len(seen) == 12
+    assert all((tmp_path / "out" / n).stat().st_mtime_ns == t for n, t in done.items())
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume(tmp_path):
+    src = good_folder(tmp_path / "photos", 400, fmt="JPEG", ext="jpg")
+    args = [str(src), "--size", "64", "--per-shard", "20", "--workers", "2", "-q"]
+    code = ("import sys, typer; from dallecli.commands.build_shards import command; a = typer.Typer(); "
+            "a.command()(command); sys.argv = ['x'] + sys.argv[1:]; a()")
+    ref = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "ref")], capture_output=True)
+    assert ref.returncode == 0, ref.stderr.decode()
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(out)], start_new_session=True)
+    deadline = time.time() + 60
+    while not (out / "train-000002.tar").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "finished before the kill; make the input bigger"
+    again = subprocess.run([sys.executable, "-c", code, *args, "--out", str(out)], capture_output=True)
+    assert again.returncode == 0, again.stderr.decode()
+    assert folder_bytes(out) == folder_bytes(tmp_path / "ref")
+
+
+def test_a_dying_worker_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
+    from dallecli.data import sources
+
+    src = good_folder(tmp_path / "photos", 12)
+    args = ["--out", tmp_path / "out", "--size", "32", "--workers", "2", "--per-shard", "4"]
+    with monkeypatch.context() as m:
+        m.setattr(sources, "process_image", lambda data, config: os._exit(1))   # forked workers inherit it
+        result = cli(src, *args)
+    assert result.exit_code == 2 and "worker process died" in result.output
+    ok(src, *args)
+    assert len(records(tmp_path / "out", "train") + records(tmp_path / "out", "val")) == 12
