@@ -1,0 +1,54 @@
+"""`dalle encode`: image shards → code shards with the trained dVAE (§2.1: argmax codes, no noise)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+
+
+def command(
+    run: RunOpt = DEFAULT_RUN,
+    dvae: Annotated[Optional[Path], typer.Option(help="dVAE checkpoint (a step folder or the folder of them; default RUN/dvae).")] = None,
+    shards: Annotated[Optional[Path], typer.Option(help="Image shards (default RUN/shards).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Code shards folder (default RUN/codes).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 64,
+    preview: Annotated[int, typer.Option(help="Instead of encoding, write N val originals and reconstructions to RUN/dvae/preview.")] = 0,
+    gpus: Annotated[int, typer.Option(help="Processes (one per GPU), each encoding its share of the shards.")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    from dallecli.commands.common import start
+
+    start(quiet, debug)
+    import torch
+
+    from dallecli.codes import encode_shards, preview as write_preview, write_manifest
+    from dallecli.config import RunDir
+    from dallecli.console import UserError, summary
+    from dallecli.train.launch import maybe_relaunch
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    rd = RunDir(run)
+    dvae, shards = dvae or rd.dvae, shards or rd.shards
+    if preview:
+        device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+        write_preview(dvae, shards, rd.dvae / "preview", preview, device)
+        return
+    maybe_relaunch(gpus, cpu=cpu)
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    out = out or rd.codes
+    result = encode_shards(dvae, shards, out, batch_size=batch_size, device=state.device,
+                           rank=state.process_index, world=state.num_processes)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest = write_manifest(out, result["checkpoint"], result["config"], result["jobs"])
+        summary("encode: done", {"codes": out, "train": manifest["counts"]["train"], "val": manifest["counts"]["val"],
+                                 "rejected": manifest["rejects"], "grid": f"{manifest['dvae']['grid']}²",
+                                 "dvae": f"{result['checkpoint'].path} ({manifest['dvae']['fingerprint']})"})

@@ -1,0 +1,89 @@
+"""`dalle train-dvae`: stage 1, the discrete VAE (§2.1, App. A)."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+# Per preset: (steps, batch size per process). `paper` is App. A.2's 3M updates of 512 images on 64 GPUs;
+# `tiny` is sized to give useful reconstructions in about five minutes on two CPU cores.
+DEFAULTS = {"paper": (3_000_000, 8), "small": (20_000, 32), "small-vq": (20_000, 32),
+            "tiny": (1500, 32), "tiny-vq": (1500, 32)}
+
+
+def command(
+    run: RunOpt = DEFAULT_RUN,
+    preset: Annotated[str, typer.Option(help="Model size: tiny, tiny-vq, small, small-vq or paper.")] = "tiny",
+    steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per process per update (default: per preset).")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (paper: 1e-4, cosine to 1.25e-6).")] = 1e-4,
+    precision: Annotated[Optional[Precision], typer.Option(help="fp32 (CPU default), bf16 (GPU default) or fp16.")] = None,
+    beta_steps: Annotated[Optional[int], typer.Option(help="β warm-up length (paper 5,000; default min(5,000, 10% of --steps)).")] = None,
+    tau_steps: Annotated[Optional[int], typer.Option(help="τ annealing length (paper 150,000; default min(150,000, 50% of --steps)).")] = None,
+    save_every: Annotated[int, typer.Option(help="Save a checkpoint every N updates.")] = 500,
+    eval_every: Annotated[int, typer.Option(help="Validate (MSE, PSNR, bits/dim, codebook use, a grid PNG) every N updates.")] = 250,
+    keep: Annotated[int, typer.Option(help="Keep the newest N checkpoints.")] = 3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 0,
+    max_errors: Annotated[int, typer.Option(help="Stop after this many unreadable samples in a row.")] = 100,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming from the latest checkpoint.")] = False,
+    shards: Annotated[Optional[Path], typer.Option(help="Image shards (default RUN/shards).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default RUN/dvae).")] = None,
+    gpus: Annotated[int, typer.Option(help="Processes on this node (one per GPU), through Accelerate.")] = 1,
+    nodes: Annotated[int, typer.Option(help="Number of nodes.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank.")] = 0,
+    main_address: Annotated[Optional[str], typer.Option(help="Address of node 0 (several nodes).")] = None,
+    main_port: Annotated[int, typer.Option(help="Port of node 0.")] = 29500,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present (with --gpus N: N CPU processes).")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    from dallecli.commands.common import start
+
+    start(quiet, debug)
+    import sys
+
+    from dallecli.config import RunDir
+    from dallecli.console import UserError
+    from dallecli.models.dvae import PRESETS
+    from dallecli.train.dvae_task import DVAETask, check_image_size, schedule_for
+    from dallecli.train.launch import maybe_relaunch
+    from dallecli.train.loop import TrainConfig, exit_code_for, train
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown dVAE preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
+    rd = RunDir(run)
+    shards = shards or rd.shards
+    out = out or rd.dvae
+    config = PRESETS[preset]
+    check_image_size(config, shards, preset)
+    default_steps, default_batch = DEFAULTS.get(preset, (10_000, 32))
+    steps = steps or default_steps
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not cpu
+    cfg = TrainConfig(
+        steps=steps, batch_size=batch_size or default_batch, lr=lr, min_lr=1.25e-6 * lr / 1e-4,
+        decay_steps=min(1_200_000, steps), schedule="cosine",
+        betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4,  # App. A.2
+        ema_decay=0.999, precision=(precision.value if precision else ("bf16" if on_gpu else "fp32")),
+        save_every=save_every, eval_every=eval_every, keep=keep, seed=seed, workers=workers,
+        max_errors=max_errors)
+    task = DVAETask(config=config, shards=shards, schedule=schedule_for(steps, beta_steps, tau_steps),
+                    batch_size=cfg.batch_size, seed=seed, workers=workers, out=out)
+    result = train(task, cfg, out, fresh=fresh, cpu=cpu)
+    code = exit_code_for(result)
+    if code:
+        sys.exit(code)

@@ -1,0 +1,182 @@
+"""Stage 1 as a training task: the dVAE, its shards, its objective and its validation (§2.1, App. A)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dallecli import checkpoint
+from dallecli.config import to_dict
+from dallecli.console import UserError
+from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_caption, read_image, read_meta
+from dallecli.imageutil import center_square, dvae_augment, grid, to_pil, to_tensor
+from dallecli.models.dvae import DVAE, DVAEConfig
+from dallecli.models.dvae_objective import (DVAESchedule, code_histogram, codebook_perplexity, elbo_loss,
+                                            logit_laplace_nll, map_pixels, used_fraction)
+
+
+def schedule_for(steps: int, beta_steps: int | None = None, tau_steps: int | None = None) -> DVAESchedule:
+    """The paper's schedules (App. A.2), shortened for short runs: β warms up over 5,000 updates and τ
+    anneals over 150,000 of 3M; a run of S updates uses min(paper, 10% of S) and min(paper, 50% of S)."""
+    paper = DVAESchedule()
+    return DVAESchedule(
+        beta_steps=beta_steps if beta_steps is not None else max(1, min(paper.beta_steps, round(0.1 * steps))),
+        tau_steps=tau_steps if tau_steps is not None else max(1, min(paper.tau_steps, round(0.5 * steps))),
+        lr_steps=min(paper.lr_steps, steps),
+    )
+
+
+def shard_image_size(shards: Path) -> int:
+    """The side of the first train image: the shards' --size."""
+    index = ShardIndex(shards, "train")
+    _, members = index.read(0)
+    image = read_image(members)
+    if image.size[0] != image.size[1]:
+        raise UserError(f"shard images in {shards} are not square ({image.size}); rebuild with `dalle build-shards`")
+    return image.size[0]
+
+
+def check_image_size(config: DVAEConfig, shards: Path, preset: str) -> None:
+    size = shard_image_size(shards)
+    if size != config.image_size:
+        raise UserError(f"the images in {shards} are {size} px but the dVAE preset '{preset}' expects "
+                        f"{config.image_size} px; rebuild the shards with --size {config.image_size} "
+                        f"or choose a preset made for {size} px")
+
+
+@dataclass
+class DVAETask:
+    config: DVAEConfig
+    shards: Path
+    schedule: DVAESchedule
+    batch_size: int
+    seed: int
+    workers: int = 0
+    out: Path | None = None  # where validation grids go
+    val_images: int = 256
+    kind: str = "dvae"
+    unit: str = "img"
+
+    def model_config(self) -> dict:
+        return to_dict(self.config)
+
+    def meta(self) -> dict:
+        return {"shards": str(self.shards), "schedule": to_dict(self.schedule)}
+
+    def build_model(self) -> DVAE:
+        return DVAE(self.config)
+
+    def param_groups(self, model, weight_decay):
+        # App. A.2: AdamW with weight decay 1e-4 on every parameter.
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+    def decode(self, members, rng):
+        image = read_image(members)
+        if min(image.size) < self.config.image_size:
+            raise BadSample(f"image {image.size} is smaller than the model's {self.config.image_size} px")
+        return to_tensor(dvae_augment(image, self.config.image_size, rng))
+
+    def loader(self, start_batch, rank, world):
+        index = ShardIndex(self.shards, "train")
+        return make_loader(index, self.decode, torch.stack, batch_size=self.batch_size, seed=self.seed,
+                           start_batch=start_batch, rank=rank, world=world, workers=self.workers)
+
+    def count(self, batch):
+        return len(batch.keys)
+
+    def loss(self, model, x, step):
+        x = x.to(next(model.parameters()).device, non_blocking=True)
+        return elbo_loss(model, x, self.schedule.tau(step), self.schedule.beta(step))
+
+    def check_resume(self, ck: checkpoint.Checkpoint) -> None:
+        pass
+
+    # --- validation --------------------------------------------------------------------------------------
+
+    def _val_set(self) -> tuple[torch.Tensor, list[str], list[dict]]:
+        if not hasattr(self, "_val"):
+            try:
+                index = ShardIndex(self.shards, "val")
+            except UserError:
+                index = ShardIndex(self.shards, "train")
+            images, captions, metas = [], [], []
+            for i in range(min(len(index), self.val_images)):
+                _, members = index.read(i)
+                try:
+                    images.append(to_tensor(center_square(read_image(members), self.config.image_size)))
+                    captions.append(read_caption(members))
+                    metas.append(read_meta(members))
+                except BadSample:
+                    continue
+            self._val = (torch.stack(images), captions, metas)
+        return self._val
+
+    @torch.no_grad()
+    def evaluate(self, model: DVAE, step: int) -> dict[str, float]:
+        """Reconstruction MSE / PSNR of the hard (argmax) codes, the ELB in bits/dim, codebook use; for the
+        shapes world also the fraction of reconstructions the shapes checker accepts; a grid PNG."""
+        x, captions, metas = self._val_set()
+        device = next(model.parameters()).device
+        recons, nll, codes_all = [], 0.0, []
+        for lo in range(0, len(x), 64):
+            xb = x[lo: lo + 64].to(device)
+            logits = model.encode_logits(xb)
+            codes = logits.argmax(1)
+            codes_all.append(codes.cpu())
+            recons.append(model.decode_codes(codes).float().cpu())
+            stats = _hard_stats(model, codes)
+            c = xb.shape[1]
+            nll += float(logit_laplace_nll(map_pixels(xb.float()), stats[:, :c], stats[:, c:]).sum())
+        recon = torch.cat(recons)
+        codes = torch.cat(codes_all)
+        dims = x[0].numel()
+        mse = float(((recon - x) ** 2).mean())
+        kl_uniform = codes[0].numel() * math.log(self.config.vocab_size)  # −ELB with a one-hot posterior
+        result = {
+            "val_mse": mse,
+            "val_psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
+            "val_bpd": (nll / len(x) + kl_uniform) / (dims * math.log(2)),
+            "val_perplexity": float(codebook_perplexity(codes, self.config.vocab_size)),
+            "val_used": float(used_fraction(codes, self.config.vocab_size)),
+        }
+        result["val_loss"] = result["val_bpd"]
+        if metas and all(m.get("source") == "shapes" for m in metas):
+            from dallecli.evaluate.shapes_check import check
+
+            ok = [check(to_pil(r), c)[0] for r, c in zip(recon, captions)]
+            result["val_shapes_accuracy"] = sum(ok) / len(ok)
+        if self.out is not None:
+            n = min(16, len(x))
+            sheet = grid([to_pil(t) for t in x[:n]] + [to_pil(t) for t in recon[:n]], cols=n)
+            self.out.mkdir(parents=True, exist_ok=True)
+            sheet.save(self.out / f"recon-{step:08d}.png")
+        return result
+
+
+def _hard_stats(model: DVAE, codes: torch.Tensor) -> torch.Tensor:
+    """Decoder statistics (μ, ln b) for hard codes."""
+    h = model.decoder.blocks.input.lookup(codes) if model.quantizer is None else model.quantizer.lookup(codes)
+    return model.decoder.from_embedding(h).float()
+
+
+def codebook_report(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:
+    return {"perplexity": float(codebook_perplexity(codes, vocab_size)),
+            "used": float(used_fraction(codes, vocab_size)),
+            "max_share": float(code_histogram(codes, vocab_size).max() / codes.numel())}
+
+
+def load_dvae(path: Path, device: str | torch.device = "cpu", ema: bool = True) -> tuple[DVAE, checkpoint.Checkpoint]:
+    """A trained dVAE from a checkpoint folder (EMA weights by default), in eval mode."""
+    from dallecli.config import from_dict
+
+    ck = checkpoint.load(path, "dvae")
+    config = from_dict(DVAEConfig, ck.model_config, where=f"{ck.path}/config.json")
+    model = DVAE(config)
+    missing, unexpected = model.load_state_dict(ck.weights(ema=ema), strict=False)
+    if missing or unexpected:
+        raise UserError(f"{ck.path}: weights do not match the dVAE config "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), ck
+
