@@ -113,9 +113,41 @@ class Tokenizer:
         """The caption as the BPE sees it (NFC, whitespace collapsed and stripped, lower-cased)."""
         return self._tk.normalizer.normalize_str(text)
 
-    def encode(self, text: str, dropout: float = 0.0) -> list[int]:
-        """Token ids of one caption, no padding or truncation; an empty caption gives []."""
+    def encode(self, text: str, dropout: float = 0.0, rng=None) -> list[int]:
+        """Token ids of one caption, no padding or truncation; an empty caption gives [].
+
+        With `rng` (a numpy Generator) BPE-dropout draws from it, so training data is reproducible
+        bit for bit (an exact resume needs that); without, the library's own unseeded dropout is used."""
+        if rng is not None and dropout > 0.0:
+            return self._encode_seeded(text, dropout, rng)
         return self._for(dropout).encode(text).ids
+
+    def _encode_seeded(self, text: str, dropout: float, rng) -> list[int]:
+        """BPE with dropout (Provilkov et al., 2020) from the trained merges, drawing from `rng`: at every
+        merge step each applicable merge is skipped with probability `dropout`; the best-ranked of the
+        rest is applied. With dropout 0 this is exactly the trained BPE."""
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"BPE-dropout must be in [0, 1), got {dropout}")
+        if not hasattr(self, "_ranks"):
+            model = json.loads(self._json)["model"]
+            self._ranks = {tuple(m.split(" ")) if isinstance(m, str) else tuple(m): i
+                           for i, m in enumerate(model["merges"])}
+            self._vocab = model["vocab"]
+        ids: list[int] = []
+        for word, _ in self._tk.pre_tokenizer.pre_tokenize_str(self.normalize(text)):
+            symbols = list(word)
+            while len(symbols) > 1:
+                best = None
+                for i in range(len(symbols) - 1):
+                    rank = self._ranks.get((symbols[i], symbols[i + 1]))
+                    if rank is not None and (best is None or rank < best[0]) and rng.random() >= dropout:
+                        best = (rank, i)
+                if best is None:
+                    break
+                i = best[1]
+                symbols[i: i + 2] = [symbols[i] + symbols[i + 1]]
+            ids += [self._vocab[s] for s in symbols]
+        return ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text of ids; pad ids are skipped. decode(encode(x)) == normalize(x)."""

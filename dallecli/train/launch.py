@@ -42,8 +42,10 @@ def launch_command(gpus: int, nodes: int, node_rank: int, main_address: str | No
            "--num_machines", str(nodes), "--machine_rank", str(node_rank), "--main_process_port", str(main_port),
            "--mixed_precision", "no", "--dynamo_backend", "no"]
     if total > 1:
+        # Several CPU processes are launched as --multi_gpu too (Accelerate refuses --cpu with it); the
+        # children pick the CPU through Accelerator(cpu=True) and talk over gloo.
         cmd.append("--multi_gpu")
-    if cpu:
+    elif cpu:
         cmd.append("--cpu")
     if nodes > 1:
         if not main_address:

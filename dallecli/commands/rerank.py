@@ -1,0 +1,92 @@
+"""`dalle rerank`: score samples against their prompts with a CLIP and rank them per prompt (§2.6)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+
+
+def command(
+    samples: Annotated[Optional[Path], typer.Argument(
+        help="A samples.jsonl, or the sample folder holding it (default: the newest under RUN/samples).",
+        show_default=False)] = None,
+    run: RunOpt = DEFAULT_RUN,
+    images: Annotated[Optional[Path], typer.Option(
+        help="Instead of a samples.jsonl: rank every image in this folder against --prompt (writes FOLDER/samples.jsonl).",
+        show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="The text the --images are scored against.", show_default=False)] = None,
+    clip: Annotated[Optional[str], typer.Option(
+        help="The CLIP: a checkpoint folder, NAME:TAG (e.g. ViT-B-32:openai, from the local cache), local-dir:FOLDER, "
+             "hf-hub:ORG/REPO, or a weights file with --clip-model (default: the run's own, RUN/clip).",
+        show_default=False)] = None,
+    clip_model: Annotated[Optional[str], typer.Option(
+        help="Architecture of a --clip weights file (e.g. dalle-tiny, ViT-B-32).", show_default=False)] = None,
+    keep: Annotated[Optional[int], typer.Option(
+        help="Mark the best K samples of each prompt with \"kept\": true (the paper keeps the top k of N).",
+        show_default=False)] = None,
+    cols: Annotated[int, typer.Option(help="Images per prompt in ranked.png (the best ones).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Images per CLIP forward pass.")] = 256,
+    max_missing: Annotated[float, typer.Option(
+        help="Stop, writing nothing, if more than this share of the listed images is missing or unreadable.")] = 0.1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    from dallecli.commands.common import start
+
+    start(quiet, debug)
+    import time
+
+    import torch
+
+    from dallecli.config import RunDir
+    from dallecli.console import UserError, info, summary
+    from dallecli.models.clip import load_clip
+    from dallecli.rerank import folder_samples, ranked_grid, rerank_samples
+
+    if cols < 1 or batch_size < 1 or not 0.0 <= max_missing <= 1.0:
+        raise UserError("--cols and --batch-size must be at least 1, --max-missing between 0 and 1")
+    rows = None
+    if images is not None or prompt is not None:
+        if images is None or prompt is None or samples is not None:
+            raise UserError("--images FOLDER and --prompt TEXT go together, without a SAMPLES argument")
+        path = images / "samples.jsonl"
+        if path.exists():
+            raise UserError(f"{images} already has a samples.jsonl; rerank it with `dalle rerank {images}`")
+        rows = folder_samples(images, prompt)
+    else:
+        path = _samples_path(samples, RunDir(run).samples)
+        info(f"reranking {path}")
+    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    scorer = load_clip(clip, run, device, model=clip_model, batch_size=batch_size)
+    tic = time.perf_counter()
+    rows = rerank_samples(path, scorer, keep, max_missing=max_missing, rows=rows)
+    seconds = time.perf_counter() - tic
+    scored = [r for r in rows if r.get("clip_score") is not None]
+    sheet = path.parent / "ranked.png"
+    ranked_grid(rows, path.parent, cols=cols).save(sheet)
+    best = {}
+    for r in scored:
+        if r["rank"] == 1:
+            best[r["prompt"]] = r
+    rows_out = {"clip": scorer.name, "samples": f"{len(scored)} scored of {len(rows)}",
+                "prompts": len({r["prompt"] for r in rows}), "speed": f"{len(rows) / seconds:,.0f} img/s on {device.type}"}
+    for p, r in list(best.items())[:5]:
+        rows_out[f"best for '{p[:40]}'"] = f"{r['image']}  cosine {r['clip_score']:.3f}"
+    if keep is not None:
+        rows_out["kept"] = f"top {keep} per prompt ({sum(bool(r.get('kept')) for r in rows)} samples)"
+    summary("rerank: done", {**rows_out, "scores": path, "grid": sheet})
+
+
+def _samples_path(samples: Path | None, samples_root: Path) -> Path:
+    from dallecli.console import UserError
+
+    if samples is not None:
+        return samples / "samples.jsonl" if samples.is_dir() else samples
+    found = sorted(samples_root.glob("*/samples.jsonl"), key=lambda p: p.stat().st_mtime) if samples_root.is_dir() else []
+    if not found:
+        raise UserError(f"no samples under {samples_root}; make some with `dalle sample`, or pass a samples.jsonl")
+    return found[-1]  # the most recently written sample folder

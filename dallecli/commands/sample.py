@@ -1,0 +1,74 @@
+"""`dalle sample`: captions in, pictures out (§2.6)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+
+
+def command(
+    prompts: Annotated[Optional[List[str]], typer.Argument(help="Captions to draw, e.g. \"a red circle above a blue square\".", show_default=False)] = None,
+    run: RunOpt = DEFAULT_RUN,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="A file of captions, one per line.")] = None,
+    n: Annotated[int, typer.Option("--n", help="Images per prompt (candidates, with --rerank).")] = 4,
+    rerank: Annotated[Optional[int], typer.Option(help="Keep the best K of the --n candidates by the contrastive model (§2.6).")] = None,
+    clip: Annotated[Optional[str], typer.Option(help="Contrastive model for --rerank (default: the run's own, RUN/clip).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images decoded together.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image j of prompt i uses seed + i·n + j.")] = 0,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature (paper: 1).")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample only among the k most likely codes.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: the smallest set of codes with probability ≥ p.")] = None,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = off; the prior needs --cond-drop).")] = 1.0,
+    image_prompt: Annotated[Optional[Path], typer.Option(help="An image whose top rows the model completes (§2.6).")] = None,
+    prompt_rows: Annotated[Optional[int], typer.Option(help="How many rows of --image-prompt's codes to keep.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Output folder name under RUN/samples (default: date and time).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (overrides RUN/samples/NAME).")] = None,
+    prior: Annotated[Optional[Path], typer.Option(help="Prior checkpoint (default RUN/prior, latest).")] = None,
+    dvae: Annotated[Optional[Path], typer.Option(help="dVAE checkpoint (default RUN/dvae, latest).")] = None,
+    gpus: Annotated[int, typer.Option(help="Processes (one per GPU); prompts are split between them.")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    from dallecli.commands.common import start
+
+    start(quiet, debug)
+    from datetime import datetime
+
+    from dallecli.console import UserError
+    from dallecli.train.launch import maybe_relaunch
+
+    texts = list(prompts or [])
+    if prompts_file is not None:
+        try:
+            texts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except FileNotFoundError:
+            raise UserError(f"prompts file not found: {prompts_file}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"prompts file {prompts_file} is not UTF-8 text") from None
+    if not texts:
+        raise UserError('no prompts: give captions as arguments (dalle sample "a red circle") or --prompts FILE')
+    # One name for every process, so that the parts land in one folder.
+    name = name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    if gpus > 1 and "--name" not in __import__("sys").argv:
+        __import__("sys").argv += ["--name", name]
+    maybe_relaunch(gpus, cpu=cpu)
+    import torch
+    from accelerate import PartialState
+
+    from dallecli.sample import finish_folder, merge_parts, sample_to_folder
+
+    state = PartialState(cpu=cpu or not torch.cuda.is_available())
+    folder = out or run / "samples" / name
+    sample_to_folder(run, texts, folder, n=n, rerank=rerank, seed=seed, batch_size=batch_size, prior=prior, dvae=dvae,
+                     clip=clip, temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance,
+                     image_prompt=image_prompt, prompt_rows=prompt_rows, device=state.device,
+                     rank=state.process_index, world=state.num_processes)
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            merge_parts(folder, state.num_processes)
+            finish_folder(folder, texts, n, rerank, clip, run)

@@ -1,0 +1,130 @@
+"""`dalle train-prior`: stage 2, the transformer over caption tokens and image codes (§2.2, App. B)."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Attention(str, Enum):
+    dense = "dense"
+    paper = "paper"
+
+
+class Schedule(str, Enum):
+    plateau = "plateau"
+    cosine = "cosine"
+
+
+# Per preset: (steps, batch size per process, peak lr, warm-up). `paper` is App. B's 430,000 updates of
+# 1,024 captions (8 per GPU on 128 GPUs) at 4.5e-4 after 5,000 warm-up updates.
+DEFAULTS = {"tiny": (3000, 32, 1e-3, 100), "small": (3000, 32, 1e-3, 100), "base": (100_000, 8, 4.5e-4, 2000),
+            "paper": (430_000, 8, 4.5e-4, 5000)}
+
+
+def command(
+    run: RunOpt = DEFAULT_RUN,
+    preset: Annotated[str, typer.Option(help="Model size: tiny, small, base or paper.")] = "tiny",
+    steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Captions per process per micro-batch (default: per preset).")] = None,
+    global_batch: Annotated[Optional[int], typer.Option(help="Accumulate gradients up to this global batch (paper: 1024).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (paper 4.5e-4).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Linear warm-up updates (paper 5,000).")] = None,
+    schedule: Annotated[Schedule, typer.Option(help="plateau: halve on a val-loss plateau, 5 times (paper); cosine: to 0.")] = Schedule.plateau,
+    precision: Annotated[Optional[Precision], typer.Option(help="fp32 (CPU default), bf16 (GPU default), fp16 with per-resblock gradient scaling (§2.4).")] = None,
+    attention: Annotated[Optional[Attention], typer.Option(help="dense causal (fused kernels) or the paper's row/column/conv masks.")] = None,
+    text_len: Annotated[Optional[int], typer.Option(help="Caption tokens (paper 256; default per preset).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Residual/attention dropout (not stated in the paper).")] = None,
+    checkpoint_activations: Annotated[Optional[bool], typer.Option("--checkpoint-activations/--no-checkpoint-activations", help="Recompute blocks in backward to save memory.")] = None,
+    bpe_dropout: Annotated[float, typer.Option(help="BPE-dropout rate on captions (paper 0.1).")] = 0.1,
+    cond_drop: Annotated[float, typer.Option(help="Drop the caption with this probability, for classifier-free guidance when sampling.")] = 0.1,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights (paper 0.99).")] = 0.99,
+    save_every: Annotated[int, typer.Option(help="Save a checkpoint every N updates.")] = 500,
+    eval_every: Annotated[int, typer.Option(help="Validation loss (text and image) every N updates.")] = 250,
+    keep: Annotated[int, typer.Option(help="Keep the newest N checkpoints.")] = 3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 0,
+    max_errors: Annotated[int, typer.Option(help="Stop after this many unreadable samples in a row.")] = 100,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming from the latest checkpoint.")] = False,
+    codes: Annotated[Optional[Path], typer.Option(help="Code shards (default RUN/codes).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder (default RUN/tokenizer).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default RUN/prior).")] = None,
+    gpus: Annotated[int, typer.Option(help="Processes on this node (one per GPU), through Accelerate.")] = 1,
+    nodes: Annotated[int, typer.Option(help="Number of nodes.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank.")] = 0,
+    main_address: Annotated[Optional[str], typer.Option(help="Address of node 0 (several nodes).")] = None,
+    main_port: Annotated[int, typer.Option(help="Port of node 0.")] = 29500,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present (with --gpus N: N CPU processes).")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    from dallecli.commands.common import start
+
+    start(quiet, debug)
+    import dataclasses
+    import sys
+
+    import torch
+
+    from dallecli.config import RunDir
+    from dallecli.console import UserError
+    from dallecli.models.prior import PRESETS
+    from dallecli.text import Tokenizer
+    from dallecli.train.launch import maybe_relaunch
+    from dallecli.train.loop import TrainConfig, exit_code_for, train
+    from dallecli.train.prior_task import PriorTask, codes_info
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown prior preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if not 0 <= bpe_dropout < 1 or not 0 <= cond_drop < 1:
+        raise UserError("--bpe-dropout and --cond-drop must be in [0, 1)")
+    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
+    rd = RunDir(run)
+    codes, out = codes or rd.codes, out or rd.prior
+    tok = Tokenizer.load(tokenizer or rd.tokenizer)
+    dvae = codes_info(codes)
+    changes = {"text_vocab": tok.vocab_size, "image_vocab": dvae["vocab_size"], "grid": dvae["grid"],
+               "pad_id": tok.pad_id}
+    for name, value in (("text_len", text_len), ("dropout", dropout), ("checkpoint_activations", checkpoint_activations)):
+        if value is not None:
+            changes[name] = value
+    if attention is not None:
+        changes["attention"] = attention.value
+    config = dataclasses.replace(PRESETS[preset], **changes)
+    d_steps, d_batch, d_lr, d_warm = DEFAULTS[preset]
+    batch = batch_size or d_batch
+    world = gpus * nodes
+    accum = 1
+    if global_batch:
+        if global_batch % (batch * world):
+            raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size × processes "
+                            f"({batch} × {world})")
+        accum = global_batch // (batch * world)
+    on_gpu = torch.cuda.is_available() and not cpu
+    cfg = TrainConfig(
+        steps=steps or d_steps, batch_size=batch, lr=lr or d_lr, warmup=d_warm if warmup is None else warmup,
+        schedule=schedule.value, betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2, grad_clip=4.0,  # App. B
+        ema_decay=ema_decay, precision=(precision.value if precision else ("bf16" if on_gpu else "fp32")),
+        save_every=save_every, eval_every=eval_every, keep=keep, seed=seed, workers=workers, grad_accum=accum,
+        max_errors=max_errors)
+    task = PriorTask(config=config, codes=codes, tokenizer=tok, dvae_fingerprint=dvae["fingerprint"],
+                     batch_size=batch, seed=seed, bpe_dropout=bpe_dropout, cond_drop=cond_drop, workers=workers)
+    scaler = wrap = None
+    if cfg.precision == "fp16":
+        from dallecli.train.precision import per_resblock_scaling
+
+        scaler, wrap = per_resblock_scaling(world)
+    result = train(task, cfg, out, fresh=fresh, cpu=cpu, scaler=scaler, wrap_model=wrap)
+    code = exit_code_for(result)
+    if code:
+        sys.exit(code)

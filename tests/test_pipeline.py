@@ -1,0 +1,93 @@
+"""The stages end to end through the command line, on a tiny shapes world, and the refusals between them."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dallecli import checkpoint
+from dallecli.cli import app
+from dallecli.console import UserError
+
+
+def invoke(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+def ok(*args):
+    result = invoke(*args)
+    assert result.exit_code == 0, f"{args}: {result.output}\n{result.exception!r}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    ok("build-shards", "--source", "shapes", "--count", 240, "--per-shard", 100, "--run", run, "-q")
+    ok("tokenize", "--run", run, "--vocab-size", 300, "-q")
+    ok("train-dvae", "--run", run, "--preset", "tiny-vq", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
+       "--save-every", 3, "-q")
+    ok("encode", "--run", run, "--batch-size", 32, "-q")
+    ok("train-prior", "--run", run, "--preset", "tiny", "--steps", 3, "--batch-size", 8, "--eval-every", 3,
+       "--save-every", 3, "--warmup", 1, "-q")
+    return run
+
+
+def test_every_stage_writes_its_outputs(shapes_run):
+    run = shapes_run
+    manifest = json.loads((run / "shards" / "manifest.json").read_text())
+    assert manifest["counts"]["train"] + manifest["counts"]["val"] == 240
+    assert (run / "tokenizer" / "tokenizer.json").exists()
+    dvae = checkpoint.load(run / "dvae", "dvae")
+    assert dvae.step == 3 and dvae.has_ema()
+    codes = json.loads((run / "codes" / "manifest.json").read_text())
+    assert codes["dvae"]["fingerprint"] == dvae.fingerprint and codes["dvae"]["grid"] == 8
+    assert codes["counts"]["train"] == manifest["counts"]["train"]
+    prior = checkpoint.load(run / "prior", "prior")
+    assert prior.meta["dvae_fingerprint"] == dvae.fingerprint
+    val = [json.loads(line) for line in (run / "prior" / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["split"] == "val"]
+    assert {"val_text_loss", "val_image_loss"} <= set(val[-1])
+    assert any(p.name.startswith("recon-") for p in (run / "dvae").iterdir())
+
+
+def test_sample_and_preview(shapes_run):
+    ok("sample", "a red circle", "a blue square above a green cross", "--run", shapes_run, "--n", 2, "--name", "t",
+       "--guidance", 2, "-q")
+    rows = (shapes_run / "samples" / "t" / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == 4
+    ok("encode", "--run", shapes_run, "--preview", 4, "-q")
+    preview = shapes_run / "dvae" / "preview"
+    lines = [json.loads(line) for line in (preview / "preview.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and (preview / lines[0]["reconstruction"]).exists() and (preview / "grid.png").exists()
+
+
+def test_prior_refuses_codes_of_another_dvae(shapes_run, tmp_path):
+    manifest_path = shapes_run / "codes" / "manifest.json"
+    original = manifest_path.read_text()
+    manifest = json.loads(original)
+    manifest["dvae"]["fingerprint"] = "0123456789abcdef"
+    manifest_path.write_text(json.dumps(manifest))
+    try:
+        result = invoke("train-prior", "--run", shapes_run, "--preset", "tiny", "--steps", 4, "--batch-size", 8)
+        assert isinstance(result.exception, UserError)
+        assert "dvae_fingerprint mismatch" in str(result.exception)
+    finally:
+        manifest_path.write_text(original)
+
+
+def test_dvae_size_mismatch_and_wrong_kind(shapes_run):
+    result = invoke("train-dvae", "--run", shapes_run, "--preset", "small", "--out", shapes_run / "other")
+    assert isinstance(result.exception, UserError) and "--size 128" in str(result.exception)
+    result = invoke("encode", "--run", shapes_run, "--dvae", shapes_run / "prior", "--out", shapes_run / "x")
+    assert isinstance(result.exception, UserError)
+    assert "is a prior checkpoint, but a dvae checkpoint was expected" in str(result.exception)
+    result = invoke("sample", "a red circle", "--run", shapes_run, "--prior", shapes_run / "dvae")
+    assert isinstance(result.exception, UserError) and "kind" in str(result.exception)
+
+
+def test_cli_help_lists_every_command():
+    result = ok("--help")
+    for name in ("build-shards", "tokenize", "train-dvae", "encode", "train-prior", "sample", "demo"):
+        assert name in result.output
+    assert ok("--version").output.startswith("dalle ")

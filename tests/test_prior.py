@@ -1,0 +1,258 @@
+"""The stage-2 transformer: shapes, parameter counts, loss, padding, masks in use, KV cache, checkpointing."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dallecli.models.prior import (PRESETS, PriorConfig, PriorTransformer, flops_per_token, num_params,
+                                   param_groups, prior_loss)
+
+MICRO = PriorConfig(text_vocab=40, text_len=5, image_vocab=24, grid=4, d_model=32, n_layers=4, n_heads=4)
+
+
+def model_of(config, seed=0):
+    torch.manual_seed(seed)
+    return PriorTransformer(config).eval()
+
+
+def batch(config, B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, config.text_vocab, (B, config.text_len), generator=g)
+    text[0, 3:] = config.pad_id  # a short caption
+    image = torch.randint(0, config.image_vocab, (B, config.image_len), generator=g)
+    return text, image
+
+
+def expected_params(c: PriorConfig) -> int:
+    """Independent count: per layer 2 LayerNorms, qkv, proj, 2 MLP linears (with biases)."""
+    d, h = c.d_model, c.mlp_ratio * c.d_model
+    layer = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+    embeddings = c.text_vocab * d + 2 * c.text_len * d + d + c.image_vocab * d + 2 * c.grid * d
+    return c.n_layers * layer + embeddings + 2 * d + (c.text_vocab + c.image_vocab) * d
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_forward_shapes_per_preset(name):
+    c = PRESETS[name]
+    model = model_of(c)
+    text, image = batch(c, B=2)
+    text_logits, image_logits = model(text, image)
+    assert text_logits.shape == (2, c.text_len - 1, c.text_vocab)
+    assert image_logits.shape == (2, c.image_len, c.image_vocab)
+    assert text_logits.dtype == image_logits.dtype == torch.float32
+    assert num_params(model) == expected_params(c)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_counts_on_meta(name):
+    c = PRESETS[name]
+    with torch.device("meta"):
+        model = PriorTransformer(c)
+    assert num_params(model) == expected_params(c)
+    if name == "paper":
+        assert 11.5e9 < num_params(model) < 12.5e9  # §2.2: "12-billion parameter"
+        assert c.d_model // c.n_heads == 64 and c.seq_len == 256 + 1024
+
+
+def test_meta_init_then_to_empty_rebuilds_the_masks():
+    c = dataclasses.replace(MICRO, attention="paper")
+    reference = model_of(c)
+    with torch.device("meta"):
+        model = PriorTransformer(c)
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    assert torch.equal(model.masks, reference.masks)  # not in the state dict: rebuilt, not loaded
+    model.load_state_dict(reference.state_dict())
+    text, image = batch(c)
+    assert torch.allclose(model.eval()(text, image)[1], reference(text, image)[1])
+
+
+def test_presets_are_overridable():
+    c = dataclasses.replace(PRESETS["tiny"], text_vocab=77, image_vocab=33, grid=4, text_len=9)
+    text_logits, image_logits = model_of(c)(*batch(c, B=1))
+    assert text_logits.shape == (1, 8, 77) and image_logits.shape == (1, 16, 33)
+    with pytest.raises(ValueError, match="divisible"):
+        dataclasses.replace(c, n_heads=3)
+
+
+def test_loss_weighting_by_hand():
+    torch.manual_seed(0)
+    pad = 0
+    text = torch.tensor([[5, 6, 7, pad, pad], [5, 1, 2, 3, 4]])
+    image = torch.tensor([[1, 2, 0], [2, 2, 1]])
+    text_logits, image_logits = torch.randn(2, 4, 8), torch.randn(2, 3, 3)
+    loss, parts = prior_loss(text_logits, image_logits, text, image, pad)
+    nll = []  # text targets text[:, 1:], pads excluded: 2 + 4 = 6 of them
+    for b in range(2):
+        for t in range(4):
+            if text[b, t + 1] != pad:
+                nll.append(-F.log_softmax(text_logits[b, t], -1)[text[b, t + 1]])
+    text_ref = sum(nll) / 6
+    image_ref = sum(-F.log_softmax(image_logits[b, j], -1)[image[b, j]] for b in range(2) for j in range(3)) / 6
+    assert len(nll) == 6
+    assert torch.allclose(parts["text_loss"], text_ref) and torch.allclose(parts["image_loss"], image_ref)
+    assert torch.allclose(loss, text_ref / 8 + 7 * image_ref / 8)
+
+
+def test_loss_with_only_empty_captions_is_finite():
+    text = torch.zeros(2, 5, dtype=torch.long)
+    loss, parts = prior_loss(torch.randn(2, 4, 8), torch.randn(2, 3, 3), text, torch.zeros(2, 3, dtype=torch.long), 0)
+    assert parts["text_loss"] == 0 and torch.isfinite(loss)
+
+
+def test_padding_embedding_depends_on_position():
+    c = MICRO
+    model = model_of(c)
+    text = torch.tensor([[7, 8, 0, 0, 0], [7, 8, 9, 10, 0]])  # captions of lengths 2 and 4
+    emb = model.embed_text(text)
+    # position 2 is padding in the first caption: its own pad vector, not token 0's embedding
+    assert torch.allclose(emb[0, 2], model.text_pad[2] + model.text_pos[2])
+    assert not torch.allclose(model.text_pad[2], model.text_pad[3])
+    assert torch.allclose(emb[0, 4] - model.text_pos[4], emb[1, 4] - model.text_pos[4])  # same pad at the same position
+    assert torch.allclose(emb[1, 2], model.text_embed.weight[9] + model.text_pos[2])
+    # gradient reaches the pad table exactly at padded positions, and never the pad id's token row
+    model.train()
+    _, image = batch(c, B=2)
+    text_logits, image_logits = model(text, image)
+    prior_loss(text_logits, image_logits, text, image, c.pad_id)[0].backward()
+    used = model.text_pad.grad.abs().sum(-1) > 0
+    assert used.tolist() == [False, False, True, True, True]
+    assert model.text_embed.weight.grad[c.pad_id].abs().sum() == 0
+
+
+@pytest.mark.parametrize("attention", ["dense", "paper"])
+def test_image_logits_are_causal(attention):
+    c = dataclasses.replace(MICRO, attention=attention)
+    model = model_of(c)
+    text, image = batch(c)
+    _, base = model(text, image)
+    j = 6
+    changed = image.clone()
+    changed[:, j] = (changed[:, j] + 1) % c.image_vocab
+    _, after = model(text, changed)
+    assert torch.allclose(base[:, : j + 1], after[:, : j + 1], atol=1e-6)  # logits for tokens 0..j
+    assert not torch.allclose(base[:, j + 1:], after[:, j + 1:])
+    text2 = text.clone()
+    text2[:, 1] = (text2[:, 1] + 1) % c.text_vocab
+    assert not torch.allclose(model(text2, image)[1][:, -1], base[:, -1])  # every image token sees the text
+
+
+def test_paper_masks_are_used():
+    # one layer = the causal 11×11 convolution: on an 8×8 grid, cell (7, 7) cannot see image token 0
+    c = dataclasses.replace(MICRO, grid=8, n_layers=1, attention="paper")
+    text, image = batch(c)
+    changed = image.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % c.image_vocab
+    paper = model_of(c)
+    assert torch.allclose(paper(text, image)[1][:, 63], paper(text, changed)[1][:, 63], atol=1e-6)
+    dense = model_of(dataclasses.replace(c, attention="dense"))
+    assert not torch.allclose(dense(text, image)[1][:, 63], dense(text, changed)[1][:, 63])
+
+
+@pytest.mark.parametrize("attention", ["dense", "paper"])
+@pytest.mark.parametrize("prompt_rows", [0, 2])
+def test_cached_decoding_equals_full_forward(attention, prompt_rows):
+    c = dataclasses.replace(MICRO, attention=attention)
+    model = model_of(c)
+    text, image = batch(c, B=4)
+    text[1] = c.pad_id  # an empty caption, as in a classifier-free-guidance batch
+    _, full = model(text, image)  # (B, N, V): row j predicts image token j
+    n = prompt_rows * c.grid
+    cache = model.init_cache(batch=4)
+    logits = model.prefill(cache, text, image[:, :n] if n else None)
+    assert logits.shape == (4, n + 1, c.image_vocab) and cache.length == c.text_len + 1 + n
+    assert torch.allclose(logits, full[:, : n + 1], atol=1e-5)
+    for j in range(n, c.image_len - 1):  # feed token j, get the logits for token j + 1
+        step = model.decode_step(cache, image[:, j])
+        assert torch.allclose(step, full[:, j + 1], atol=1e-5), f"step {j}"
+    with pytest.raises(ValueError, match="decode_step"):
+        model.decode_step(cache, image[:, -1])
+
+
+def test_cache_is_reusable_and_checked():
+    c = MICRO
+    model = model_of(c)
+    text, image = batch(c, B=2)
+    cache = model.init_cache(batch=2)
+    model.prefill(cache, text, image[:, :5])
+    again = model.prefill(cache, text)  # a new prefill restarts the stream
+    assert cache.length == c.text_len + 1
+    assert torch.allclose(again[:, 0], model(text, image)[1][:, 0], atol=1e-5)
+    with pytest.raises(ValueError, match="cache"):
+        model.prefill(model.init_cache(batch=2, max_len=4), text)
+    with pytest.raises(ValueError, match="nothing to generate"):
+        model.prefill(cache, text, image)
+
+
+def test_cached_decoding_under_bf16_autocast_with_an_fp32_cache():
+    c = dataclasses.replace(MICRO, attention="paper")
+    model = model_of(c)
+    text, image = batch(c, B=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, full = model(text, image)
+        cache = model.init_cache(batch=2)  # fp32: the parameters' dtype
+        logits = [model.prefill(cache, text)[:, 0]] + [model.decode_step(cache, image[:, j]) for j in range(3)]
+    assert cache.k.dtype == torch.float32 and logits[0].dtype == torch.float32
+    assert torch.allclose(torch.stack(logits, 1), full[:, :4], atol=0.1)
+
+
+def test_wrong_input_shapes_are_refused():
+    model = model_of(MICRO)
+    text, image = batch(MICRO, B=2)
+    with pytest.raises(ValueError, match=r"expected text \(B, 5\)"):
+        model(text[:, :4], image)
+    with pytest.raises(ValueError, match="image"):
+        model(text, image[:1])
+
+
+def test_activation_checkpointing_gives_equal_gradients():
+    c = MICRO
+    text, image = batch(c)
+    grads = []
+    for flag in (False, True):
+        model = model_of(dataclasses.replace(c, checkpoint_activations=flag)).train()
+        loss, _ = prior_loss(*model(text, image), text, image, c.pad_id)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_param_groups_decay_only_linear_weights():
+    model = model_of(MICRO)
+    decay, no_decay = param_groups(model, 0.045)
+    assert decay["weight_decay"] == 0.045 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "text_head.weight" in decayed and "blocks.0.attn.c_attn.weight" in decayed
+    assert all(n.endswith(".weight") and "ln" not in n and "embed" not in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert {"text_pad", "text_pos", "bos", "image_row", "text_embed.weight", "blocks.0.ln_1.weight",
+            "blocks.0.mlp.c_fc.bias"} <= {names[id(p)] for p in no_decay["params"]}
+
+
+def test_flops_per_token_formula():
+    c = MICRO
+    d, L, T = c.d_model, c.n_layers, c.seq_len
+    blocks = L * (12 * d * d + 13 * d)
+    heads = ((c.text_len - 1) * c.text_vocab + c.image_len * c.image_vocab) * d / T
+    expected = 6 * (blocks + 2 * d + heads) + 12 * L * d * T
+    assert math.isclose(flops_per_token(c), expected)
+    assert flops_per_token(c, seq_len=2 * T) > flops_per_token(c)
+
+
+def test_training_reduces_the_loss():
+    c = MICRO
+    model = model_of(c).train()
+    text, image = batch(c)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = prior_loss(*model(text, image), text, image, c.pad_id)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]

@@ -1,0 +1,192 @@
+"""Reranking: scores and ranks written back into samples.jsonl, missing images, the ranked grid, the command."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from dallecli.console import UserError
+from dallecli.rerank import rank_rows, ranked_grid, read_samples, rerank_samples
+
+AXES = {"red": 0, "green": 1, "blue": 2}
+
+
+class ColourScorer:
+    """A stand-in CLIP whose order is known: an image's feature is its mean colour, a prompt's is its colour axis.
+    The cosine of an image with "red" is R / |RGB|."""
+
+    name = "colour-stub"
+    batch_size = 2  # several batches even for a handful of images
+
+    def image_features(self, images):
+        x = torch.stack([torch.tensor(im.resize((1, 1), Image.BOX).getpixel((0, 0)), dtype=torch.float) + 1e-3
+                         for im in images])
+        return x / x.norm(dim=-1, keepdim=True)
+
+    def text_features(self, texts):
+        return torch.eye(3)[[AXES[t] for t in texts]]
+
+
+def expected_cosine(rgb, prompt):
+    v = torch.tensor(rgb, dtype=torch.float) + 1e-3
+    return float(v[AXES[prompt]] / v.norm())
+
+
+# (prompt, colour) per sample, interleaved so that order preservation is tested.
+SAMPLES = [("red", (120, 100, 100)), ("blue", (0, 0, 255)), ("red", (255, 0, 0)), ("blue", (100, 100, 200)),
+           ("red", (200, 50, 50)), ("blue", (200, 0, 0)), ("red", (0, 255, 0))]
+
+
+def make_samples(folder, samples=SAMPLES):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (prompt, rgb) in enumerate(samples):
+        Image.new("RGB", (16, 16), rgb).save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"prompt": prompt, "image": f"{i:03d}.png", "seed": 7, "index": i,
+                                 "logprob": -float(i), "extra": {"kept_by_user": i}}))
+    (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "samples.jsonl"
+
+
+def test_rerank_ranks_per_prompt_and_keeps_everything_else(tmp_path):
+    path = make_samples(tmp_path / "s")
+    before = read_samples(path)
+    rows = rerank_samples(path, ColourScorer(), keep=2)
+    after = read_samples(path)
+    assert after == rows and len(after) == len(SAMPLES)
+    for old, new, (prompt, rgb) in zip(before, after, SAMPLES):
+        assert {k: new[k] for k in old} == old  # every field kept, in order
+        assert list(new)[:len(old)] == list(old)
+        assert new["clip_score"] == pytest.approx(expected_cosine(rgb, prompt), abs=1e-5)
+        assert new["clip"] == "colour-stub"
+    # red: pure red, (200,50,50), (120,100,100), pure green; blue: pure blue, (100,100,200), pure red.
+    assert [r["rank"] for r in after] == [3, 1, 1, 2, 2, 3, 4]
+    assert [r["kept"] for r in after] == [False, True, True, True, True, False, False]
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_rerank_without_keep_leaves_kept_alone(tmp_path):
+    path = make_samples(tmp_path / "s")
+    rerank_samples(path, ColourScorer(), keep=1)
+    rows = rerank_samples(path, ColourScorer())
+    assert sum(r["kept"] for r in rows) == 2 and all("rank" in r for r in rows)
+
+
+def test_ties_keep_file_order():
+    rows = [{"prompt": "p", "clip_score": 0.5}, {"prompt": "p", "clip_score": 0.7}, {"prompt": "p", "clip_score": 0.5}]
+    rank_rows(rows)
+    assert [r["rank"] for r in rows] == [2, 1, 3]
+
+
+def test_missing_images_are_counted_then_refused(tmp_path, capsys):
+    path = make_samples(tmp_path / "s")
+    (path.parent / "003.png").unlink()
+    rows = rerank_samples(path, ColourScorer(), max_missing=0.2)
+    assert rows[3]["clip_score"] is None and rows[3]["rank"] is None
+    assert [r["rank"] for r in rows if r["prompt"] == "blue"] == [1, None, 2]
+    assert "1 of 7 images listed" in capsys.readouterr().err
+    (path.parent / "000.png").unlink()
+    (path.parent / "001.png").write_bytes(b"not a png")
+    text = path.read_text()
+    with pytest.raises(UserError, match=r"3 of 7 images .* missing or unreadable .*more than 20%: nothing was written"):
+        rerank_samples(path, ColourScorer(), max_missing=0.2)
+    assert path.read_text() == text
+
+
+def test_bad_samples_file_names_the_line(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_text('{"prompt": "a", "image": "0.png"}\n{"prompt": "b"}\n')
+    with pytest.raises(UserError, match=r"samples.jsonl:2: expected an object with a \"prompt\" and an \"image\""):
+        read_samples(path)
+    path.write_text("{oops\n")
+    with pytest.raises(UserError, match=r"samples.jsonl:1: not valid JSON"):
+        read_samples(path)
+    with pytest.raises(UserError, match="no samples file"):
+        read_samples(tmp_path / "nope.jsonl")
+
+
+def test_ranked_grid_has_a_row_per_prompt(tmp_path):
+    path = make_samples(tmp_path / "s")
+    rows = rerank_samples(path, ColourScorer())
+    sheet = ranked_grid(rows, path.parent, cols=3, tile=32)
+    full = ranked_grid(rows, path.parent, cols=8, tile=32)
+    assert sheet.width == full.width - 32 - 2  # red has 4 samples, cut to 3 (+ the prompt tile)
+    assert sheet.height == full.height and sheet.height < 2 * (32 + 3 * 11 + 4) + 10  # two rows
+    # The first image after the prompt tile is red's best: pure red.
+    assert sheet.getpixel((2 + 32 + 2 + 16, 2 + 16)) == (255, 0, 0)
+
+
+def _app():
+    import typer
+
+    from dallecli.commands import rerank
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    app.command("rerank")(rerank.command)
+    return app
+
+
+@pytest.fixture
+def stub_clip(monkeypatch):
+    import dallecli.models.clip as clip
+
+    seen = {}
+
+    def load(spec, run_dir, device="cpu", **kw):
+        seen.update(spec=spec, run_dir=run_dir, **kw)
+        return ColourScorer()
+
+    monkeypatch.setattr(clip, "load_clip", load)
+    return seen
+
+
+def test_command_reranks_the_newest_samples_and_writes_the_grid(tmp_path, stub_clip):
+    from typer.testing import CliRunner
+
+    path = make_samples(tmp_path / "run" / "samples" / "20250101-000000")
+    result = CliRunner().invoke(_app(), ["rerank", "--run", str(tmp_path / "run"), "--keep", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert stub_clip["spec"] is None and stub_clip["run_dir"] == tmp_path / "run"
+    rows = read_samples(path)
+    assert [r["rank"] for r in rows] == [3, 1, 1, 2, 2, 3, 4] and sum(r["kept"] for r in rows) == 2
+    assert Image.open(path.parent / "ranked.png").size[0] > 0
+    assert "rerank: done" in result.output
+
+
+def test_command_ranks_a_folder_against_a_prompt(tmp_path, stub_clip):
+    from typer.testing import CliRunner
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, rgb in (("a.png", (0, 0, 255)), ("b.png", (255, 0, 0)), ("c.jpg", (200, 40, 40))):
+        Image.new("RGB", (20, 30), rgb).save(folder / name)
+    args = ["rerank", "--images", str(folder), "--prompt", "red", "--clip", "x.safetensors", "--clip-model", "m", "-q"]
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    assert stub_clip["spec"] == "x.safetensors" and stub_clip["model"] == "m"
+    rows = read_samples(folder / "samples.jsonl")
+    assert [(r["image"], r["rank"]) for r in rows] == [("a.png", 3), ("b.png", 1), ("c.jpg", 2)]
+    assert (folder / "ranked.png").is_file()
+    again = CliRunner().invoke(_app(), args)  # a second time would overwrite: refused
+    assert again.exit_code != 0 and "already has a samples.jsonl" in str(again.exception)
+
+
+def test_rerank_with_a_real_tiny_clip(tmp_path):
+    """End to end with open_clip: ranks follow the scorer's own pairwise scores."""
+    from dallecli.models.clip import ClipScorer, architecture, default_preprocess, model_from_config, tokenizer_for
+
+    torch.manual_seed(0)
+    cfg = architecture("dalle-tiny")
+    scorer = ClipScorer(model=model_from_config(cfg).eval(), tokenizer=tokenizer_for(cfg),
+                        preprocess_cfg=default_preprocess(cfg), device=torch.device("cpu"), name="tiny", batch_size=3)
+    samples = [("a red square", (250, 0, 0)), ("a blue square", (0, 0, 250)), ("a red square", (0, 200, 0)),
+               ("a red square", (90, 90, 90)), ("a blue square", (200, 200, 0))]
+    path = make_samples(tmp_path / "s", samples)
+    rows = rerank_samples(path, scorer)
+    images = [Image.open(path.parent / r["image"]) for r in rows]
+    scores = scorer.score(images, [r["prompt"] for r in rows])
+    assert [r["clip_score"] for r in rows] == pytest.approx(scores.tolist(), abs=1e-5)
+    for prompt in ("a red square", "a blue square"):
+        mine = [(r["rank"], r["clip_score"]) for r in rows if r["prompt"] == prompt]
+        assert [s for _, s in sorted(mine)] == sorted((s for _, s in mine), reverse=True)

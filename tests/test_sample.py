@@ -1,0 +1,133 @@
+"""Sampling: filtering, the cache against the uncached reference, seeds, guidance, image prompts, outputs."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from dallecli.cli import app
+from dallecli.console import UserError
+from dallecli.sample import (SamplingConfig, generate_codes, load_pipeline, sample_to_folder, top_k_filter,
+                             top_p_filter)
+
+
+def test_top_k_and_top_p_on_hand_made_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(top_k_filter(logits, 2)[0, 2:]).all() and torch.isfinite(top_k_filter(logits, 2)[0, :2]).all()
+    kept = torch.isfinite(top_p_filter(logits, 0.8))[0].tolist()
+    assert kept == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert torch.isfinite(top_p_filter(logits, 0.81))[0].tolist() == [True, True, True, False]
+    assert torch.isfinite(top_p_filter(logits, 0.1))[0].tolist() == [True, False, False, False]  # best always kept
+    assert torch.equal(top_p_filter(logits, 1.0), logits) and torch.equal(top_k_filter(logits, None), logits)
+
+
+@pytest.fixture
+def pipe(tiny_run):
+    return load_pipeline(tiny_run, device="cpu")
+
+
+def _text(pipe, captions):
+    from dallecli.sample import encode_prompts
+
+    return encode_prompts(pipe, captions)
+
+
+def test_cache_matches_uncached_reference(pipe):
+    text = _text(pipe, ["a red circle", "a blue square above a green cross"])
+    greedy = SamplingConfig(top_k=1)
+    cached, lp1 = generate_codes(pipe.prior, text, [0, 1], greedy)
+    reference, lp2 = generate_codes(pipe.prior, text, [0, 1], greedy, uncached=True)
+    assert torch.equal(cached, reference)
+    assert torch.allclose(lp1, lp2, atol=1e-4)
+
+
+def test_seeds_reproduce_and_regenerate_alone(pipe):
+    text = _text(pipe, ["a red circle", "a red circle", "a green cross"])
+    cfg = SamplingConfig()
+    a, _ = generate_codes(pipe.prior, text, [5, 6, 7], cfg)
+    b, _ = generate_codes(pipe.prior, text, [5, 6, 7], cfg)
+    assert torch.equal(a, b)
+    alone, _ = generate_codes(pipe.prior, text[1:2], [6], cfg)  # image 1 of the batch, drawn by itself
+    assert torch.equal(alone[0], a[1])
+    assert not torch.equal(a[0], a[1])  # same caption, different seeds
+
+
+def test_guidance_one_equals_plain(pipe):
+    text = _text(pipe, ["a red circle", "a blue cross"])
+    plain, _ = generate_codes(pipe.prior, text, [3, 4], SamplingConfig())
+    guided, _ = generate_codes(pipe.prior, text, [3, 4], SamplingConfig(guidance=1.0))
+    assert torch.equal(plain, guided)
+    strong, _ = generate_codes(pipe.prior, text, [3, 4], SamplingConfig(guidance=3.0))
+    assert strong.shape == plain.shape
+
+
+def test_image_prompt_keeps_its_rows(pipe):
+    text = _text(pipe, ["a red circle"] * 2)
+    grid = pipe.prior.config.grid
+    prompt = torch.arange(2 * grid).remainder(pipe.prior.config.image_vocab)[None].expand(2, -1)
+    codes, _ = generate_codes(pipe.prior, text, [0, 1], SamplingConfig(), prompt=prompt)
+    assert torch.equal(codes[:, : 2 * grid], prompt)
+
+
+def test_sample_to_folder_writes_everything(tiny_run):
+    path = sample_to_folder(tiny_run, ["a red circle", "a green cross"], n=3, seed=10, batch_size=4, name="t",
+                            device="cpu", quiet=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["prompt"], r["index"], r["seed"]) for r in rows] == [
+        ("a red circle", 0, 10), ("a red circle", 1, 11), ("a red circle", 2, 12),
+        ("a green cross", 0, 13), ("a green cross", 1, 14), ("a green cross", 2, 15)]
+    folder = path.parent
+    assert folder == tiny_run / "samples" / "t"
+    for r in rows:
+        assert Image.open(folder / r["image"]).size == (16, 16)
+        assert isinstance(r["logprob"], float) and r["logprob"] < 0
+    assert (folder / "grid.png").exists()
+    page = (folder / "index.html").read_text()
+    assert "a green cross" in page and "000-002.png" in page
+    # The same command again gives the same pictures; one image alone is regenerated from its seed.
+    again = sample_to_folder(tiny_run, ["a green cross"], n=1, seed=14, name="u", device="cpu", quiet=True)
+    one = json.loads(again.read_text().splitlines()[0])
+    assert (again.parent / one["image"]).read_bytes() == (folder / "001-001.png").read_bytes()
+
+
+def test_bad_sampling_options(tiny_run):
+    for kwargs, message in [({"top_p": 0.0}, "--top-p"), ({"top_k": 0}, "--top-k"), ({"rerank": 5, "n": 2}, "--rerank"),
+                            ({"temperature": 0}, "--temperature")]:
+        with pytest.raises(UserError, match=message):
+            sample_to_folder(tiny_run, ["a red circle"], device="cpu", quiet=True, **kwargs)
+    with pytest.raises(UserError, match="empty prompt"):
+        sample_to_folder(tiny_run, ["  "], device="cpu", quiet=True)
+    not_image = tiny_run / "x.png"
+    not_image.write_text("hello")
+    with pytest.raises(UserError, match="not a readable image"):
+        sample_to_folder(tiny_run, ["a red circle"], device="cpu", quiet=True, image_prompt=not_image, prompt_rows=1)
+
+
+def test_long_prompt_is_cut_with_a_warning(tiny_run, capsys):
+    path = sample_to_folder(tiny_run, ["a red circle above a blue square " * 4], n=1, device="cpu", quiet=True)
+    assert path.exists()
+    assert "longer than 8 tokens, cut" in capsys.readouterr().err
+
+
+def test_cli_sample_and_errors(tiny_run):
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample", "a red circle", "--run", str(tiny_run), "--n", "2", "--name", "cli", "-q"])
+    assert result.exit_code == 0, result.output
+    assert len((tiny_run / "samples" / "cli" / "samples.jsonl").read_text().splitlines()) == 2
+    missing = runner.invoke(app, ["sample", "x", "--run", str(tiny_run / "nope")])
+    assert isinstance(missing.exception, UserError) and "dalle train-prior" in str(missing.exception)
+
+
+def test_mismatched_dvae_is_refused(tiny_run, tmp_path):
+    from tests.conftest import make_tiny_run
+
+    other = make_tiny_run(tmp_path / "other", grid=4, vocab=32)
+    # Another dVAE with the same shape but other weights: the fingerprint check must catch it.
+    from dallecli import checkpoint
+
+    ck = checkpoint.load(other / "dvae", "dvae")
+    weights = {k: v + 1 if v.is_floating_point() else v for k, v in ck.weights().items()}
+    checkpoint.save(other / "dvae2", 1, kind="dvae", model_config=ck.model_config, weights=weights)
+    with pytest.raises(UserError, match="dvae_fingerprint mismatch"):
+        load_pipeline(tiny_run, dvae=other / "dvae2", device="cpu")
