@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-RUN ?= runs/demo
+DATA ?= emoji
+RUN ?= runs/demo-$(DATA)
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test test-all setup font bench clean
@@ -25,7 +26,7 @@ font:
 	else echo "note: install the emoji font with 'sudo apt-get install fonts-noto-color-emoji' (or pass --font PATH)"; fi
 
 demo: setup
-	$(BIN)/dalle demo --run $(RUN)
+	$(BIN)/dalle demo --data $(DATA) --run $(RUN)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -25,9 +25,17 @@ app = typer.Typer(
 
 # (command name, module under dallecli.commands, one-line help). Order is the pipeline's order.
 COMMANDS = [
+    ("demo", "demo", "Run the whole pipeline on built-in data (emoji or shapes) in about ten minutes."),
+    ("build-shards", "build_shards", "Build train/val image shards from a folder, a manifest, WebDataset shards, emoji or shapes."),
     ("tokenize", "tokenize", "Train the caption BPE tokenizer (§2.2) on the train shards' captions."),
     ("train-dvae", "train_dvae", "Train the discrete VAE (stage 1) on the image shards."),
     ("encode", "encode", "Encode the image shards into code shards with the trained dVAE (or --preview reconstructions)."),
+    ("convert-dvae", "convert_dvae", "Convert OpenAI's released dVAE (encoder.pkl, decoder.pkl) into a dVAE checkpoint."),
+    ("train-prior", "train_prior", "Train the transformer (stage 2) on caption tokens and image codes."),
+    ("train-clip", "train_clip", "Train the contrastive model (CLIP, through open_clip) that reranks samples."),
+    ("sample", "sample", "Draw images for captions (with optional CLIP reranking, guidance, image prompts)."),
+    ("rerank", "rerank", "Score samples against their prompts with a CLIP and rank them (samples.jsonl + ranked.png)."),
+    ("eval", "eval", "Evaluate samples: FID / IS / KID under Gaussian blur (§3.1), CLIP score, composition, reconstruction."),
 
 
 ]

@@ -1,0 +1,83 @@
+"""`dalle eval`: FID / IS / KID under Gaussian blur (§3.1), CLIP score, composition, dVAE reconstruction."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+
+
+def _numbers(text: str, flag: str, cast=float) -> tuple:
+    from dallecli.console import UserError
+
+    try:
+        return tuple(cast(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers (e.g. 0,1,2,4,8), got {text!r}") from None
+
+
+def command(
+    run: RunOpt = DEFAULT_RUN,
+    name: Annotated[Optional[str], typer.Option(help="Output folder RUN/eval/NAME (default: date and time).")] = None,
+    count: Annotated[int, typer.Option(help="Captions to generate for, and real val images to compare with.")] = 1000,
+    captions: Annotated[Optional[Path], typer.Option(help="Prompts from this file (one per line) instead of the val captions.")] = None,
+    samples: Annotated[Optional[Path], typer.Option(help="Evaluate this samples.jsonl instead of generating.")] = None,
+    composition_samples: Annotated[Optional[Path], typer.Option(help="Shapes world: samples.jsonl of test-split captions for the composition table.")] = None,
+    blur: Annotated[str, typer.Option(help="Gaussian blur radii applied to both sets (§3.1).")] = "0,1,2,4,8",
+    features: Annotated[str, typer.Option(help="Feature network: inception, clip, or a TorchScript file (.pt).")] = "inception",
+    inception_weights: Annotated[Optional[Path], typer.Option(help="pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache).")] = None,
+    clip: Annotated[Optional[str], typer.Option(help="CLIP for CLIP scores and reranking: a name, file or folder (default: RUN/clip).")] = None,
+    rerank: Annotated[Optional[int], typer.Option(help="Headline metrics on the best of K candidates per caption (CLIP reranking).")] = None,
+    rerank_sizes: Annotated[Optional[str], typer.Option(help="Metrics against the number of candidates reranked, e.g. 1,2,4,8 (Fig. 9c).")] = None,
+    composition_count: Annotated[int, typer.Option(help="Shapes world: captions rendered from each test split.")] = 200,
+    size: Annotated[Optional[int], typer.Option(help="Compare at this side (default: the smaller of samples and references).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (generation and features).")] = 32,
+    workers: Annotated[int, typer.Option(help="Image decoding processes per GPU.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of generation and of the KID / IS subsets.")] = 0,
+    max_missing: Annotated[float, typer.Option(help="Stop when more than this share of listed sample images is missing.")] = 0.05,
+    shards: Annotated[Optional[Path], typer.Option(help="Image shards holding the val split (default RUN/shards).")] = None,
+    prior: Annotated[Optional[Path], typer.Option(help="Transformer checkpoint (default RUN/prior).")] = None,
+    dvae: Annotated[Optional[Path], typer.Option(help="dVAE checkpoint (default RUN/dvae).")] = None,
+    no_reconstruction: Annotated[bool, typer.Option("--no-reconstruction", help="Skip the dVAE reconstruction metrics.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k most likely codes.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling threshold.")] = None,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")] = 1.0,
+    gpus: Annotated[int, typer.Option(help="Processes (one per GPU) splitting generation and feature extraction.")] = 1,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    from dallecli.commands.common import start
+
+    start(quiet, debug)
+    import torch
+
+    from dallecli.console import summary
+    from dallecli.evaluate.report import PLOTS, print_tables
+    from dallecli.evaluate.run import EvalConfig, evaluate
+    from dallecli.train.launch import maybe_relaunch
+
+    cfg = EvalConfig(name=name, count=count, captions=captions, samples=samples,
+                     composition_samples=composition_samples, blur=_numbers(blur, "--blur"), features=features,
+                     inception_weights=inception_weights, clip=clip, rerank=rerank,
+                     rerank_sizes=_numbers(rerank_sizes, "--rerank-sizes", int) if rerank_sizes else (),
+                     composition_count=composition_count, size=size, batch_size=batch_size, workers=workers,
+                     seed=seed, max_missing=max_missing, shards=shards, prior=prior, dvae=dvae,
+                     reconstruction=not no_reconstruction, temperature=temperature, top_k=top_k, top_p=top_p,
+                     guidance=guidance)
+    cfg.validate()
+    maybe_relaunch(gpus, cpu=cpu)  # --gpus N: N copies of this command under accelerate, each a rank
+    from accelerate import PartialState
+
+    result = evaluate(run, cfg, PartialState(cpu=cpu or not torch.cuda.is_available()))
+    if result is None:  # not the main process
+        return
+    folder, metrics = result
+    print_tables(metrics)
+    plots = [str(folder / p) for p in PLOTS.values() if (folder / p).exists()]
+    summary("eval: done", {"metrics": folder / "metrics.json", "plots": ", ".join(plots),
+                           "samples": metrics["protocol"]["samples"]})
+

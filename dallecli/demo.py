@@ -1,0 +1,165 @@
+"""`dalle demo`: the whole pipeline on built-in data, in minutes, resumable stage by stage.
+
+build-shards → tokenize → train-dvae → encode → train-prior → train-clip → sample (reranked) → eval.
+Each stage is the same command a user would type, called with the tiny presets; the step counts are
+sized for about ten minutes on two CPU cores and scale with `--minutes`. A finished stage is recorded in
+RUN/demo.json and skipped when the demo is run again.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dallecli.config import read_json, write_json_atomic
+from dallecli.console import UserError, err, info, out, settings, summary
+
+# Captions the emoji gallery draws: some from the data, some new combinations (§3.2's zero-shot claim).
+EMOJI_PROMPTS = ["red apple", "avocado", "grinning face", "cat face", "rocket", "sun with face",
+                 "an armchair shaped like an avocado", "a cat face with sunglasses"]
+SHAPES_PROMPTS = ["a red circle", "a small blue square", "a large green triangle", "a yellow cross",
+                  "a red square above a blue circle", "a green cross to the left of a purple triangle",
+                  "a red triangle", "a yellow circle"]  # the last two are held-out pairs: zero-shot
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Step counts for one demo, scaled from the ten-minute plan (two CPU cores)."""
+
+    dvae_steps: int
+    prior_steps: int
+    clip_steps: int
+    shapes_count: int
+
+    @classmethod
+    def for_minutes(cls, minutes: float) -> "Budget":
+        s = minutes / 10.0
+        return cls(dvae_steps=max(20, round(DVAE_STEPS_10MIN * s)), prior_steps=max(20, round(PRIOR_STEPS_10MIN * s)),
+                   clip_steps=max(10, round(CLIP_STEPS_10MIN * s)), shapes_count=max(400, round(20_000 * min(1.0, s))))
+
+
+# The ten-minute plan, measured on two idle CPU cores (docs/benchmarks.md).
+DVAE_STEPS_10MIN = 600
+PRIOR_STEPS_10MIN = 1200
+CLIP_STEPS_10MIN = 300
+
+
+def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tuple[str, float, Callable[[], None]]]:
+    """(name, share of the time budget, action)."""
+    from dallecli.commands import (build_shards, encode, eval as eval_cmd, sample, tokenize, train_clip, train_dvae,
+                                   train_prior)
+
+    quiet = settings.quiet
+    prompts = EMOJI_PROMPTS if data == "emoji" else SHAPES_PROMPTS
+    dvae_preset = "tiny-vq"
+    return [
+        ("build-shards", 0.02, lambda: build_shards.command(
+            source=build_shards.SourceKind(data), run=run, count=budget.shapes_count, quiet=quiet)),
+        ("tokenize", 0.01, lambda: tokenize.command(run=run, vocab_size=16384, quiet=quiet)),
+        ("train-dvae", 0.30, lambda: train_dvae.command(run=run, preset=dvae_preset, steps=budget.dvae_steps,
+                                                        eval_every=max(1, budget.dvae_steps // 3), quiet=quiet,
+                                                        **device_flags)),
+        ("encode", 0.02, lambda: encode.command(run=run, quiet=quiet, **device_flags)),
+        ("train-prior", 0.42, lambda: train_prior.command(
+            run=run, preset="tiny", steps=budget.prior_steps, schedule=train_prior.Schedule.cosine,
+            eval_every=max(1, budget.prior_steps // 4), quiet=quiet, **device_flags)),
+        ("train-clip", 0.13, lambda: train_clip.command(run=run, steps=budget.clip_steps, quiet=quiet, **device_flags)),
+        ("sample", 0.05, lambda: sample.command(prompts=prompts, run=run, n=8, rerank=2, name="demo", guidance=2.0,
+                                                quiet=quiet, **device_flags)),
+        ("eval", 0.05, lambda: _evaluate(data, run, quiet, eval_cmd, device_flags)),
+    ]
+
+
+def _evaluate(data: str, run: Path, quiet: bool, eval_cmd, device_flags: dict) -> None:
+    if data == "shapes":
+        eval_cmd.command(run=run, name="demo", count=200, features="clip", composition_count=100, rerank=2,
+                         guidance=2.0, quiet=quiet, **device_flags)
+    else:
+        eval_cmd.command(run=run, name="demo", count=200, features="clip", rerank=None, guidance=2.0, quiet=quiet,
+                         **device_flags)
+    emoji_clip_check(run)
+
+
+def emoji_clip_check(run: Path) -> dict:
+    """CLIP score of the gallery's reranked samples against their own captions vs shuffled ones."""
+    from PIL import Image
+
+    from dallecli.models.clip import load_clip
+
+    folder = run / "samples" / "demo"
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r.get("kept", True)]
+    images = [Image.open(folder / r["image"]).convert("RGB") for r in kept]
+    captions = [r["prompt"] for r in kept]
+    shuffled = captions[:]
+    rng = random.Random(0)
+    while len(set(captions)) > 1 and any(a == b for a, b in zip(shuffled, captions)):
+        rng.shuffle(shuffled)
+    scorer = load_clip(None, run, "cpu")
+    own = scorer.score(images, captions).clamp(min=0).mean().item() * 100
+    other = scorer.score(images, shuffled).clamp(min=0).mean().item() * 100
+    result = {"clip_score_own_captions": own, "clip_score_shuffled_captions": other}
+    write_json_atomic(run / "eval" / "demo" / "clip_own_vs_shuffled.json", result)
+    return result
+
+
+def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: bool = False) -> dict:
+    if data not in ("emoji", "shapes"):
+        raise UserError(f"--data must be emoji or shapes (got {data})")
+    if minutes <= 0:
+        raise UserError(f"--minutes must be positive (got {minutes})")
+    state_path = run / "demo.json"
+    state = read_json(state_path, "demo state") if state_path.exists() and not fresh else {}
+    args = {"data": data, "minutes": minutes}
+    if state and state.get("args") != args:
+        raise UserError(f"{run} holds a demo run with {state.get('args')}; use another --run or --fresh")
+    if fresh and run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    state = {"args": args, "done": state.get("done", {})}
+    budget = Budget.for_minutes(minutes)
+    stages = _stages(data, run, budget, {"cpu": cpu} if cpu else {})
+    total = sum(share for _, share, _ in stages)
+    started = time.perf_counter()
+    for i, (name, share, action) in enumerate(stages, 1):
+        if name in state["done"]:
+            info(f"[{i}/{len(stages)}] {name}: done earlier ({state['done'][name]:.0f} s), skipped")
+            continue
+        left = sum(s for n, s, _ in stages[i - 1:] if n not in state["done"]) / total * minutes
+        err.rule(f"[bold]stage {i} of {len(stages)}: {name}[/]  ·  about {left:.1f} min left")
+        t0 = time.perf_counter()
+        action()
+        state["done"][name] = time.perf_counter() - t0
+        write_json_atomic(state_path, state)
+    state["seconds"] = time.perf_counter() - started
+    write_json_atomic(state_path, state)
+    return _final_summary(run, data, state)
+
+
+def _final_summary(run: Path, data: str, state: dict) -> dict:
+    gallery = run / "samples" / "demo" / "index.html"
+    metrics_path = run / "eval" / "demo" / "metrics.json"
+    metrics = read_json(metrics_path, "metrics") if metrics_path.exists() else {}
+    rows: dict[str, object] = {"gallery": gallery, "grid": run / "samples" / "demo" / "grid.png",
+                               "metrics": metrics_path}
+    if metrics.get("composition"):
+        for k, v in metrics["composition"].items():
+            if isinstance(v, (int, float)):
+                rows[f"composition {k}"] = f"{100 * v:.1f}%"
+    clip_check = run / "eval" / "demo" / "clip_own_vs_shuffled.json"
+    if clip_check.exists():
+        c = read_json(clip_check)
+        rows["CLIP score, own captions"] = f"{c['clip_score_own_captions']:.2f}"
+        rows["CLIP score, shuffled captions"] = f"{c['clip_score_shuffled_captions']:.2f}"
+    rows["time"] = f"{sum(state['done'].values()) / 60:.1f} min"
+    summary(f"dalle demo ({data}): done", rows)
+    out.print("\nNext, try:\n"
+              f'  dalle sample "a blue circle above a red square" --run {run} --n 8 --rerank 2\n'
+              f"  dalle eval --run {run} --features clip\n"
+              f"  dalle train-prior --run {run} --steps 3000   # train longer: continues where it stopped")
+    return rows

@@ -1,0 +1,591 @@
+"""`dalle eval`: generate (or read) samples for val captions and measure them (§3.1).
+
+1. References: the first `count` readable val images of the run's shards and their captions.
+2. Samples: `sample_to_folder` on those captions (or `--captions FILE`), or a given samples.jsonl. With
+   `rerank_sizes`, each prompt gets max(sizes) candidates; the best of the first k by CLIP score is the
+   sample at rerank size k (Fig. 9c). In the shapes world, captions of test-seen and test-zeroshot renders
+   are generated too, for the composition table.
+3. For each blur radius r (both sets blurred alike): FID, IS, KID from features of one network (fid.py);
+   the real set's features are cached under RUN/eval/cache/.
+4. CLIP score of samples and of the real images; composition accuracy (shapes world); the dVAE's
+   reconstruction PSNR, rFID and codebook usage.
+Every number is written with its protocol (report.py): FIDs compare only under the same protocol.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from dallecli.config import RunDir, read_json
+from dallecli.console import UserError, info, warn
+from dallecli.evaluate import fid as F_
+from dallecli.evaluate.fid import ImageRef, ImageSet
+
+CATEGORIES = ("seen_single", "zeroshot_single", "relation_seen", "relation_zeroshot")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: str | None = None             # RUN/eval/NAME; None: the date and time
+    count: int = 1000                   # §3.1 uses 30,000 MS-COCO captions; 1,000 keeps a small run's eval short
+    captions: Path | None = None        # prompts from a file (one per line) instead of the val captions
+    samples: Path | None = None         # evaluate these samples instead of generating
+    composition_samples: Path | None = None  # shapes world: samples of the test-split captions
+    blur: tuple[float, ...] = (0, 1, 2, 4, 8)  # §3.1: Gaussian blur radii applied to both sets
+    features: str = "inception"         # inception | clip | FILE.pt (TorchScript)
+    inception_weights: Path | None = None
+    clip: str | None = None             # load_clip spec for CLIP score (and reranking); None: the run's
+    rerank: int | None = None           # the headline metrics use the best of the first k candidates
+    rerank_sizes: tuple[int, ...] = ()  # Fig. 9c: metrics against the number of candidates reranked
+    composition_count: int = 200        # shapes world: captions rendered per test split
+    size: int | None = None             # comparison side; None: the smaller of the samples' and references'
+    batch_size: int = 32
+    workers: int = 0                    # image decoding + blur processes per GPU process
+    seed: int = 0
+    max_missing: float = 0.05           # stop when more of the listed sample images than this are missing
+    shards: Path | None = None
+    prior: Path | None = None
+    dvae: Path | None = None
+    reconstruction: bool = True
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance: float = 1.0
+
+    def validate(self) -> None:
+        if self.count < 2:
+            raise UserError(f"--count must be at least 2 (FID compares two Gaussians), got {self.count}")
+        if not self.blur or any(r < 0 or not math.isfinite(r) for r in self.blur) or len(set(self.blur)) != len(self.blur):
+            raise UserError(f"--blur must list distinct radii >= 0 (e.g. 0,1,2,4,8), got {list(self.blur)}")
+        if any(k < 1 for k in self.rerank_sizes) or (self.rerank is not None and self.rerank < 1):
+            raise UserError("--rerank and --rerank-sizes must be at least 1")
+        if self.batch_size < 1 or self.workers < 0 or self.composition_count < 0:
+            raise UserError("--batch-size must be >= 1, --workers and --composition-count >= 0")
+        if not 0 <= self.max_missing < 1:
+            raise UserError(f"--max-missing must be a fraction in [0, 1), got {self.max_missing}")
+        if self.size is not None and self.size < 8:
+            raise UserError(f"--size must be at least 8 px, got {self.size}")
+        for flag, path in (("--samples", self.samples), ("--captions", self.captions),
+                           ("--composition-samples", self.composition_samples)):
+            if path is not None and not Path(path).is_file():
+                raise UserError(f"{flag} {path}: no such file")
+
+
+# --- references ---------------------------------------------------------------------------------------------
+
+@dataclass
+class References:
+    images: list[ImageRef]
+    captions: list[str]
+    sides: Counter
+    identity: dict  # what the cache key needs to know about the data
+
+
+def read_references(shards: Path, count: int) -> References:
+    """The first `count` readable val samples (image location, caption) in shard order."""
+    import io
+
+    from PIL import Image
+
+    from dallecli.data.loader import BadSample, ShardIndex, read_caption
+    from dallecli.data.records import IMAGE_EXTS
+
+    errors: list[dict] = []
+    index = ShardIndex(shards, "val", errors)
+    images, captions, sides, skipped = [], [], Counter(), 0
+    for i, entry in enumerate(index.entries):
+        if len(images) == count:
+            break
+        members = dict((ext, (off, n)) for ext, off, n in entry.members)
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        try:
+            _, data = index.read(i)
+            caption = read_caption(data)
+            if ext is None:
+                raise BadSample("no image member")
+            with Image.open(io.BytesIO(data[ext])) as im:  # the header only: size, no decoding
+                w, h = im.size
+        except (BadSample, OSError) as exc:
+            skipped += 1
+            if skipped <= 3:
+                warn(f"skipping val sample {entry.key}: {exc}")
+            continue
+        off, n = members[ext]
+        images.append(ImageRef(str(index.paths[entry.shard]), off, n))
+        captions.append(caption)
+        sides[min(w, h)] += 1
+    if len(images) < 2:
+        raise UserError(f"the val shards in {shards} hold {len(images)} readable image(s); FID needs at least 2 "
+                        "(rebuild the shards with a larger --val-fraction)")
+    if len(images) < count:
+        warn(f"the val split holds {len(images)} readable images, fewer than --count {count}: using {len(images)}")
+    used = sorted({r.path for r in images})
+    identity = {"shards": [(Path(p).name, Path(p).stat().st_size) for p in used], "count": len(images),
+                "skipped": skipped}
+    return References(images, captions, sides, identity)
+
+
+def shapes_world(shards: Path, captions: list[str]) -> int | None:
+    """The shapes world's seed when the shards were rendered from it (or every caption is a shapes caption)."""
+    from dallecli.evaluate.shapes_check import parse_caption
+
+    manifest = Path(shards) / "manifest.json"
+    source = read_json(manifest, "shard manifest").get("arguments", {}).get("source", {}) if manifest.is_file() else {}
+    if isinstance(source, dict) and source.get("kind") == "shapes":
+        return int(source.get("seed", 0))
+    return 0 if captions and all(parse_caption(c) is not None for c in captions) else None
+
+
+# --- samples ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Candidate:
+    prompt: str
+    image: ImageRef
+    index: int            # the candidate's number among its prompt's draws
+    score: float | None   # the sampler's CLIP score, when it reranked
+    kept: bool | None
+    uid: int              # position in the samples file: a key for per-candidate results
+
+
+def read_samples(path: Path, max_missing: float, uid_start: int = 0) -> tuple[list[list[Candidate]], dict]:
+    """samples.jsonl → candidates grouped per prompt, in file order. Missing image files are counted;
+    more than `max_missing` of them is a UserError."""
+    path = Path(path)
+    groups: dict[tuple, list[Candidate]] = {}
+    seen: Counter = Counter()
+    listed, missing = 0, []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt, image = str(row["prompt"]), str(row["image"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path} line {n} is not a sample (a JSON object with 'prompt' and 'image')") from None
+        listed += 1
+        file = Path(image) if Path(image).is_absolute() else path.parent / image
+        if not file.is_file():
+            missing.append(str(file))
+            continue
+        index = int(row.get("index", 0))
+        if "prompt_index" in row:
+            key = ("i", int(row["prompt_index"]))
+        else:  # the same prompt twice: its second draw of index j starts a second group
+            key = ("p", prompt, seen[(prompt, index)])
+            seen[(prompt, index)] += 1
+        score = row.get("clip_score")
+        groups.setdefault(key, []).append(Candidate(prompt, ImageRef(str(file)), index,
+                                                    None if score is None else float(score),
+                                                    None if "kept" not in row else bool(row["kept"]),
+                                                    uid_start + listed - 1))
+    if listed and len(missing) > max_missing * listed:
+        raise UserError(f"{len(missing)} of the {listed} images listed in {path} are missing (first: {missing[0]}); "
+                        "regenerate them or raise --max-missing")
+    if missing:
+        warn(f"{len(missing)} of the {listed} images listed in {path} are missing: evaluated without them")
+    ordered = [sorted(g, key=lambda c: c.index) for g in groups.values()]
+    return ordered, {"listed": listed, "missing": len(missing)}
+
+
+def select(groups: list[list[Candidate]], k: int | None, score: dict[int, float] | None) -> list[Candidate]:
+    """One sample per prompt: the best of its first k candidates by CLIP score; k None: the kept ones
+    when the sampler marked them, else every candidate."""
+    chosen = []
+    for group in groups:
+        if k is None:
+            kept = [c for c in group if c.kept]
+            chosen += kept if any(c.kept is not None for c in group) else group
+        elif k == 1 or len(group) == 1:
+            chosen.append(group[0])
+        else:
+            if score is None:
+                raise UserError("reranking needs CLIP scores: the samples carry none and no CLIP is available (--clip)")
+            chosen.append(max(group[:k], key=lambda c: score[c.uid]))
+    return chosen
+
+
+def _generate(run: Path, prompts: list[str], out: Path, cfg: EvalConfig, n: int, state) -> Path:
+    """Draw n candidates per prompt with the lead's sampler (all processes share the prompts)."""
+    import inspect
+
+    from dallecli import sample
+
+    world = state.num_processes if state is not None else 1
+    rerank = n if n > 1 else None
+    kwargs = dict(n=n, rerank=rerank, seed=cfg.seed, batch_size=cfg.batch_size, prior=cfg.prior, dvae=cfg.dvae,
+                  clip=cfg.clip, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                  guidance=cfg.guidance, quiet=True)
+    accepted = set(inspect.signature(sample.sample_to_folder).parameters)
+    if "device" in accepted:
+        kwargs["device"] = state.device if state is not None else "cpu"
+    if world > 1:  # each process draws its prompts; the main one merges and reranks
+        if not {"rank", "world"} <= accepted:
+            raise UserError("this sampler cannot split prompts across processes: run dalle eval with --gpus 1")
+        sample.sample_to_folder(run, prompts, out, **{**kwargs, "rerank": None}, rank=state.process_index,
+                                world=world)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            sample.merge_parts(out, world)
+            sample.finish_folder(out, prompts, n, rerank, cfg.clip, run, quiet=True)
+        state.wait_for_everyone()
+        return out / "samples.jsonl"
+    return Path(sample.sample_to_folder(run, prompts, out, **kwargs))
+
+
+# --- the evaluation ------------------------------------------------------------------------------------------
+
+def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None:
+    """Run the evaluation; on the main process return (RUN/eval/NAME, the metrics written there), else None.
+
+    `state`: accelerate's PartialState (or anything with its process_index, num_processes, is_main_process,
+    device, wait_for_everyone); None: one process on the CPU."""
+    from dallecli.evaluate import report
+
+    cfg.validate()
+    rd = RunDir(Path(run))
+    main = state is None or state.is_main_process
+    device = state.device if state is not None else torch.device("cpu")
+    name = cfg.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    if state is not None and state.num_processes > 1:  # one folder for all: the main process's clock
+        from accelerate.utils import broadcast_object_list
+
+        name = broadcast_object_list([name])[0]
+    out, cache = rd.eval / name, rd.eval / "cache"
+    shards = Path(cfg.shards or rd.shards)
+
+    refs = read_references(shards, cfg.count)
+    seed_world = shapes_world(shards, refs.captions)
+    prompts = refs.captions
+    if cfg.captions is not None:
+        prompts = [ln.strip() for ln in Path(cfg.captions).read_text().splitlines() if ln.strip()][: cfg.count]
+        if len(prompts) < 2:
+            raise UserError(f"--captions {cfg.captions} holds {len(prompts)} caption(s); at least 2 are needed")
+    n_draw = max((*cfg.rerank_sizes, cfg.rerank or 1))
+
+    # Samples: given, or generated (FID prompts; shapes world: test-split prompts too).
+    comp_groups: list[list[Candidate]] = []
+    if cfg.samples is not None:
+        samples_path = Path(cfg.samples)
+        comp_path = cfg.composition_samples
+    else:
+        samples_path = _generate(rd.root, prompts, out / "samples", cfg, n_draw, state)
+        comp_path = None
+        if seed_world is not None and cfg.composition_count:
+            from dallecli.data.shapes import iter_scenes
+
+            test = [cap for split in ("test-seen", "test-zeroshot")  # captions do not depend on the size
+                    for _, _, cap, _ in iter_scenes(split, cfg.composition_count, seed_world, 32)]
+            comp_path = _generate(rd.root, test, out / "samples-composition", cfg, n_draw, state)
+    groups, listing = read_samples(samples_path, cfg.max_missing)
+    if comp_path is not None:
+        comp_groups, comp_listing = read_samples(Path(comp_path), cfg.max_missing, uid_start=10**9)
+        listing = {k: listing[k] + comp_listing[k] for k in listing}
+    if len(groups) < 2:
+        raise UserError(f"{samples_path} holds {len(groups)} usable sample(s); FID needs at least 2")
+    have = min(len(g) for g in groups)
+    sizes = sorted(k for k in cfg.rerank_sizes if k <= have)
+    if len(sizes) < len(cfg.rerank_sizes):
+        warn(f"the samples hold {have} candidate(s) per prompt: rerank sizes above {have} skipped")
+    main_k = cfg.rerank if cfg.rerank is not None else (1 if cfg.samples is None and n_draw > 1 else None)
+    if main_k is not None and main_k > have:
+        raise UserError(f"--rerank {main_k} needs {main_k} candidates per prompt; the samples hold {have}")
+
+    # One comparison size for both sets; candidates used in any selection.
+    k_max = max([*sizes, main_k or 1])
+    pool = [c for g in groups for c in (g if main_k is None else g[:k_max])]
+    sample_sides = Counter(_side(c.image) for c in pool)
+    size = cfg.size or min(sample_sides.most_common(1)[0][0], refs.sides.most_common(1)[0][0])
+    comp_pool = [c for g in comp_groups for c in (g if main_k is None else g[:k_max])]
+
+    scorer, clip_note = _scorer(cfg, rd.root, device)
+    features = F_.load_features(cfg.features, device=device, run=rd.root, inception_weights=cfg.inception_weights,
+                                clip=cfg.clip, scorer=scorer if cfg.features == "clip" else None)
+    run_opts = dict(batch_size=cfg.batch_size, workers=cfg.workers, state=state)
+    base = {"features": features.fingerprint, "feature_net": features.name, "size": size, "data": refs.identity}
+
+    memo: dict[float, tuple] = {}
+
+    def real(radius: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference features at `radius`: memoised, else cached on disk, else extracted. Every
+        process looks each key up once (no process can see the file before all have looked)."""
+        if radius in memo:
+            return memo[radius]
+        key = F_.cache_key(kind="features", radius=radius, **base)
+        hit = F_.load_cached(cache, key)
+        if hit is not None:
+            memo[radius] = hit["features"], hit.get("logits")
+            return memo[radius]
+        feats, logits = F_.over_batches(ImageSet(refs.images, size, radius),
+                                        lambda x, i: features.extract(x), description=f"references r={radius:g}",
+                                        **run_opts)
+        if main:
+            F_.save_cached(cache, key, {"features": feats, **({"logits": logits} if logits is not None else {})},
+                           {**base, "radius": radius})
+        memo[radius] = feats, logits
+        return feats, logits
+
+    def fake(cands: list[Candidate], radius: float, what: str):
+        return F_.over_batches(ImageSet([c.image for c in cands], size, radius),
+                               lambda x, i: features.extract(x), description=f"{what} r={radius:g}", **run_opts)
+
+    # Blur-0 features of every candidate that any selection may use; the CLIP embeddings likewise.
+    pool_feats, pool_logits = fake(pool, 0, "samples")
+    row = {c.uid: j for j, c in enumerate(pool)}
+    emb, text_emb = {}, None
+    if scorer is not None:
+        everyone = pool + comp_pool
+        if features.name == "clip":
+            emb.update({c.uid: pool_feats[j] for j, c in enumerate(pool)})
+            everyone = comp_pool
+        if everyone:
+            e, = F_.over_batches(ImageSet([c.image for c in everyone], size, 0),
+                                 lambda x, i: (F_.image_embeddings(scorer, x),), description="CLIP", **run_opts)
+            emb.update({c.uid: e[j] for j, c in enumerate(everyone)})
+        text_emb = _text_embeddings(scorer, sorted({c.prompt for c in pool + comp_pool}))
+    prompt_of = {c.uid: c.prompt for c in pool + comp_pool}
+    our_score = {uid: float((100 * (v @ text_emb[prompt_of[uid]])).clamp_min(0))
+                 for uid, v in emb.items()} if scorer is not None else None
+    file_scores = all(c.score is not None for c in pool + comp_pool)
+    rank_score = {c.uid: c.score for c in pool + comp_pool} if file_scores else our_score
+
+    chosen = select(groups, main_k, rank_score)
+    comp_chosen = select(comp_groups, main_k, rank_score)
+    if len(chosen) < 2:
+        raise UserError(f"{len(chosen)} sample(s) selected from {samples_path}; FID needs at least 2")
+
+    per_blur = {}
+    for radius in cfg.blur:
+        r_feats, _ = real(radius)
+        if radius == 0:
+            idx = torch.tensor([row[c.uid] for c in chosen])
+            f_feats, f_logits = pool_feats[idx], None if pool_logits is None else pool_logits[idx]
+        else:
+            f_feats, f_logits = fake(chosen, radius, "samples")
+        if main:
+            per_blur[_key(radius)] = _set_metrics(r_feats, f_feats, f_logits, cfg.seed)
+
+    clip_score = {"generated": None, "real": None}
+    if scorer is not None:
+        clip_score["generated"] = _mean(our_score[c.uid] for c in chosen)
+        clip_score["real"] = _real_clip_score(scorer, refs, size, features, cache, base, run_opts, main, real)
+
+    composition, comp_counts = None, None
+    if seed_world is not None and main:
+        checks = _checker()
+        composition, comp_counts = _composition(chosen + comp_chosen, checks)
+
+    rerank = {}
+    r0 = real(0)[0] if sizes else None  # every process: it may be a collective extraction
+    if sizes and main:
+        for k in sizes:
+            pick = select(groups, k, rank_score)
+            idx = torch.tensor([row[c.uid] for c in pick])
+            m = _set_metrics(r0, pool_feats[idx], None if pool_logits is None else pool_logits[idx], cfg.seed)
+            m["clip_score"] = _mean(our_score[c.uid] for c in pick) if our_score else None
+            if seed_world is not None:
+                m["composition"] = _composition(pick + select(comp_groups, k, rank_score), checks)[0]
+            rerank[str(k)] = m
+
+    reconstruction, recon_fp = None, None
+    if cfg.reconstruction:
+        reconstruction, recon_fp = _reconstruction(cfg, rd, refs, size, features, real, run_opts, main)
+
+    if not main:
+        state.wait_for_everyone()  # leave only once the main process has written the results
+        return None
+    protocol = {
+        "features": features.protocol,
+        "resize": {"image_size": size, "samples_from": sorted(sample_sides), "references_from": sorted(refs.sides),
+                   "method": "centre square crop, PIL bicubic up / Lanczos down to image_size, then the blur; "
+                             "the network's own resize to network_input"},
+        "count": {"samples": len(chosen), "references": len(refs.images), "prompts": len(groups),
+                  "listed": listing["listed"], "missing": listing["missing"],
+                  "composition": len(chosen) + len(comp_chosen) if composition else 0},
+        "seeds": {"generation": cfg.seed if cfg.samples is None else None, "statistics": cfg.seed},
+        "checkpoints": {"prior": _fingerprint(cfg.prior or rd.prior, "prior") if cfg.samples is None else None,
+                        "dvae": recon_fp, "clip": F_.scorer_fingerprint(scorer) if scorer is not None else None,
+                        "features": features.fingerprint},
+        "blur": "Pillow ImageFilter.GaussianBlur(radius) of both sets at image_size (§3.1)",
+        "kid": {"subsets": F_.KID_SUBSETS, "subset_size": next(iter(per_blur.values()))["kid_subset_size"],
+                "kernel": "(x·y/d + 1)^3"},
+        "inception_score": {"splits": F_.IS_SPLITS, "logits": None if features.is_note else "the network's head",
+                            "null_because": features.is_note},
+        "clip_score": {"definition": "mean of max(100·cos(image, caption), 0)",
+                       "model": getattr(scorer, "name", cfg.clip or "RUN/clip") if scorer is not None else None,
+                       "null_because": clip_note},
+        "selection": {"rerank": main_k, "rerank_sizes": sizes,
+                      "scores": None if not (main_k or sizes) else
+                      "samples.jsonl clip_score" if file_scores else "the eval CLIP (the same as the CLIP score's)",
+                      "rule": "the best CLIP score among the first k candidates of each prompt" if main_k else
+                              "the kept candidates when marked, else all"},
+        "samples": str(samples_path), "composition_samples": str(comp_path) if comp_path else None,
+        "composition_counts": comp_counts, "blur_radii": list(cfg.blur),
+    }
+    for m in per_blur.values():
+        m.pop("kid_subset_size", None)
+    for m in rerank.values():
+        m.pop("kid_subset_size", None)
+    metrics = {"protocol": protocol, "blur": per_blur, "clip_score": clip_score, "composition": composition,
+               "reconstruction": reconstruction, "rerank_sizes": rerank}
+    report.write(out, metrics)
+    if state is not None:
+        state.wait_for_everyone()
+    return out, metrics
+
+
+# --- pieces --------------------------------------------------------------------------------------------------
+
+def _key(radius: float) -> str:
+    return str(int(radius)) if float(radius).is_integer() else str(radius)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(sum(values) / len(values)) if values else None
+
+
+def _side(ref: ImageRef) -> int:
+    from PIL import Image
+
+    try:
+        with Image.open(ref.path) as im:
+            return min(im.size)
+    except OSError as exc:
+        raise UserError(f"cannot read the sample image {ref.path} ({exc})") from None
+
+
+def _text_embeddings(scorer, prompts: list[str], batch: int = 256) -> dict[str, torch.Tensor]:
+    out = {}
+    with torch.no_grad():
+        for lo in range(0, len(prompts), batch):
+            chunk = prompts[lo: lo + batch]
+            t = torch.nn.functional.normalize(scorer.text_features(chunk).float().cpu(), dim=-1)
+            out.update(zip(chunk, t))
+    return out
+
+
+def _set_metrics(real: torch.Tensor, fake: torch.Tensor, logits: torch.Tensor | None, seed: int) -> dict:
+    kid_mean, kid_std, subset = F_.kid(real, fake, seed)
+    is_mean, is_std = (None, None) if logits is None else F_.inception_score(logits, seed)[:2]
+    return {"fid": F_.fid(real, fake), "is": is_mean, "is_std": is_std, "kid": kid_mean, "kid_std": kid_std,
+            "kid_subset_size": subset}
+
+
+def _scorer(cfg: EvalConfig, run: Path, device):
+    """The CLIP for CLIP scores and reranking; without one, those metrics are null (with the reason)."""
+    try:
+        return F_.load_scorer(cfg.clip, run, device), None
+    except (UserError, ImportError) as exc:
+        if cfg.features == "clip" or cfg.clip is not None:
+            raise UserError(f"no CLIP for --features clip / --clip: {exc}") from None
+        warn(f"no CLIP model ({exc}): CLIP scores are skipped")
+        return None, str(exc)
+
+
+def _real_clip_score(scorer, refs: References, size: int, features, cache: Path, base: dict, run_opts: dict,
+                     main: bool, real) -> float:
+    key = F_.cache_key(kind="clip_score", clip=F_.scorer_fingerprint(scorer), **base)
+    hit = F_.load_cached(cache, key)
+    if hit is not None:
+        return float(hit["scores"].mean())
+    if features.name == "clip":
+        img = real(0)[0]
+    else:
+        img, = F_.over_batches(ImageSet(refs.images, size, 0), lambda x, i: (F_.image_embeddings(scorer, x),),
+                               description="CLIP references", **run_opts)
+    text = _text_embeddings(scorer, refs.captions)
+    scores = (100 * (img * torch.stack([text[c] for c in refs.captions])).sum(-1)).clamp_min(0)
+    if main:
+        F_.save_cached(cache, key, {"scores": scores}, {**base, "clip": F_.scorer_fingerprint(scorer)})
+    return float(scores.mean())
+
+
+def _checker():
+    """Memoised shapes checks: one verdict per candidate image."""
+    from dallecli.evaluate.shapes_check import check
+
+    memo: dict[int, bool] = {}
+
+    def ok(c: Candidate) -> bool:
+        if c.uid not in memo:
+            from dallecli.imageutil import center_square
+
+            image = c.image.open()
+            if image.size[0] != image.size[1] or image.size[0] not in (32, 64, 128, 256):
+                image = center_square(image, 64)
+            memo[c.uid] = bool(check(image, c.prompt)[0])
+        return memo[c.uid]
+
+    return ok
+
+
+def _composition(cands: list[Candidate], ok) -> tuple[dict, dict]:
+    """GenEval-style accuracy per category over the samples whose prompt is a shapes caption."""
+    from dallecli.evaluate.shapes_check import category
+
+    hits, totals = Counter(), Counter()
+    for c in cands:
+        try:
+            cat = category(c.prompt)
+        except ValueError:
+            continue
+        totals[cat] += 1
+        hits[cat] += ok(c)
+    acc = {cat: (hits[cat] / totals[cat] if totals[cat] else None) for cat in CATEGORIES}
+    n = sum(totals.values())
+    acc["overall"] = sum(hits.values()) / n if n else None
+    return acc, {cat: totals[cat] for cat in CATEGORIES}
+
+
+def _fingerprint(path: Path, kind: str) -> str | None:
+    from dallecli import checkpoint
+
+    try:
+        return checkpoint.load(path, kind).fingerprint
+    except UserError:
+        return None
+
+
+def _reconstruction(cfg: EvalConfig, rd: RunDir, refs: References, size: int, features, real, run_opts: dict,
+                    main: bool):
+    """§2.1's dVAE on the real val images: PSNR, reconstruction FID, share of the codebook used."""
+    from dallecli import checkpoint
+    from dallecli.imageutil import center_square, to_pil, to_tensor
+
+    path = Path(cfg.dvae or rd.dvae)
+    try:
+        checkpoint.resolve(path, "dvae")
+    except UserError as exc:
+        if cfg.dvae is not None:
+            raise
+        info(f"no dVAE at {path}: reconstruction metrics skipped ({exc})")
+        return None, None
+    from dallecli.train.dvae_task import load_dvae
+
+    model, ck = load_dvae(path, run_opts["state"].device if run_opts["state"] is not None else "cpu")
+    side = model.config.image_size
+
+    @torch.no_grad()
+    def fn(x, idx):
+        x = x.to(next(model.parameters()).device)
+        codes = model.encode(x)  # (B, grid, grid)
+        rec = model.decode_codes(codes).float().clamp(0, 1)  # (B, 3, side, side)
+        mse = (rec - x).square().flatten(1).mean(1).clamp_min(1e-10)
+        # The reconstruction as a sample would be: 8-bit, then brought to the comparison size.
+        small = torch.stack([to_tensor(center_square(to_pil(r), size)) for r in rec.cpu()])
+        return features.extract(small)[0], -10 * torch.log10(mse), codes.flatten(1)
+
+    feats, psnr, codes = F_.over_batches(ImageSet(refs.images, side, 0), fn, description="dVAE", **run_opts)
+    r0, _ = real(0)
+    if not main:
+        return None, ck.fingerprint
+    used = torch.unique(codes).numel()
+    return {"psnr": float(psnr.mean()), "rfid": F_.fid(r0, feats),
+            "codebook_usage": used / model.config.vocab_size}, ck.fingerprint

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Multi-GPU training through Accelerate: one process per GPU on this node, or several nodes.
+# Usage: examples/multi_gpu.sh RUN_DIR [GPUS] [NODES NODE_RANK MAIN_ADDRESS]
+set -euo pipefail
+run=${1:?usage: $0 RUN_DIR [GPUS] [NODES NODE_RANK MAIN_ADDRESS]}
+gpus=${2:-8}
+if [ $# -ge 5 ]; then
+    multi=(--nodes "$3" --node-rank "$4" --main-address "$5")   # run the same line on every node
+else
+    multi=()
+fi
+dalle train-dvae --run "$run" --preset paper --gpus "$gpus" "${multi[@]}"
+dalle encode --run "$run" --gpus "$gpus"
+dalle train-prior --run "$run" --preset base --gpus "$gpus" "${multi[@]}" --global-batch 512 --precision bf16
+dalle sample --prompts prompts.txt --run "$run" --n 64 --rerank 8 --gpus "$gpus"

@@ -1,0 +1,478 @@
+"""`dalle eval`: FID / IS / KID against independent references, the blur, the cache, bad inputs, the layout."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import typer
+from PIL import Image, ImageFilter
+from typer.testing import CliRunner
+
+from dallecli.console import UserError
+from dallecli.data.records import write_tar
+from dallecli.data.shapes import render_scene
+from dallecli.evaluate import fid as F_
+from dallecli.evaluate.run import CATEGORIES, EvalConfig, evaluate
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+class TinyInception(nn.Module):
+    """Inception-shaped and random: convolutions, a global pool → (B, 24) features, a head → (B, 10) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 24, 3, 2, 1), nn.ReLU())
+        self.fc = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor):
+        pool = self.body(x * 2 - 1).mean((2, 3))
+        return pool, self.fc(pool)
+
+
+@pytest.fixture(scope="module")
+def net_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("net") / "tiny_inception.pt"
+    torch.jit.script(TinyInception().eval()).save(str(path))
+    return path
+
+
+class StandInClip:
+    """A deterministic stand-in for dallecli.models.clip's scorer: colour histograms vs. colour words."""
+
+    fingerprint = "standin0"
+    WORDS = ("red", "green", "blue", "yellow", "purple", "cyan")
+
+    def image_features(self, images):
+        rows = []
+        for im in images:
+            a = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
+            rows.append([a[..., 0].mean(), a[..., 1].mean(), a[..., 2].mean(), a.std(), 1 - a.mean(), 0.1])
+        return torch.tensor(rows)
+
+    def text_features(self, texts):
+        return torch.tensor([[float(w in t) + 0.1 for w in self.WORDS] for t in texts])
+
+
+@pytest.fixture
+def clip(monkeypatch):
+    monkeypatch.setattr(F_, "load_scorer", lambda spec, run, device: StandInClip())
+
+
+@pytest.fixture
+def no_clip(monkeypatch):
+    def absent(spec, run, device):
+        raise UserError("no CLIP at RUN/clip")
+
+    monkeypatch.setattr(F_, "load_scorer", absent)
+
+
+def png(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_run(root: Path, n: int = 24, size: int = 64, shapes: bool = True) -> Path:
+    """A run whose val shards hold n shapes scenes."""
+    records = []
+    for i in range(n):
+        image, caption, meta = render_scene(0, i, size, "val")
+        records.append((f"v{i:04d}", {"png": png(image), "txt": caption.encode(), "json": json.dumps(meta).encode()}))
+    (root / "shards").mkdir(parents=True)
+    write_tar(root / "shards" / "val-000000.tar", records)
+    if shapes:
+        (root / "shards" / "manifest.json").write_text(json.dumps({"arguments": {"source": {"kind": "shapes", "seed": 0}}}))
+    return root
+
+
+def write_samples(folder: Path, rows: list[tuple[str, Image.Image, dict]]) -> Path:
+    """samples.jsonl with one PNG per row: (prompt, image, extra fields)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (prompt, image, extra) in enumerate(rows):
+        name = f"{i:04d}.png"
+        image.save(folder / name)
+        lines.append(json.dumps({"prompt": prompt, "image": name, "seed": i, "index": 0, "logprob": 0.0, **extra}))
+    (folder / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "samples.jsonl"
+
+
+def noisy(image: Image.Image, sigma: float, seed: int) -> Image.Image:
+    a = np.asarray(image, dtype=np.float32)
+    a = a + np.random.default_rng(seed).normal(0, sigma * 255, a.shape)
+    return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
+
+
+def val_samples(folder: Path, n: int = 24, size: int = 64, sigma: float = 0.05) -> Path:
+    return write_samples(folder, [(c, noisy(im, sigma, i), {}) for i, (im, c, _) in
+                                  enumerate(render_scene(0, i, size, "val") for i in range(n))])
+
+
+def quick(**kw) -> EvalConfig:
+    return EvalConfig(**{"name": "t", "blur": (0, 2), "reconstruction": False, "composition_count": 0, **kw})
+
+
+def cleanfid_frechet(real: np.ndarray, fake: np.ndarray) -> float:
+    """clean-fid's definition: μ, Σ with np.mean / np.cov (ddof 1), d² = |μ1−μ2|² + tr Σ1 + tr Σ2 − 2 tr √(Σ1Σ2).
+    tr √(Σ1Σ2) = tr √(√Σ1 Σ2 √Σ1): symmetric square roots by eigendecomposition (no scipy here)."""
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+def test_fid_of_a_set_against_itself_is_zero():
+    x = torch.randn(200, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    assert abs(F_.fid(x, x)) < 1e-6 * F_.fid(x, x + 1) + 1e-8
+    assert F_.fid(x, x + 1) == pytest.approx(16.0, rel=1e-6)  # a mean shift of 1 in 16 dims
+
+
+def test_fid_grows_with_noise(net_file, tmp_path):
+    feats = F_.load_features(str(net_file), device="cpu")
+    base = [render_scene(3, i, 32, "train")[0] for i in range(64)]
+    real = torch.cat([feats.extract(torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+                                                 for im in base]).float() / 255)[0]])
+    fids = []
+    for sigma in (0.0, 0.05, 0.1, 0.2, 0.4):
+        x = torch.stack([torch.from_numpy(np.asarray(noisy(im, sigma, i)).copy()).permute(2, 0, 1)
+                         for i, im in enumerate(base)]).float() / 255
+        fids.append(F_.fid(real, feats.extract(x)[0]))
+    assert fids[0] == pytest.approx(0, abs=1e-6)
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+
+
+def test_is_of_one_image_repeated_is_one():
+    logits = torch.randn(1, 10).repeat(40, 1)
+    mean, std, splits = F_.inception_score(logits)
+    assert mean == pytest.approx(1.0, abs=1e-5) and std == pytest.approx(0, abs=1e-5) and splits == 10
+    sure = torch.eye(10).repeat(100, 1) * 50  # 10 classes, each image sure of its own: IS → 10
+    assert 9 < F_.inception_score(sure)[0] <= 10
+
+
+def test_our_fid_equals_torchmetrics_and_cleanfid(net_file, tmp_path):
+    """The same TorchScript network: our pipeline (files → ImageSet → features → fid) = torchmetrics run
+    on the images with that network = clean-fid's formula on the features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    refs = []
+    for i in range(40):
+        image = noisy(render_scene(1, i, 32, "train")[0], 0.1 * (i % 2), i)
+        image.save(tmp_path / f"{i}.png")
+        refs.append(F_.ImageRef(str(tmp_path / f"{i}.png")))
+    feats = F_.load_features(str(net_file), device="cpu")
+    real, = F_.over_batches(F_.ImageSet(refs[:20], 32), lambda x, i: (feats.extract(x)[0],), batch_size=7)
+    fake, = F_.over_batches(F_.ImageSet(refs[20:], 32), lambda x, i: (feats.extract(x)[0],), batch_size=7)
+    ours = F_.fid(real, fake)
+
+    net = torch.jit.load(str(net_file))
+
+    class Head(nn.Module):
+        num_features = 24
+
+        def forward(self, x):
+            return net(x)[0]
+
+    tm = FrechetInceptionDistance(feature=Head())
+    load = lambda rs: torch.stack([torch.from_numpy(np.asarray(r.open()).copy()).permute(2, 0, 1) for r in rs]).float() / 255
+    tm.update(load(refs[:20]), real=True)
+    tm.update(load(refs[20:]), real=False)
+    assert ours == pytest.approx(float(tm.compute()), rel=1e-4)
+    assert ours == pytest.approx(cleanfid_frechet(real.double().numpy(), fake.double().numpy()), rel=1e-4)
+
+
+def test_kid_matches_its_definition():
+    """KID = mean over random subsets of the unbiased MMD² with k(x, y) = (x·y/d + 1)³; small sets use
+    subsets of half their size (a subset of everything would have no spread)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g).double(), torch.randn(8, 5, generator=g).double() + 0.5
+    mean, std, size = F_.kid(x, y, seed=3)
+    assert size == 4
+
+    def mmd(a, b):
+        k = lambda u, v: (u @ v.T / 5 + 1) ** 3
+        m = len(a)
+        kaa, kbb = k(a, a), k(b, b)
+        return float(((kaa.sum() - kaa.trace()) + (kbb.sum() - kbb.trace())) / (m * (m - 1)) - 2 * k(a, b).mean())
+
+    torch.manual_seed(3)  # the subsets torchmetrics draws under that seed
+    ref = [mmd(x[torch.randperm(8)[:4]], y[torch.randperm(8)[:4]]) for _ in range(F_.KID_SUBSETS)]
+    assert mean == pytest.approx(np.mean(ref), rel=1e-6) and std == pytest.approx(np.std(ref), rel=1e-6)
+    assert F_.kid(x, x + 2)[0] > F_.kid(x, x + 0.5)[0]
+
+
+# ------------------------------------------------------------------------------------------------ the blur
+
+def test_blur_radius_zero_leaves_images_unchanged_and_matches_pillow(tmp_path):
+    image = noisy(render_scene(0, 5, 64, "val")[0], 0.1, 0)
+    image.save(tmp_path / "a.png")
+    ref = [F_.ImageRef(str(tmp_path / "a.png"))]
+    assert torch.equal(F_.ImageSet(ref, 64, 0)[0].permute(1, 2, 0), torch.from_numpy(np.asarray(image).copy()))
+    assert F_.blur(image, 0) is image
+    for radius in (1, 2, 4, 8):
+        want = np.asarray(image.filter(ImageFilter.GaussianBlur(radius)))
+        got = F_.ImageSet(ref, 64, radius)[0].permute(1, 2, 0).numpy()
+        assert np.array_equal(got, want)
+        assert not np.array_equal(got, np.asarray(image))
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+def test_metrics_layout_and_the_cache(tmp_path, net_file, clip, monkeypatch):
+    run = make_run(tmp_path / "run")
+    samples = val_samples(tmp_path / "s")
+    cfg = quick(samples=samples, features=str(net_file), blur=(0, 1, 2, 4, 8))
+    folder, metrics = evaluate(run, cfg)
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert folder == run / "eval" / "t"
+    assert list(saved) == ["protocol", "blur", "clip_score", "composition", "reconstruction", "rerank_sizes"]
+    assert list(saved["blur"]) == ["0", "1", "2", "4", "8"]
+    for m in saved["blur"].values():
+        assert set(m) == {"fid", "is", "is_std", "kid", "kid_std"}
+        assert m["fid"] > 0 and m["is"] >= 1 and math.isfinite(m["kid"])
+    assert set(saved["clip_score"]) == {"generated", "real"} and saved["clip_score"]["real"] > 0
+    assert set(saved["composition"]) == set(CATEGORIES) | {"overall"}
+    assert saved["reconstruction"] is None and saved["rerank_sizes"] == {}
+    p = saved["protocol"]
+    assert {"features", "resize", "count", "seeds", "checkpoints"} <= set(p)
+    assert p["features"]["name"] == "torchscript:tiny_inception.pt" and p["count"]["samples"] == 24
+    assert p["resize"]["image_size"] == 64 and p["checkpoints"]["clip"] == "standin0"
+    assert (folder / "fid_is_blur.png").stat().st_size > 0
+
+    # Second run: the references are never opened again, and the numbers are the same.
+    cached = sorted((run / "eval" / "cache").iterdir())
+    assert len(cached) == 6  # five radii + the real CLIP score
+    opened = []
+    real_open = F_.ImageRef.open
+    monkeypatch.setattr(F_.ImageRef, "open", lambda self: opened.append(self.path) or real_open(self))
+    _, again = evaluate(run, quick(samples=samples, features=str(net_file), blur=(0, 1, 2, 4, 8), name="t2"))
+    assert not [p for p in opened if p.endswith(".tar")]
+    assert again["blur"] == metrics["blur"] and sorted((run / "eval" / "cache").iterdir()) == cached
+
+
+def test_samples_and_references_of_different_sizes_are_compared_at_the_smaller(tmp_path, net_file, no_clip):
+    run = make_run(tmp_path / "run", size=64)
+    samples = val_samples(tmp_path / "s", size=32)
+    _, metrics = evaluate(run, quick(samples=samples, features=str(net_file)))
+    r = metrics["protocol"]["resize"]
+    assert (r["image_size"], r["samples_from"], r["references_from"]) == (32, [32], [64])
+    assert metrics["clip_score"] == {"generated": None, "real": None}
+    assert "no CLIP" in metrics["protocol"]["clip_score"]["null_because"]
+
+
+def test_missing_sample_files_are_counted_then_refused(tmp_path, net_file, no_clip):
+    run = make_run(tmp_path / "run")
+    samples = val_samples(tmp_path / "s", n=20)
+    (samples.parent / "0003.png").unlink()
+    _, metrics = evaluate(run, quick(samples=samples, features=str(net_file)))
+    assert metrics["protocol"]["count"]["missing"] == 1 and metrics["protocol"]["count"]["samples"] == 19
+    for i in range(4, 8):
+        (samples.parent / f"{i:04d}.png").unlink()
+    with pytest.raises(UserError, match="5 of the 20 images listed .* are missing"):
+        evaluate(run, quick(samples=samples, features=str(net_file)))
+
+
+@pytest.mark.parametrize("case", ["one sample", "unknown features", "not torchscript", "bad blur", "bad json"])
+def test_bad_input_is_one_line(tmp_path, net_file, no_clip, case):
+    run = make_run(tmp_path / "run")
+    samples = val_samples(tmp_path / "s", n=6)
+    kw = dict(samples=samples, features=str(net_file))
+    if case == "one sample":
+        kw["samples"] = write_samples(tmp_path / "one", [("a red circle", Image.new("RGB", (64, 64), "white"), {})])
+        pattern = "at least 2"
+    elif case == "unknown features":
+        kw["features"], pattern = "inceptoin", "unknown --features 'inceptoin'"
+    elif case == "not torchscript":
+        bad = tmp_path / "pickle.pt"
+        torch.save({"w": torch.zeros(2)}, bad)
+        kw["features"], pattern = str(bad), "is not a TorchScript module"
+    elif case == "bad blur":
+        kw["blur"], pattern = (0, -1), "--blur must list distinct radii"
+    else:
+        samples.write_text(samples.read_text() + "{not json\n")
+        pattern = "line 7 is not a sample"
+    with pytest.raises(UserError, match=pattern) as err:
+        evaluate(run, quick(**kw))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_inception_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(UserError, match="pt_inception-2015-12-05-6726825d.pth") as err:
+        F_.load_features("inception", device="cpu")
+    assert "\n" not in str(err.value) and "--inception-weights" in str(err.value)
+
+
+def test_composition_on_true_renders_is_perfect_and_reranking_picks_by_clip_score(tmp_path, net_file, no_clip):
+    run = make_run(tmp_path / "run", n=12)
+    rows = []
+    for split in ("test-seen", "test-zeroshot"):
+        for i in range(24):
+            image, caption, _ = render_scene(0, i, 64, split)
+            # Candidate 0: a blank canvas (fails the checker); candidate 1: the true render, ranked higher.
+            rows.append((caption, Image.new("RGB", (64, 64), "white"), {"index": 0, "clip_score": 0.1,
+                                                                         "prompt_index": len(rows) // 2}))
+            rows.append((caption, image, {"index": 1, "clip_score": 0.3, "prompt_index": len(rows) // 2}))
+    comp = write_samples(tmp_path / "c", rows)
+    val = []
+    for i in range(12):
+        image, caption, _ = render_scene(0, i, 64, "val")
+        val.append((caption, Image.new("RGB", (64, 64), "white"), {"index": 0, "clip_score": 0.1, "prompt_index": i}))
+        val.append((caption, image, {"index": 1, "clip_score": 0.3, "prompt_index": i}))
+    samples = write_samples(tmp_path / "s", val)
+    _, m = evaluate(run, quick(samples=samples, composition_samples=comp, features=str(net_file), rerank=2,
+                               rerank_sizes=(1, 2)))
+    counts = m["protocol"]["composition_counts"]
+    assert all(counts[c] > 0 for c in CATEGORIES), counts
+    assert m["composition"] == {**{c: 1.0 for c in CATEGORIES}, "overall": 1.0}
+    assert m["rerank_sizes"]["2"]["composition"]["overall"] == 1.0
+    assert m["rerank_sizes"]["1"]["composition"]["overall"] == 0.0  # the blank canvases
+    assert m["rerank_sizes"]["2"]["fid"] < m["rerank_sizes"]["1"]["fid"]
+    assert m["blur"]["0"]["fid"] == pytest.approx(m["rerank_sizes"]["2"]["fid"])  # --rerank 2: the headline
+    assert m["protocol"]["selection"]["scores"] == "samples.jsonl clip_score"
+
+
+def test_generation_goes_through_the_sampler(tmp_path, net_file, clip, monkeypatch):
+    """Without --samples: val captions (and, in the shapes world, test-split captions) go to sample_to_folder."""
+    from dallecli import sample
+
+    calls = []
+
+    def fake_sampler(run, prompts, out, *, n=1, rerank=None, seed=0, **kw):
+        calls.append((list(prompts), n, rerank, seed))
+        rows = []
+        for i, p in enumerate(prompts):
+            for j in range(n):
+                rows.append((p, noisy(render_scene(0, i, 64, "val")[0], 0.05, i * n + j),
+                             {"index": j, "prompt_index": i, "clip_score": float(j), "kept": True}))
+        return write_samples(Path(out), rows)
+
+    monkeypatch.setattr(sample, "sample_to_folder", fake_sampler)
+    run = make_run(tmp_path / "run", n=10)
+    _, m = evaluate(run, quick(features=str(net_file), composition_count=3, rerank_sizes=(1, 2), seed=7))
+    (val, n, rerank, seed), (test, *_) = calls
+    assert len(val) == 10 and (n, rerank, seed) == (2, 2, 7)
+    assert test == [render_scene(0, i, 64, split)[1] for split in ("test-seen", "test-zeroshot") for i in range(3)]
+    assert m["protocol"]["selection"]["rerank"] == 1 and set(m["rerank_sizes"]) == {"1", "2"}
+    assert m["protocol"]["count"]["samples"] == 10
+
+
+def test_reconstruction_metrics_with_a_tiny_dvae(tmp_path, net_file, no_clip):
+    from dallecli import checkpoint
+    from dallecli.config import to_dict
+    from dallecli.models.dvae import DVAE, PRESETS
+
+    run = make_run(tmp_path / "run", n=8)
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    checkpoint.save(run / "dvae", 1, kind="dvae", model_config=to_dict(cfg), weights=DVAE(cfg).state_dict())
+    _, m = evaluate(run, quick(samples=val_samples(tmp_path / "s", n=8), features=str(net_file),
+                               reconstruction=True))
+    r = m["reconstruction"]
+    assert set(r) == {"psnr", "rfid", "codebook_usage"}
+    assert 0 < r["codebook_usage"] <= 1 and math.isfinite(r["psnr"]) and r["rfid"] > 0
+    assert m["protocol"]["checkpoints"]["dvae"] is not None
+
+
+def test_fid_inception_architecture_loads_the_weight_file_layout():
+    """The FID Inception is torchvision's Inception3 layout: the pt_inception file's keys load unmapped."""
+    from torchvision.models.inception import Inception3
+
+    net = F_.fid_inception()
+    plain = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
+    assert list(net.state_dict()) == list(plain.state_dict())
+    feats, logits = net(torch.rand(1, 3, 64, 64))
+    assert feats.shape == (1, 2048) and logits.shape == (1, 1008)
+    # The FID blocks differ from torchvision's: pools that skip padding, a max pool in Mixed_7c.
+    net.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 2048, 8, 8)
+    assert not torch.allclose(net.Mixed_7c(x), plain.Mixed_7c(x))
+
+
+def test_cli_runs_and_fails_in_one_line(tmp_path, net_file, no_clip):
+    from dallecli.commands.eval import command
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)
+    run = make_run(tmp_path / "run")
+    samples = val_samples(tmp_path / "s")
+    ok = CliRunner().invoke(app, ["command", "--run", str(run), "--samples", str(samples), "--features",
+                                  str(net_file), "--blur", "0,1", "--name", "cli", "--cpu", "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert (run / "eval" / "cli" / "metrics.json").is_file() and "FID" in ok.output
+    bad = CliRunner().invoke(app, ["command", "--run", str(run), "--samples", str(samples), "--features", "nope"])
+    assert bad.exit_code != 0 and isinstance(bad.exception, UserError)
+
+
+def test_gather_rows_reassembles_uneven_slices(monkeypatch):
+    """5 rows over 2 processes: slices of 2 and 3, padded to 3, gathered, unpadded in rank order."""
+    import accelerate.utils
+
+    rows = torch.arange(10.0).view(5, 2)
+    assert [F_.shard_range(5, r, 2) for r in range(2)] == [(0, 2), (2, 5)]
+    pad0 = torch.cat([rows[0:2], torch.zeros(1, 2)])
+
+    class State:
+        num_processes, process_index, device = 2, 1, "cpu"
+
+    monkeypatch.setattr(accelerate.utils, "gather", lambda padded: torch.cat([pad0, padded]))
+    assert torch.equal(F_.gather_rows(rows[2:5], 5, State()), rows)
+
+
+MULTI = """
+import json, sys, torch
+from pathlib import Path
+from accelerate import PartialState
+from dallecli.evaluate import fid as F_
+from dallecli.evaluate.run import EvalConfig, evaluate
+torch.set_num_threads(1)
+def no_clip(*a):
+    raise F_.UserError("none")
+F_.load_scorer = no_clip
+state = PartialState(cpu=True)
+cfg = EvalConfig(name=sys.argv[3], samples=Path(sys.argv[2]), features=sys.argv[4], blur=(0, 2), reconstruction=False)
+result = evaluate(Path(sys.argv[1]), cfg, state)
+Path(sys.argv[1], f"rank{state.process_index}").write_text(f"{state.num_processes} {result is not None}")
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_one_process_numbers(tmp_path, net_file, no_clip):
+    import socket
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path / "run", n=21)
+    samples = val_samples(tmp_path / "s", n=21)
+    _, one = evaluate(run, quick(samples=samples, features=str(net_file), name="one"))
+    script = tmp_path / "multi.py"
+    script.write_text(MULTI)
+    for f in (run / "eval" / "cache").iterdir():  # the two processes must extract the references themselves
+        f.unlink()
+    with socket.socket() as s:  # a free port: a fixed one may still be held by an earlier run
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
+           str(script), str(run), str(samples), "two", str(net_file)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [(run / f"rank{r}").read_text() if (run / f"rank{r}").exists() else None for r in (0, 1)]
+    assert ranks == ["2 True", "2 False"], done.stderr[-3000:]  # only rank 0 returns the metrics
+    two = json.loads((run / "eval" / "two" / "metrics.json").read_text())
+    for r in ("0", "2"):
+        assert two["blur"][r]["fid"] == pytest.approx(one["blur"][r]["fid"], rel=1e-4)
+        assert two["blur"][r]["is"] == pytest.approx(one["blur"][r]["is"], rel=1e-5)
