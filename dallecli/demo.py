@@ -41,10 +41,22 @@ class Budget:
                    clip_steps=max(10, round(CLIP_STEPS_10MIN * s)), shapes_count=max(400, round(20_000 * min(1.0, s))))
 
 
+DEMO_GUIDANCE = 2.0  # classifier-free guidance for the gallery and the evaluation (the prior drops 10% of captions)
+
 # The ten-minute plan, measured on two idle CPU cores (docs/benchmarks.md).
 DVAE_STEPS_10MIN = 600
 PRIOR_STEPS_10MIN = 1200
 CLIP_STEPS_10MIN = 300
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast trains the
+    transformer about twice as fast as fp32 (docs/benchmarks.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tuple[str, float, Callable[[], None]]]:
@@ -53,6 +65,9 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
                                    train_prior)
 
     quiet = settings.quiet
+    import torch
+
+    prior_bf16 = not torch.cuda.is_available() and cpu_has_bf16()  # GPUs use bf16 by default anyway
     prompts = EMOJI_PROMPTS if data == "emoji" else SHAPES_PROMPTS
     dvae_preset = "tiny-vq"
     return [
@@ -65,9 +80,10 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
         ("encode", 0.02, lambda: encode.command(run=run, quiet=quiet, **device_flags)),
         ("train-prior", 0.42, lambda: train_prior.command(
             run=run, preset="tiny", steps=budget.prior_steps, schedule=train_prior.Schedule.cosine,
+            precision=train_prior.Precision.bf16 if prior_bf16 else None,
             eval_every=max(1, budget.prior_steps // 4), quiet=quiet, **device_flags)),
         ("train-clip", 0.13, lambda: train_clip.command(run=run, steps=budget.clip_steps, quiet=quiet, **device_flags)),
-        ("sample", 0.05, lambda: sample.command(prompts=prompts, run=run, n=8, rerank=2, name="demo", guidance=2.0,
+        ("sample", 0.05, lambda: sample.command(prompts=prompts, run=run, n=8, rerank=2, name="demo", guidance=DEMO_GUIDANCE,
                                                 quiet=quiet, **device_flags)),
         ("eval", 0.05, lambda: _evaluate(data, run, quiet, eval_cmd, device_flags)),
     ]
@@ -75,15 +91,16 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
 
 def _evaluate(data: str, run: Path, quiet: bool, eval_cmd, device_flags: dict) -> None:
     if data == "shapes":
-        eval_cmd.command(run=run, name="demo", count=200, features="clip", composition_count=100, rerank=2,
-                         guidance=2.0, quiet=quiet, **device_flags)
+        # The composition table, with and without reranking (best of 4 by the run's CLIP vs the first draw).
+        eval_cmd.command(run=run, name="demo", count=100, features="clip", composition_count=100, rerank=4,
+                         rerank_sizes="1,4", guidance=DEMO_GUIDANCE, quiet=quiet, **device_flags)
     else:
-        eval_cmd.command(run=run, name="demo", count=200, features="clip", rerank=None, guidance=2.0, quiet=quiet,
+        eval_cmd.command(run=run, name="demo", count=100, features="clip", guidance=DEMO_GUIDANCE, quiet=quiet,
                          **device_flags)
-    emoji_clip_check(run)
+    gallery_clip_check(run)
 
 
-def emoji_clip_check(run: Path) -> dict:
+def gallery_clip_check(run: Path) -> dict:
     """CLIP score of the gallery's reranked samples against their own captions vs shuffled ones."""
     from PIL import Image
 

@@ -10,6 +10,15 @@ from dallecli.models.prior import PriorConfig, PriorTransformer, prior_loss
 from dallecli.train.precision import ResblockScaler
 
 CONFIG = PriorConfig(text_vocab=32, text_len=4, image_vocab=16, grid=3, d_model=32, n_layers=2, n_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models gain nothing from threads, and on a shared CPU a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 N_BRANCHES = 2 * CONFIG.n_layers  # attention and MLP branch of each layer
 
 

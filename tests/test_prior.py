@@ -12,6 +12,15 @@ from dallecli.models.prior import (PRESETS, PriorConfig, PriorTransformer, flops
 MICRO = PriorConfig(text_vocab=40, text_len=5, image_vocab=24, grid=4, d_model=32, n_layers=4, n_heads=4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Micro models gain nothing from threads, and on a shared CPU a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model_of(config, seed=0):
     torch.manual_seed(seed)
     return PriorTransformer(config).eval()

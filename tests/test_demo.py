@@ -1,0 +1,45 @@
+"""`dalle demo`: the whole pipeline at a very small budget, and its resume / refusal logic."""
+import json
+
+import pytest
+
+from dallecli.console import UserError
+from dallecli.demo import Budget, run_demo
+
+
+def test_budget_scales_with_minutes():
+    ten, twenty = Budget.for_minutes(10), Budget.for_minutes(20)
+    assert twenty.prior_steps == 2 * ten.prior_steps and twenty.dvae_steps == 2 * ten.dvae_steps
+    assert Budget.for_minutes(0.01).prior_steps >= 20  # never below a run that can save and sample
+
+
+def test_refuses_another_demo_in_the_same_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "demo.json").write_text(json.dumps({"args": {"data": "emoji", "minutes": 10.0}, "done": {}}))
+    with pytest.raises(UserError, match="use another --run or --fresh"):
+        run_demo("shapes", 10.0, run)
+    with pytest.raises(UserError, match="--minutes"):
+        run_demo("shapes", 0, tmp_path / "other")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_shapes(tmp_path):
+    run = tmp_path / "demo"
+    rows = run_demo("shapes", 0.05, run)
+    samples = run / "samples" / "demo"
+    for name in ("index.html", "grid.png", "samples.jsonl"):
+        assert (samples / name).exists(), name
+    lines = [json.loads(line) for line in (samples / "samples.jsonl").read_text().splitlines()]
+    assert {"clip_score", "rank", "kept"} <= set(lines[0])
+    metrics = json.loads((run / "eval" / "demo" / "metrics.json").read_text())
+    assert set(metrics["composition"]) >= {"seen_single", "zeroshot_single", "relation_seen", "relation_zeroshot"}
+    assert "0" in metrics["blur"] and metrics["clip_score"]["generated"] is not None
+    state = json.loads((run / "demo.json").read_text())
+    assert list(state["done"]) == ["build-shards", "tokenize", "train-dvae", "encode", "train-prior", "train-clip",
+                                   "sample", "eval"]
+    assert "gallery" in rows
+    # A second run skips every finished stage.
+    before = (samples / "grid.png").stat().st_mtime_ns
+    run_demo("shapes", 0.05, run)
+    assert (samples / "grid.png").stat().st_mtime_ns == before
