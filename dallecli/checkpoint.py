@@ -8,7 +8,9 @@
         DONE                   empty, written last: a folder without it does not exist for any reader
 
 A save writes into a hidden temporary folder and renames it into place, so a crash at any point
-leaves every earlier checkpoint and "latest" intact. Pruning runs only after the new folder is complete.
+leaves every earlier checkpoint and "latest" intact. Pruning runs only after the new folder is complete,
+and hides a folder (renames it) before deleting it, so no reader ever sees half a checkpoint. A failed
+write (disk full, unwritable folder) is one clear error, `CheckpointWriteError`.
 Nothing here unpickles untrusted bytes: weights go through safetensors, configs through JSON and the
 training state through `torch.load(weights_only=True)`.
 """
@@ -33,6 +35,10 @@ FORMAT = 1
 KINDS = ("dvae", "prior", "clip")
 STEP_RE = re.compile(r"^step-(\d{8})$")
 MAKER = {"dvae": "dalle train-dvae", "prior": "dalle train-prior", "clip": "dalle train-clip"}
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (disk full, unwritable folder): one clear line; still an OSError."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -81,6 +87,17 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
+def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """16 hex digits of a SHA-256 over the tensors (names, dtypes, shapes and bytes, in name order):
+    the same weights give the same fingerprint, however and wherever the file was written."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -105,42 +122,61 @@ def save(
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        save_file(_plain(weights), tmp / "model.safetensors", metadata={"kind": kind, "step": str(step)})
-        _fsync_file(tmp / "model.safetensors")
-        inference = tmp / "model.safetensors"
-        if ema is not None:
-            save_file(_plain(ema), tmp / "ema.safetensors", metadata={"kind": kind, "step": str(step)})
-            _fsync_file(tmp / "ema.safetensors")
-            inference = tmp / "ema.safetensors"
+        root.mkdir(parents=True, exist_ok=True)
+        recover(root)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        # One metadata key only: safetensors writes its metadata map in a random order per process, and
+        # the same weights must give the same bytes (what `fingerprint` hashes is the content anyway).
+        fingerprint = None  # of the weights used for inference: the EMA ones when kept
+        for name, tensors in (("model.safetensors", weights), ("ema.safetensors", ema)):
+            if tensors is not None:
+                plain = _plain(tensors)
+                save_file(plain, tmp / name, metadata={"kind": kind})
+                _fsync_file(tmp / name)
+                fingerprint = weights_fingerprint(plain)
+                del plain  # one host copy at a time
         if training_state is not None:
-            torch.save(training_state, tmp / "training_state.pt")
+            with open(tmp / "training_state.pt", "wb") as f:  # a file of ours: write errors are OSErrors
+                torch.save(training_state, f)
             _fsync_file(tmp / "training_state.pt")
         write_json_atomic(tmp / "config.json", {
             "format": FORMAT,
             "kind": kind,
             "step": step,
             # The content hash of the weights used for inference: code shards and samples record it.
-            "fingerprint": sha256_file(inference)[:16],
+            "fingerprint": fingerprint,
             "model": model_config,
             "meta": meta or {},
         })
         (tmp / "DONE").touch()
+        _fsync_file(tmp / "DONE")
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step: move the old one aside first
-            old = root / f".old-{final.name}-{os.getpid()}"
+        if final.exists():  # a re-save of the same step: move the old one aside first (`recover` undoes
+            old = root / f".old-{final.name}-{os.getpid()}"  # a crash between the two renames)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = _io_reason(exc)
+        if reason is None:
+            raise
+        try:
+            before = latest(root)
+        except OSError:
+            before = None
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final}: {reason} (disk full or not writable?); "
+            f"{f'the previous checkpoint {before} is intact' if before else 'no earlier checkpoint exists'}; "
+            "free space (or fix permissions) and rerun the same command to resume") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -149,20 +185,82 @@ def save(
     return final
 
 
+def _io_reason(exc: BaseException) -> str | None:
+    """Why a write failed (`No space left on device`), if it was an I/O error, else None. The OS error may
+    come through Python, through safetensors' Rust (a SafetensorError) or hidden behind the RuntimeError
+    torch's zip writer raises while closing after it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            return exc.strerror or str(exc)
+        if isinstance(exc, SafetensorError) and "I/O error" in str(exc):
+            m = re.search(r"os error (\d+)", str(exc))
+            return os.strerror(int(m.group(1))) if m else str(exc).strip()[:200]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint folder safely: hide it first (one atomic rename), then delete the files.
+    A crash in between leaves a hidden folder that the next prune clears, never a visible half."""
+    path = Path(path)
+    hidden = path.parent / f".del-{path.name}-{os.getpid()}"
+    if hidden.exists():
+        shutil.rmtree(hidden, ignore_errors=True)
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove_after(root: Path, step: int) -> list[Path]:
+    """Delete complete checkpoints above `step`: what is left of an earlier run that `--fresh` replaces."""
+    removed = []
+    for s, path in complete_steps(root):
+        if s > step:
+            remove(path)
+            removed.append(path)
+    return removed
+
+
 def prune(root: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, and stale temporary folders."""
     if keep < 1:
         raise UserError(f"--keep must be at least 1 (got {keep})")
     removed = []
     for _, path in complete_steps(root)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove(path)
         removed.append(path)
+    recover(root)
     for child in Path(root).iterdir():
-        if child.name.startswith((".tmp-step-", ".old-step-")):
+        if child.name.startswith((".tmp-step-", ".old-step-", ".del-step-")):
             pid = child.name.rsplit("-", 1)[-1]
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 shutil.rmtree(child, ignore_errors=True)
     return removed
+
+
+def recover(root: Path) -> list[Path]:
+    """Finish a re-save that a crash interrupted between its two renames: if `step-X` is missing but a
+    dead process left a complete `.tmp-step-X-PID` (the new one) or `.old-step-X-PID` (the one it replaced),
+    put it back in place. Returns the folders restored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    restored = []
+    hidden = sorted((c for c in root.iterdir() if c.name.startswith((".tmp-step-", ".old-step-"))),
+                    key=lambda c: not c.name.startswith(".tmp-"))  # the newer (tmp) first
+    for child in hidden:
+        name, _, pid = child.name[1:].partition("-")[2].rpartition("-")
+        if not (STEP_RE.match(name) and pid.isdigit()) or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        final = root / name
+        if not final.exists() and (child / "DONE").is_file() and (child / "config.json").is_file():
+            try:
+                os.replace(child, final)
+                restored.append(final)
+            except OSError:
+                pass
+    return restored
 
 
 def _alive(pid: int) -> bool:
@@ -217,14 +315,20 @@ def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
 
 def load_torch_state(path: Path) -> dict[str, Any]:
     """Load a training-state file with `weights_only=True`: plain containers and tensors, never code."""
+    import pickle
+
     path = Path(path)
     if path.stat().st_size == 0:
-        raise UserError(f"training state is empty (0 bytes): {path}")
+        raise UserError(f"training state is empty (0 bytes): {path}; delete the folder and resume from another")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError… for bad bytes
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"refusing to load {path}: not a plain tensor file ({first[:160]})") from None
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc).lower():
+            raise UserError(f"refusing to load {path}: not a plain tensor file, loading it would run code "
+                            f"({first[:160]})") from None
+        raise UserError(f"training state {path} is corrupt or truncated ({first[:160]}); "
+                        "delete the folder and resume from another") from None
 
 
 def resolve(path: Path, kind: str) -> Path:

@@ -51,11 +51,12 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     """Warnings are shown even with --quiet: they say something the user should know."""
-    err.print(Text("warning: ", style="yellow bold") + Text(message))
+    err.print(Text("warning: ", style="yellow bold") + Text(message), soft_wrap=True)
 
 
 def print_error(message: str) -> None:
-    err.print(Text("error: ", style="red bold") + Text(message, style="red"))
+    # soft_wrap: one line even in a log file (rich would hard-wrap at 80 columns off a terminal)
+    err.print(Text("error: ", style="red bold") + Text(message, style="red"), soft_wrap=True)
 
 
 def summary(title: str, rows: dict[str, object]) -> None:

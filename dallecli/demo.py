@@ -49,16 +49,6 @@ PRIOR_STEPS_10MIN = 1200
 CLIP_STEPS_10MIN = 300
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast trains the
-    transformer about twice as fast as fp32 (docs/benchmarks.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tuple[str, float, Callable[[], None]]]:
     """(name, share of the time budget, action)."""
     from dallecli.commands import (build_shards, encode, eval as eval_cmd, sample, tokenize, train_clip, train_dvae,
@@ -66,6 +56,8 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
 
     quiet = settings.quiet
     import torch
+
+    from dallecli.train.loop import cpu_has_bf16
 
     prior_bf16 = not torch.cuda.is_available() and cpu_has_bf16()  # GPUs use bf16 by default anyway
     prompts = EMOJI_PROMPTS if data == "emoji" else SHAPES_PROMPTS

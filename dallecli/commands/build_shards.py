@@ -150,7 +150,13 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
     config = BuildConfig(source=spec, prepare=prepare, val_fraction=val_fraction, per_shard=per_shard,
                          dedup=dedup, max_error_rate=max_error_rate)
     folder = Path(out) if out is not None else RunDir(Path(run)).shards
-    manifest = build(config, folder, workers=workers, overwrite=overwrite)
+    try:
+        manifest = build(config, folder, workers=workers, overwrite=overwrite)
+    except OSError as exc:  # disk full, an unwritable folder: the complete shards stay, a rerun resumes
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"cannot write the shards in {folder}: {exc.strerror or exc}; the shards already "
+                        "written are intact: free space (or fix the folder) and rerun the same command") from None
 
     counts, shards = manifest["counts"], manifest["shards"]
     n_shards = {s: sum(1 for e in shards if e["split"] == s) for s in ("train", "val")}

@@ -9,14 +9,18 @@ processes: nothing is skipped or seen twice (DESIGN.md, "Checkpoints": exact res
 Random augmentation draws from a generator seeded by (seed, epoch, index), never from a worker's
 global state, so the same sample gets the same crop in every run.
 
-A bad sample (corrupt image, bad caption) yields `None` with its reason; the collate function drops
-it and reports (shard, key, reason) to the caller, who stops after too many failures in a row.
+A bad sample (corrupt image, bad caption, any exception its decoder raises) yields `None` with its
+reason; the collate function drops it and reports (shard, key, reason) to the caller, who stops after
+too many failures in a row. What indexing leaves out (a damaged tar tail, a duplicate key) is listed
+in `loader.index_errors`. Nothing here ever unpickles a member: members are bytes until a decode
+function reads the ones it knows (.png/.jpg/.txt/.json/.codes).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import signal
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dallecli.console import UserError
-from dallecli.data.records import IMAGE_EXTS, list_shards, split_member_name
+from dallecli.data.records import IMAGE_EXTS, list_shards, split_member_name, tail_problem
 
 
 @dataclass(frozen=True)
@@ -38,20 +42,27 @@ class Entry:
 
 
 def index_shard(path: Path, shard_id: int, errors: list[dict] | None = None) -> list[Entry]:
-    """Scan one tar's headers (no data is read) and group members by key, in file order."""
+    """Scan one tar's headers (no data is read) and group members by key, in file order.
+
+    Damage is reported in `errors` as {"shard", "key", "reason"} (or raised as a UserError when
+    `errors` is None): a corrupt or cut-off tail, and every record whose bytes are not all there.
+    The complete records before the damage are kept. A key repeated right after itself (the same
+    member twice) starts a new record, so that the duplicate is seen and dropped by `ShardIndex`."""
     entries: list[Entry] = []
     current_key, members = None, []
+    end = None
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
                 key, ext = split_member_name(info.name)
-                if key != current_key and current_key is not None:
+                if current_key is not None and (key != current_key or any(e == ext for e, _, _ in members)):
                     entries.append(Entry(shard_id, current_key, tuple(members)))
                     members = []
                 current_key = key
                 members.append((ext, info.offset_data, info.size))
+            end = tar.offset
     except (tarfile.TarError, EOFError, OSError) as exc:
         if errors is None:
             raise UserError(f"shard {path} is corrupt or truncated ({exc}); rebuild it with `dalle build-shards`")
@@ -67,26 +78,41 @@ def index_shard(path: Path, shard_id: int, errors: list[dict] | None = None) -> 
             kept.append(entry)
         elif errors is not None:
             errors.append({"shard": path.name, "key": entry.key, "reason": "member cut off by a truncated tar"})
+        else:
+            raise UserError(f"shard {path} is truncated (sample {entry.key} is cut off); "
+                            "rebuild it with `dalle build-shards`")
+    problem = tail_problem(path, end) if end is not None else None
+    if problem:
+        if errors is None:
+            raise UserError(f"shard {path} is corrupt or truncated ({problem}); rebuild it with `dalle build-shards`")
+        errors.append({"shard": path.name, "key": kept[-1].key if kept else None, "reason": problem})
     return kept
 
 
 class ShardIndex:
-    """All samples of one split, readable by index."""
+    """All samples of one split, readable by index.
+
+    Problems found while indexing (a damaged tar, a duplicate key) never stop training: the samples
+    concerned are left out and listed in `self.errors` as {"shard", "key", "reason"} (and appended to
+    `errors` when given), for the training loop to report."""
 
     def __init__(self, folder: Path, split: str, errors: list[dict] | None = None):
         self.paths = list_shards(folder, split)
         if not self.paths:
             raise UserError(f"no {split} shards in {folder}; make them with `dalle build-shards`")
         self.entries: list[Entry] = []
-        seen: set[str] = set()
+        self.errors: list[dict] = []
+        seen: dict[str, str] = {}
         for i, path in enumerate(self.paths):
-            for entry in index_shard(path, i, errors):
+            for entry in index_shard(path, i, self.errors):
                 if entry.key in seen:  # a duplicate key would be trained on twice: keep the first
-                    if errors is not None:
-                        errors.append({"shard": path.name, "key": entry.key, "reason": "duplicate key"})
+                    self.errors.append({"shard": path.name, "key": entry.key, "reason":
+                                        f"duplicate key (first seen in {seen[entry.key]}); kept the first"})
                     continue
-                seen.add(entry.key)
+                seen[entry.key] = path.name
                 self.entries.append(entry)
+        if errors is not None:
+            errors.extend(self.errors)
         if not self.entries:
             raise UserError(f"the {split} shards in {folder} hold no samples; rebuild them with `dalle build-shards`")
 
@@ -158,13 +184,22 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         epoch, i = item
-        entry, members = self.index.read(i)
+        entry = self.index.entries[i]
+        shard = self.index.paths[entry.shard].name
         rng = np.random.default_rng(sample_seed(self.seed, epoch, i))
         try:
+            _, members = self.index.read(i)
             return entry.key, self.decode(members, rng), None
         except BadSample as exc:
-            return entry.key, None, {"shard": self.index.paths[entry.shard].name, "key": entry.key,
-                                     "reason": str(exc)}
+            return entry.key, None, {"shard": shard, "key": entry.key, "reason": str(exc)}
+        except Exception as exc:  # untrusted bytes can make any decoder raise anything: skip, report, go on
+            return entry.key, None, {"shard": shard, "key": entry.key,
+                                     "reason": f"{type(exc).__name__}: {_first_line(exc)}"}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 class BadSample(ValueError):
@@ -176,6 +211,7 @@ class Batch:
     keys: list[str]
     data: Any  # the collated tensors
     errors: list[dict]
+    ok: list[bool] | None = None  # per sample, in the sampler's order: decoded (True) or reported (False)
 
 
 def make_collate(collate: Callable[[list], Any]) -> Callable[[list], Batch]:
@@ -183,21 +219,34 @@ def make_collate(collate: Callable[[list], Any]) -> Callable[[list], Batch]:
         good = [(k, s) for k, s, e in items if s is not None]
         errors = [e for _, s, e in items if s is None]
         data = collate([s for _, s in good]) if good else None
-        return Batch(keys=[k for k, _ in good], data=data, errors=errors)
+        return Batch(keys=[k for k, _ in good], data=data, errors=errors,
+                     ok=[s is not None for _, s, _ in items])
 
     return _collate
 
 
+def _worker_init(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches every process of the group. The main process decides what SIGINT
+    # means (finish the step, save, exit 130); a worker that died from it first would take the
+    # batches the main process still needs with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(index: ShardIndex, decode, collate, *, batch_size: int, seed: int, start_batch: int = 0,
                 rank: int = 0, world: int = 1, workers: int = 0, shuffle: bool = True) -> DataLoader:
-    """An endless loader of `Batch`es starting at global batch `start_batch`."""
+    """An endless loader of `Batch`es starting at global batch `start_batch`.
+
+    `loader.index_errors` lists what indexing left out (damaged tars, duplicate keys)."""
     sampler = ResumableSampler(len(index), batch_size, seed, start_batch, rank, world, shuffle)
-    return DataLoader(RecordDataset(index, decode, seed), batch_size=batch_size, sampler=sampler,
-                      num_workers=workers, collate_fn=make_collate(collate),
-                      persistent_workers=False, prefetch_factor=4 if workers else None,
-                      # Its own generator: creating the iterator must not draw from the global RNG,
-                      # or a resumed run's dropout and gumbel noise would shift by one draw.
-                      generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(RecordDataset(index, decode, seed), batch_size=batch_size, sampler=sampler,
+                        num_workers=workers, collate_fn=make_collate(collate),
+                        persistent_workers=False, prefetch_factor=4 if workers else None,
+                        worker_init_fn=_worker_init if workers else None,
+                        # Its own generator: creating the iterator must not draw from the global RNG,
+                        # or a resumed run's dropout and gumbel noise would shift by one draw.
+                        generator=torch.Generator().manual_seed(seed))
+    loader.index_errors = list(index.errors)
+    return loader
 
 
 # --- decoding helpers shared by the stages -------------------------------------------------------------
@@ -214,20 +263,53 @@ def read_caption(members: dict[str, bytes]) -> str:
     return caption
 
 
+MAX_ASPECT = 4.0  # a longer side over 4× the shorter one: a crop would keep too little of the picture
+
+
 def read_image(members: dict[str, bytes], size: int | None = None):
-    """Decode the image member as 8-bit RGB (PIL). A wrong size is an error only if `size` is given."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode the image member as 8-bit RGB (PIL).
+
+    Every mode is converted, not refused: CMYK, palette, greyscale, 1-bit, 16-bit (scaled from
+    0..65535, not clipped) and transparent images (composited on white). With `size`, an image whose
+    shorter side is below `size`, or whose aspect ratio exceeds MAX_ASPECT, is a BadSample."""
+    from PIL import Image
 
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
         raise BadSample("no image member (.png/.jpg/.webp)")
+    if not members[ext]:
+        raise BadSample(f"empty image file (.{ext}, 0 bytes)")
     try:
         with Image.open(io.BytesIO(members[ext])) as im:
             im.load()
-            image = im.convert("RGB") if im.mode != "RGB" else im.copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadSample(f"unreadable image: {exc}") from None
+            image = _to_rgb(im)
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError… on bad bytes
+        raise BadSample(f"unreadable image ({type(exc).__name__}: {_first_line(exc)})") from None
+    if size is not None:
+        w, h = image.size
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise BadSample(f"image {w}x{h} has an aspect ratio over {MAX_ASPECT:g}:1")
+        if min(w, h) < size:
+            raise BadSample(f"image {w}x{h} is smaller than {size} px")
     return image
+
+
+def _to_rgb(im):
+    """Any PIL mode as 8-bit RGB."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float greyscale
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" else (65535.0 if a.max(initial=0) > 255 or "16" in im.mode else 255.0)
+        a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def read_codes(members: dict[str, bytes], grid: int) -> torch.Tensor:

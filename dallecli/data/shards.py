@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import signal
 import tarfile
+import time
 import warnings
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -356,8 +357,33 @@ def _init_worker(max_pixels: int | None) -> None:
     from PIL import Image
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
+    _die_with_parent()
     warnings.simplefilter("ignore")                  # Pillow's notes on odd files must not garble the bar
     Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive a main process killed with SIGKILL: ask Linux to send it SIGKILL when
+    its parent dies (prctl PR_SET_PDEATHSIG), and elsewhere poll for a new parent."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the call
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _batched(items: Iterable[Item], n: int) -> Iterator[list[Item]]:

@@ -34,6 +34,7 @@ class TrainConfig:
     batch_size: int = 32  # per process; the global batch is batch_size × processes × grad_accum
     lr: float = 1e-4
     min_lr: float = 0.0  # where the cosine schedule ends
+    decay_steps: int | None = None  # cosine length (None: the whole run); constant at min_lr after it
     warmup: int = 0  # linear warm-up steps
     schedule: str = "cosine"  # cosine | plateau (halve on a val-loss plateau, §B) | constant
     betas: tuple[float, float] = (0.9, 0.999)
@@ -78,13 +79,25 @@ class TrainResult:
     checkpoint: Path | None
     metrics: dict[str, float] = field(default_factory=dict)
     stopped_by: str | None = None
+    rejects: list[dict] = field(default_factory=list)  # bad samples skipped: {"shard", "key", "reason"}
 
 
 class Stop(Exception):
-    """Raised when a signal asks the run to stop after saving."""
+    """A signal asked the run to stop after saving (kept for callers; `train` now reports it through
+    `TrainResult.stopped_by`)."""
 
     def __init__(self, signum: int):
         self.signum = signum
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast trains the
+    transformer about twice as fast as fp32 (docs/benchmarks.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --- schedules -------------------------------------------------------------------------------------------
@@ -98,7 +111,8 @@ def cosine(step: int, total: int, start: float, end: float) -> float:
 def learning_rate(cfg: TrainConfig, step: int, halvings: int = 0) -> float:
     warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
     if cfg.schedule == "cosine":
-        return warm * cosine(step - cfg.warmup, max(1, cfg.steps - cfg.warmup), cfg.lr, cfg.min_lr)
+        length = (cfg.decay_steps or cfg.steps) - cfg.warmup
+        return warm * cosine(step - cfg.warmup, max(1, length), cfg.lr, cfg.min_lr)
     if cfg.schedule == "plateau":
         return warm * cfg.lr * 0.5 ** halvings
     return warm * cfg.lr
@@ -111,11 +125,23 @@ def ema_decay_at(decay: float, step: int) -> float:
 
 # --- state that must survive a resume ----------------------------------------------------------------------
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()),
-             "numpy": json.dumps(np.random.get_state()[1].tolist())}
+def rng_snapshot() -> dict[str, Any]:
+    """The generators' states as Python objects (cheap: taken at the start of every step)."""
+    snap = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        snap["cuda"] = torch.cuda.get_rng_state_all()
+    return snap
+
+
+def rng_state(snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The generators' states (now, or of a snapshot) as plain values `torch.load(weights_only=True)` reads."""
+    snap = snapshot or rng_snapshot()
+    _, key, pos, has_gauss, gauss = snap["numpy"]
+    state = {"torch": snap["torch"], "python": json.dumps(snap["python"]),
+             "numpy": json.dumps({"key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                                  "gauss": float(gauss)})}
+    if "cuda" in snap:
+        state["cuda"] = snap["cuda"]
     return state
 
 
@@ -123,7 +149,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
-    np.random.set_state(("MT19937", np.array(json.loads(state["numpy"]), dtype=np.uint32), 624, 0, 0.0))
+    npy = json.loads(state["numpy"])
+    if isinstance(npy, list):  # checkpoints before the position was kept: the key alone
+        npy = {"key": npy, "pos": 624, "has_gauss": 0, "gauss": 0.0}
+    np.random.set_state(("MT19937", np.array(npy["key"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -196,21 +226,114 @@ class GlobalScaler(NoScaler):
 
 # --- the loop ---------------------------------------------------------------------------------------------
 
-def _metrics_file(out: Path, resume_step: int) -> Path:
-    """metrics.jsonl, with any lines past the step being resumed dropped (they will be redone)."""
-    path = out / "metrics.jsonl"
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings the loop cannot run with, at once (not after hours of training), naming the flag."""
+    rules = [(cfg.steps >= 0, "--steps must be at least 0"),
+             (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+             (cfg.save_every >= 1, "--save-every must be at least 1"),
+             (cfg.eval_every >= 0, "--eval-every must be ≥ 0"),
+             (cfg.log_every >= 1, "--log-every must be at least 1"), (cfg.keep >= 1, "--keep must be at least 1"),
+             (cfg.grad_accum >= 1, "gradient accumulation must be at least 1"),
+             (cfg.max_errors >= 1, "--max-errors must be at least 1"),
+             (cfg.max_nonfinite >= 1, "the non-finite step limit must be at least 1"),
+             (cfg.workers >= 0, "--workers must be ≥ 0"), (cfg.lr >= 0, "--lr must be ≥ 0"),
+             (cfg.schedule in ("cosine", "plateau", "constant"), "the schedule must be cosine, plateau or constant"),
+             (cfg.precision in ("fp32", "bf16", "fp16"),
+              f"--precision must be fp32, bf16 or fp16 (got {cfg.precision})")]
+    for ok, message in rules:
+        if not ok:
+            raise UserError(message)
+
+
+def _trim_jsonl(path: Path, resume_step: int) -> Path:
+    """Keep the records of a step-stamped JSONL file up to `resume_step` (the later ones will be redone).
+    A line cut off by a crash is dropped."""
     if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
+                kept.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(path, exc) from None
     return path
 
 
+def _metrics_file(out: Path, resume_step: int) -> Path:
+    """metrics.jsonl, with any lines past the step being resumed dropped (they will be redone)."""
+    return _trim_jsonl(out / "metrics.jsonl", resume_step if resume_step > 0 else -1)
+
+
+def _write_error(path: Path, exc: OSError) -> UserError:
+    return UserError(f"cannot write {path}: {exc.strerror or exc} (disk full or not writable?); the last "
+                     "checkpoint is intact: free space and rerun the same command to resume")
+
+
 def _append(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+
+
+def first_nonfinite(tree: Any, name: str = "") -> str | None:
+    """The name of the first floating-point tensor holding NaN or Inf in nested dicts/lists, else None."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    if isinstance(tree, float):
+        return name if not math.isfinite(tree) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for k, v in items:
+        found = first_nonfinite(v, f"{name}.{k}" if name else str(k))
+        if found:
+            return found
+    return None
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT set a flag; the loop finishes the step it is on, saves it and exits (143 / 130).
+
+    A terminal's Ctrl-C or a scheduler's SIGTERM reach the whole process group, DataLoader workers
+    included. Workers ignore SIGINT (data.loader); one killed by SIGTERM must not abort the save, so
+    torch's SIGCHLD handler (which raises "DataLoader worker exited unexpectedly" wherever the main
+    process happens to be) is set aside as soon as a stop is asked for. A second Ctrl-C quits at once,
+    without saving (the previous checkpoint stays intact: saves are atomic)."""
+
+    def __init__(self):
+        self.signals: list[int] = []
+        self._old: dict[int, Any] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.signals)
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signals and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.signals and hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._old:
+            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.signals.append(signum)
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        return False
 
 
 def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: bool = False,
@@ -220,16 +343,21 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
     `scaler` overrides gradient scaling (the prior's per-resblock scheme); `wrap_model(model)` may
     return a model prepared for it.
     """
+    check_config(cfg)
+    with _StopSignals() as stop:  # at once: a signal during set-up stops before the first step
+        return _train(task, cfg, Path(out), stop, fresh=fresh, cpu=cpu, scaler=scaler, wrap_model=wrap_model)
+
+
+def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh: bool, cpu: bool,
+           scaler: Any, wrap_model) -> TrainResult:
     from accelerate import Accelerator
 
-    out = Path(out)
     accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision must be fp32, bf16 or fp16 (got {cfg.precision})")
-    if cfg.precision != "fp32" and device.type == "cpu":
-        warn(f"--precision {cfg.precision} on a CPU: autocast is slow there; fp32 is the CPU default")
+    if cfg.precision != "fp32" and device.type == "cpu" and not (cfg.precision == "bf16" and cpu_has_bf16()):
+        warn(f"--precision {cfg.precision} on a CPU without native {cfg.precision}: autocast is slow there; "
+             "fp32 is the CPU default")
     autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
     seed_everything(cfg.seed)
@@ -241,8 +369,12 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
     if scaler is None:
         scaler = GlobalScaler() if cfg.precision == "fp16" else NoScaler()
 
-    step, halvings, best, bad_evals, nonfinite_total = 0, 0, math.inf, 0, 0
+    step, halvings, best, bad_evals, nonfinite_total, empty_total = 0, 0, math.inf, 0, 0, 0
+    bad_in_a_row = nonfinite_in_a_row = 0
     ema: dict[str, torch.Tensor] | None = None
+    if main and out.is_dir():
+        checkpoint.recover(out)  # a re-save cut between its two renames
+    accelerator.wait_for_everyone()
     ck = None if fresh else (checkpoint.latest(out) if out.exists() else None)
     if fresh and main and out.exists() and checkpoint.latest(out) is not None:
         info(f"--fresh: starting over; the checkpoints in {out} will be replaced as the new run saves")
@@ -253,17 +385,29 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
             raise UserError(f"cannot resume {ck.path}: the model differs ({'; '.join(diff[:3])}); "
                             "use the same options, or --fresh to start over")
         task.check_resume(ck)
-        model.load_state_dict(ck.weights(ema=False))
         state = ck.training_state()
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state.get("scaler", {}))
-        step, halvings = int(state["step"]), int(state["halvings"])
-        best, bad_evals = float(state["best"]), int(state["bad_evals"])
-        nonfinite_total = int(state["nonfinite"])
-        set_rng_state(state["rng"])
+        try:
+            model.load_state_dict(ck.weights(ema=False))
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state.get("scaler", {}))
+            step, halvings = int(state["step"]), int(state["halvings"])
+            best = math.inf if state["best"] is None else float(state["best"])
+            bad_evals = int(state["bad_evals"])
+            nonfinite_total, empty_total = int(state["nonfinite"]), int(state.get("empty", 0))
+            nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+            bad_in_a_row = int(state.get("bad_in_a_row", 0))
+            set_rng_state(state["rng"])
+        except KeyError as exc:
+            raise UserError(f"cannot resume {ck.path}: its training state lacks the field {exc}; "
+                            "resume from another checkpoint or use --fresh") from None
+        except (RuntimeError, ValueError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"cannot resume {ck.path}: its weights or training state do not fit this model "
+                            f"({first}); resume from another checkpoint or use --fresh") from None
         ema = ck.ema_weights()
         if step >= cfg.steps and main:
             info(f"{out} is already at step {step} (≥ --steps {cfg.steps}); raise --steps to train further")
+    start_step = step
 
     model.to(device)
     if cfg.ema_decay is not None:
@@ -272,22 +416,38 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)
 
-    metrics_path = _metrics_file(out, step) if main else None
+    metrics_path = rejects_path = None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "train_config.json", to_dict(cfg))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out / "train_config.json", to_dict(cfg))
+        except OSError as exc:
+            raise _write_error(out / "train_config.json", exc) from None
+        metrics_path = _metrics_file(out, step)
+        rejects_path = _trim_jsonl(out / "rejects.jsonl", step if step > 0 else -1)
+    saved: dict[str, Any] = {"step": start_step if ck is not None else None, "path": ck.path if ck else None}
 
-    def save(at: int) -> Path | None:
+    def save(at: int, rng: dict[str, Any] | None = None) -> Path | None:
         if not main:
             return None
         weights = raw.state_dict()
-        if any(not torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-            raise UserError(f"refusing to save step {at}: the weights hold NaN or Inf")
-        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": at,
-                 "halvings": halvings, "best": best, "bad_evals": bad_evals, "nonfinite": nonfinite_total,
-                 "rng": rng_state(), "data_position": at * cfg.grad_accum}
-        return checkpoint.save(out, at, kind=task.kind, model_config=task.model_config(), weights=weights,
-                               ema=ema, training_state=state, meta=task.meta(), keep=cfg.keep)
+        opt_state = optimizer.state_dict()
+        bad = (first_nonfinite(weights, "weights") or first_nonfinite(ema or {}, "ema")
+               or first_nonfinite(opt_state.get("state", {}), "optimizer"))
+        if bad:
+            raise UserError(f"refusing to save step {at}: {bad} holds NaN or Inf; the last checkpoint "
+                            f"({saved['path']}) is intact; lower --lr or use --precision fp32/bf16")
+        state = {"optimizer": opt_state, "scaler": scaler.state_dict(), "step": at, "halvings": halvings,
+                 "best": best if math.isfinite(best) else None,  # no Inf in a checkpoint, not even here
+                 "bad_evals": bad_evals, "nonfinite": nonfinite_total, "empty": empty_total,
+                 "nonfinite_in_a_row": nonfinite_in_a_row, "bad_in_a_row": bad_in_a_row,
+                 "rng": rng_state(rng), "data_position": at * cfg.grad_accum}
+        path = checkpoint.save(out, at, kind=task.kind, model_config=task.model_config(), weights=weights,
+                               ema=ema, training_state=state, meta=task.meta())
+        checkpoint.remove_after(out, at)  # what is left of an earlier run (--fresh): never "latest" again
+        checkpoint.prune(out, cfg.keep)
+        saved.update(step=at, path=path)
+        return path
 
     def evaluate(at: int) -> dict[str, float]:
         nonlocal halvings, best, bad_evals
@@ -312,109 +472,149 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
                     halvings, bad_evals = halvings + 1, 0
         return result
 
-    stop: list[int] = []
-    handlers = {}
-    if main:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    rejects: list[dict] = []
 
-    loader = iter(task.loader(step * cfg.grad_accum, rank, world))
-    last_saved = None
+    def report(err: dict, at: int, write: bool = True) -> None:
+        rejects.append(err)
+        if main:
+            warn(f"skipping {err['shard']}:{err['key']}: {err['reason']}")
+            if write:
+                _append(rejects_path, {"step": at, **err})
+
+    def synced(*flags: float) -> list[float]:
+        """Per-process flags summed over the processes (one small all-reduce), so all decide alike."""
+        if world == 1:
+            return list(flags)
+        t = torch.tensor(flags, dtype=torch.float32, device=device)
+        return accelerator.reduce(t, reduction="sum").tolist()
+
+    def interrupted() -> TrainResult:
+        if main:
+            info(f"stopped by signal {stop.signals[0]} after step {step}; checkpoint: {saved['path']}")
+        accelerator.wait_for_everyone()
+        return TrainResult(step, saved["path"], last_metrics, stopped_by=signal.Signals(stop.signals[0]).name,
+                           rejects=rejects)
+
+    data = task.loader(step * cfg.grad_accum, rank, world)
+    for err in getattr(data, "index_errors", []):
+        report(err, 0, write=start_step == 0)
+    loader = iter(data)
     last_metrics: dict[str, float] = {}
-    consecutive_errors = consecutive_nonfinite = 0
     tic = time.perf_counter()
     model.train()
-    try:
-        with progress(f"train {task.kind}", total=cfg.steps, unit=f"{task.unit}", start=step) as bar:
-            while step < cfg.steps:
-                lr = learning_rate(cfg, step, halvings)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                losses, parts, count = [], {}, 0
-                for micro in range(cfg.grad_accum):
+    with progress(f"train {task.kind}", total=cfg.steps, unit=f"{task.unit}", start=step) as bar:
+        while step < cfg.steps:
+            if stop and world == 1:  # a signal came between two steps, or during set-up
+                if step > start_step and saved["step"] != step:
+                    save(step)
+                return interrupted()
+            snapshot = rng_snapshot()  # what a save of this step's start would need
+            updates = step - nonfinite_total - empty_total  # skipped steps do not move the schedules
+            lr = learning_rate(cfg, updates, halvings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            losses, parts, count = [], {}, 0
+            for micro in range(cfg.grad_accum):
+                try:
                     batch = next(loader)
-                    for err in batch.errors:
-                        consecutive_errors += 1
-                        if main:
-                            warn(f"skipping {err['shard']}:{err['key']}: {err['reason']}")
-                        if consecutive_errors >= cfg.max_errors:
-                            raise UserError(f"{consecutive_errors} bad samples in a row (last: {err['shard']}:"
-                                            f"{err['key']}: {err['reason']}); fix the shards or raise --max-errors")
-                    if batch.data is None:
+                except Exception:
+                    if not stop or world > 1:
+                        raise
+                    # The signal also took the data workers with it: drop this unfinished step and
+                    # save the last finished one, with the random state it ended with.
+                    optimizer.zero_grad(set_to_none=True)
+                    if step > start_step and saved["step"] != step:
+                        save(step, snapshot)
+                    return interrupted()
+                errors = iter(batch.errors)
+                abort = None
+                order = batch.ok if batch.ok is not None else [False] * len(batch.errors) + [True] * len(batch.keys)
+                for ok in order:  # consecutive failures are counted in sample order
+                    if ok:
+                        bad_in_a_row = 0
                         continue
-                    consecutive_errors = 0
-                    count += task.count(batch)
-                    sync = micro == cfg.grad_accum - 1
-                    with (accelerator.no_sync(model) if not sync and world > 1 else _null()):
-                        with _autocast(device, autocast_dtype):
-                            loss, part = task.loss(model, batch.data, step)
-                        accelerator.backward(scaler.scale(loss / cfg.grad_accum))
-                    losses.append(loss.detach())
-                    for k, v in part.items():
-                        parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
-                loss_value = float(torch.stack(losses).mean()) if losses else math.nan
+                    err = next(errors)
+                    bad_in_a_row += 1
+                    report(err, step + 1)
+                    if bad_in_a_row >= cfg.max_errors:
+                        abort = (f"{bad_in_a_row} bad samples in a row (last: {err['shard']}:{err['key']}: "
+                                 f"{err['reason']}); fix the shards or raise --max-errors")
+                        break
+                no_data, aborting = synced(float(batch.data is None), float(abort is not None))
+                if aborting:
+                    raise UserError(abort or "another process met too many bad samples in a row; see its "
+                                             "messages, fix the shards or raise --max-errors")
+                if no_data:  # some process has nothing readable in this micro-batch: all skip it together
+                    if world > 1 and batch.data is not None and main:
+                        warn(f"step {step + 1}: another process had no readable sample; micro-batch skipped")
+                    continue
+                count += task.count(batch)
+                sync = micro == cfg.grad_accum - 1
+                with (accelerator.no_sync(model) if not sync and world > 1 else _null()):
+                    with _autocast(device, autocast_dtype):
+                        loss, part = task.loss(model, batch.data, step)
+                    accelerator.backward(scaler.scale(loss / cfg.grad_accum))
+                losses.append(loss.detach())
+                for k, v in part.items():
+                    parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
+            loss_value = float(torch.stack(losses).mean()) if losses else math.nan
+            if losses:
                 scaler.unscale_(optimizer)
-                finite = math.isfinite(loss_value) and scaler.finite(raw)
-                if world > 1:
-                    flag = torch.tensor([1.0 if finite else 0.0], device=device)
-                    finite = bool(accelerator.reduce(flag, reduction="min").item() > 0)
-                scaler.update(finite)
-                if finite:
-                    if cfg.grad_clip:
-                        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                        parts["grad_norm"] = grad_norm
-                    optimizer.step()
-                    if ema is not None:
-                        d = ema_decay_at(cfg.ema_decay, step)
-                        with torch.no_grad():
-                            for k, v in raw.state_dict().items():
-                                if v.is_floating_point():
-                                    ema[k].lerp_(v.float(), 1 - d)
-                                else:
-                                    ema[k].copy_(v)
-                    consecutive_nonfinite = 0
-                else:
-                    nonfinite_total += 1
-                    consecutive_nonfinite += 1
-                    if main:
-                        warn(f"step {step}: non-finite loss or gradients; update skipped "
-                             f"({consecutive_nonfinite} in a row)")
-                    if consecutive_nonfinite >= cfg.max_nonfinite:
-                        raise UserError(f"{consecutive_nonfinite} non-finite steps in a row at step {step}; "
-                                        "lower --lr or use --precision fp32/bf16; the last checkpoint is intact")
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                elapsed = time.perf_counter() - tic
-                last_metrics = {"loss": loss_value, **parts}
-                bar.advance(1, rate_count=count * world, loss=loss_value)
-                if main and (step % cfg.log_every == 0 or step == cfg.steps):
-                    _append(metrics_path, {"step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
-                                           "skipped": nonfinite_total, "elapsed": round(elapsed, 3),
-                                           f"{task.unit}_per_s": round(bar.rate, 2)})
-                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    result = evaluate(step)
-                    last_metrics.update(result)
-                    if main and result:
-                        _append(metrics_path, {"step": step, "split": "val", **result})
-                if step % cfg.save_every == 0 or step == cfg.steps or stop:
-                    last_saved = save(step) or last_saved
-                if stop:
-                    raise Stop(stop[0])
-    except Stop as s:
-        if main:
-            info(f"stopped by signal {s.signum} after step {step}; checkpoint saved: {last_saved}")
-        return TrainResult(step, last_saved, last_metrics, stopped_by=signal.Signals(s.signum).name)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        accelerator.wait_for_everyone()
-    if last_saved is None and main:
-        last_saved = checkpoint.latest(out)
+            finite = not losses or (math.isfinite(loss_value) and scaler.finite(raw))
+            not_finite, stopping = synced(float(not finite), float(bool(stop)))
+            finite = not_finite == 0
+            if not losses:  # no readable sample in this step (on every process alike): nothing to update
+                empty_total += 1
+            elif finite:
+                scaler.update(True)
+                if cfg.grad_clip:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    parts["grad_norm"] = grad_norm
+                optimizer.step()
+                if ema is not None:
+                    d = ema_decay_at(cfg.ema_decay, updates)
+                    with torch.no_grad():
+                        for k, v in raw.state_dict().items():
+                            if v.is_floating_point():
+                                ema[k].lerp_(v.float(), 1 - d)
+                            else:
+                                ema[k].copy_(v)
+                nonfinite_in_a_row = 0
+            else:  # skip the update: weights, optimizer, EMA and schedules stay as they are
+                scaler.update(False)
+                nonfinite_total += 1
+                nonfinite_in_a_row += 1
+                if main:
+                    warn(f"step {step + 1}: non-finite loss or gradients; update skipped "
+                         f"({nonfinite_in_a_row} in a row, {nonfinite_total} in all)")
+                if nonfinite_in_a_row >= cfg.max_nonfinite:
+                    raise UserError(f"{nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; "
+                                    f"lower --lr or use --precision fp32/bf16; the last checkpoint "
+                                    f"({saved['path']}) is intact")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - tic
+            last_metrics = {"loss": loss_value, **parts}
+            bar.advance(1, rate_count=count * world, loss=loss_value)
+            if main and (step % cfg.log_every == 0 or step == cfg.steps):
+                _append(metrics_path, {"step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
+                                       "skipped": nonfinite_total + empty_total, "elapsed": round(elapsed, 3),
+                                       f"{task.unit}_per_s": round(bar.rate, 2)})
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                result = evaluate(step)
+                last_metrics.update(result)
+                if main and result:
+                    _append(metrics_path, {"step": step, "split": "val", **result})
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+                save(step)
+            if stopping:
+                return interrupted()
+    accelerator.wait_for_everyone()
     if main:
-        summary(f"train-{task.kind}: done", {"steps": step, "checkpoint": last_saved,
-                                             "metrics": metrics_path,
+        summary(f"train-{task.kind}: done", {"steps": step, "checkpoint": saved["path"],
+                                             "metrics": metrics_path, "skipped samples": len(rejects),
                                              **{k: f"{v:.4g}" for k, v in last_metrics.items()}})
-    return TrainResult(step, last_saved, last_metrics)
+    return TrainResult(step, saved["path"], last_metrics, rejects=rejects)
 
 
 class _null:

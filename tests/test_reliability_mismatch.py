@@ -1,0 +1,138 @@
+"""Reliability, item 6: a mismatch fails at once, before any training, as one `error:` message that names
+the field, exit code 2 and no traceback — through the `dalle` entry point (in this process for speed;
+the `slow` variant runs every case as a real subprocess)."""
+import json
+import shutil
+
+import pytest
+
+from dallecli import checkpoint
+from dallecli.config import to_dict
+from tests.fixtures import cli
+from tests.fixtures.runs import CAPTIONS, make_prior_run
+
+TRAIN = ["train-prior", "--steps", 2, "--batch-size", 4, "--text-len", 8, "--save-every", 1, "--eval-every", 0,
+         "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A run with a tokenizer, codes, a 2-step prior (resumable) and a tiny dVAE checkpoint."""
+    import torch
+
+    from dallecli.models.dvae import DVAE, DVAEConfig
+
+    root = tmp_path_factory.mktemp("mismatch")
+    run = make_prior_run(root / "run", n_train=16, n_val=0, per_shard=8)
+    result = cli.run_inprocess(TRAIN + ["--run", run])
+    assert result.returncode == 0
+    torch.manual_seed(0)
+    config = DVAEConfig(image_size=16, n_hid=8, n_blk_per_group=1, groups=3, vocab_size=32, n_init=8)
+    checkpoint.save(run / "dvae", 5, kind="dvae", model_config=to_dict(config), weights=DVAE(config).state_dict())
+    return run
+
+
+def other_tokenizer(folder, same_size: bool):
+    """Another vocabulary (one more caption → other merges, another size), or the same size with two merges
+    swapped (same vocab_size, other tokens: only the fingerprint tells them apart)."""
+    from dallecli.text import Tokenizer, train_tokenizer
+
+    base = Tokenizer.load(folder)
+    if same_size:
+        data = json.loads((folder / "tokenizer.json").read_text())
+        merges = data["model"]["merges"]
+        merges[0], merges[1] = merges[1], merges[0]
+        tok = Tokenizer(json.dumps(data), max_len=base.max_len)
+        assert tok.vocab_size == base.vocab_size and tok.fingerprint != base.fingerprint
+    else:
+        tok = train_tokenizer(CAPTIONS * 3 + ["a purple triangle beside an orange hexagon"] * 3, vocab_size=300)
+        assert tok.vocab_size != base.vocab_size
+    shutil.rmtree(folder)
+    tok.save(folder)
+
+
+def edit_manifest(run, **dvae):
+    path = run / "codes" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["dvae"].update(dvae)
+    path.write_text(json.dumps(manifest))
+
+
+def damage(run, name, how):
+    path = checkpoint.latest(run / "prior") / name
+    data = path.read_bytes()
+    path.write_bytes(b"" if how == "empty" else data[: len(data) // 2])
+
+
+# (case, how to break the run, extra arguments, what the message must name)
+CASES = {
+    "dvae_checkpoint_as_prior": (lambda run: None, ["--out", "{run}/dvae"], r"kind: dvae != prior"),
+    "another_vocabulary": (lambda run: other_tokenizer(run / "tokenizer", same_size=False), [],
+                           r"text_vocab: checkpoint \d+ != now \d+"),
+    "another_tokenizer_same_size": (lambda run: other_tokenizer(run / "tokenizer", same_size=True), [],
+                                    r"tokenizer_fingerprint mismatch"),
+    "another_text_length": (lambda run: None, ["--text-len", "16"], r"text_len: checkpoint 8 != now 16"),
+    "another_grid": (lambda run: edit_manifest(run, grid=4), [], r"grid: checkpoint 8 != now 4"),
+    "another_image_vocab": (lambda run: edit_manifest(run, vocab_size=32), [], r"image_vocab: checkpoint 64 != now 32"),
+    "codes_of_another_dvae": (lambda run: edit_manifest(run, fingerprint="fedcba9876543210"), [],
+                              r"dvae_fingerprint mismatch.*fedcba9876543210"),
+    "zero_byte_weights": (lambda run: damage(run, "model.safetensors", "empty"), [],
+                          r"model\.safetensors.*|empty \(0 bytes\).*model\.safetensors"),
+    "truncated_weights": (lambda run: damage(run, "model.safetensors", "cut"), [],
+                          r"corrupt or truncated.*model\.safetensors|model\.safetensors.*corrupt or truncated"),
+    "truncated_ema": (lambda run: damage(run, "ema.safetensors", "cut"), [], r"ema\.safetensors"),
+    "zero_byte_training_state": (lambda run: damage(run, "training_state.pt", "empty"), [],
+                                 r"training state is empty \(0 bytes\).*training_state\.pt"),
+    "truncated_training_state": (lambda run: damage(run, "training_state.pt", "cut"), [],
+                                 r"training_state\.pt is corrupt or truncated"),
+    "zero_byte_config": (lambda run: damage(run, "config.json", "empty"), [], r"checkpoint config is not valid JSON.*config\.json"),
+}
+
+
+def prepare(base, tmp_path, case):
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    breaker, extra, pattern = CASES[case]
+    breaker(run)
+    before = sorted(p.name for p in (run / "prior").iterdir())
+    args = TRAIN + ["--run", run] + [a.format(run=run) for a in extra]
+    return run, args, pattern, before
+
+
+def check(result, run, pattern, before):
+    message = cli.error_message(result)
+    assert cli.matches(pattern, message), message
+    assert sorted(p.name for p in (run / "prior").iterdir()) == before  # failed before training anything
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mismatch_is_one_clear_error(base, tmp_path, capfd, case):
+    run, args, pattern, before = prepare(base, tmp_path, case)
+    check(cli.run_inprocess(args, capfd), run, pattern, before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_mismatch_is_one_clear_error_in_a_subprocess(base, tmp_path, case):
+    run, args, pattern, before = prepare(base, tmp_path, case)
+    check(cli.run(args, timeout=120), run, pattern, before)
+
+
+def test_sampler_and_encoder_refuse_the_wrong_kind_and_another_dvae(base, tmp_path, capfd):
+    """The other load paths: `sample` given a dVAE as the prior or a dVAE the prior was not trained on,
+    `encode` given a prior as the dVAE."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    result = cli.run_inprocess(["sample", "a red circle", "--run", run, "--prior", run / "dvae", "--n", 1], capfd)
+    assert cli.matches(r"kind: dvae != prior", cli.error_message(result))
+    result = cli.run_inprocess(["sample", "a red circle", "--run", run, "--n", 1], capfd)
+    assert cli.matches(r"dvae_fingerprint mismatch", cli.error_message(result))
+    result = cli.run_inprocess(["encode", "--run", run, "--dvae", run / "prior", "--shards", run / "codes"], capfd)
+    assert cli.matches(r"kind: prior != dvae", cli.error_message(result))
+
+
+def test_error_is_one_line_when_piped(capfd):
+    from dallecli.console import print_error
+
+    print_error("dvae_fingerprint mismatch: " + "a long explanation " * 10)
+    assert len(capfd.readouterr().err.strip().splitlines()) == 1
