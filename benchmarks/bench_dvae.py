@@ -1,0 +1,83 @@
+"""dVAE training step and encode (images/s, FLOP utilisation) against the rival's DiscreteVAE.
+
+The rival's dVAE (3 down-samplings, 512 codes, hidden 64) and ours differ in architecture; the comparison is
+at the same job: batch 16, 64 px (or 256 px) RGB → an 8×8 (32×32) grid of 512 codes. Ours is the `tiny`
+preset (4 groups of 1 resblock, widths 32…256, 3 max-pools), at its 64 px and at 256 px.
+One training step: `elbo_loss` (gumbel relaxation at τ = 1, β = 6.6), backward, AdamW step, zero_grad.
+Encode: `DVAE.encode` (argmax of the logits), no grad. FLOPs are counted by torch's FlopCounterMode on the
+same call; utilisation = achieved FLOP/s ÷ the fp32 GEMM rate measured just before.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import (RIVAL, RIVAL_NAME, TARGET_TRAIN, Result, environment, gemm_ceiling, gemm_rate, measure,
+                               median, ratio)
+from dallecli.models.dvae import DVAE, PRESETS, count_parameters
+from dallecli.models.dvae_objective import elbo_loss
+
+BATCH = 16
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def dvae(mode: str, size: int, reps: int, budget_s: float) -> Result:
+    config = replace(PRESETS["tiny"], image_size=size)
+    env = environment()
+    peak = gemm_rate()
+    torch.manual_seed(0)
+    model = DVAE(config)
+    x = torch.rand(BATCH, 3, size, size)
+    if mode == "train":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+
+        def fn():
+            loss, _ = elbo_loss(model, x, tau=1.0, beta=6.6)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def counted():
+            elbo_loss(model, x, tau=1.0, beta=6.6)[0].backward()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+        fn = counted = lambda: model.encode(x)
+    flops = count_flops(counted)
+    times = measure(fn, warmup=1, reps=reps, budget_s=budget_s)
+    peak, gemms = gemm_ceiling(peak)
+    seconds = median(times)
+    img_s = BATCH / seconds
+    rival = RIVAL[f"dvae_{size}"][f"{mode}_img_s"]
+    r = ratio(img_s, rival)
+    extra = {}
+    if mode == "train":
+        extra = {"target": f"≥ {TARGET_TRAIN:g}× the rival (step ≤ 0.5× its time)", "meets_target": r >= TARGET_TRAIN}
+    suffix = "" if size == 64 else f"_{size}"
+    return Result(
+        name=f"dvae_{mode}_tiny{suffix}", value=img_s, unit="img/s", reference=rival, ratio=r,
+        shape={"preset": "tiny", "image_size": size, "grid": config.grid, "codes": config.vocab_size,
+               "n_hid": config.n_hid, "blocks_per_group": config.n_blk_per_group, "batch": BATCH},
+        config={**env, "precision": "fp32", "params": count_parameters(model), "s_per_batch": seconds,
+                "s_per_batch_all": times, "best_value": BATCH / min(times), "reps": len(times), "flops_per_image": flops / BATCH,
+                "flop_count": "torch.utils.flop_counter.FlopCounterMode" + (" (forward + backward)" if mode == "train" else ""),
+                "achieved_gflops": flops / seconds / 1e9, "gemm_gflops": peak, **gemms,
+                "utilisation": flops / seconds / (peak * 1e9),
+                "reference_is": f"{RIVAL_NAME} DiscreteVAE ({rival:,.4g} img/s; another architecture, same job)",
+                **extra})
+
+
+BENCHMARKS = {
+    "dvae_train_tiny": lambda: dvae("train", 64, reps=7, budget_s=15),
+    "dvae_encode_tiny": lambda: dvae("encode", 64, reps=7, budget_s=10),
+    "dvae_train_tiny_256": lambda: dvae("train", 256, reps=3, budget_s=20),
+    "dvae_encode_tiny_256": lambda: dvae("encode", 256, reps=5, budget_s=15),
+}

@@ -1,0 +1,57 @@
+"""The benchmark entry point: runs, prints valid JSON lines, selects by name. No timing assertions."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"name", "value", "unit", "reference", "ratio", "shape", "config"}
+
+
+def test_entry_point_prints_one_json_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "matmul_small", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stdout  # nothing but the result on stdout
+    result = json.loads(lines[0])
+    assert set(result) == KEYS
+    assert result["name"] == "matmul_small" and result["unit"] == "GFLOP/s"
+    assert result["value"] > 0
+    assert "loadavg_1m" in result["config"] and "threads" in result["config"]
+
+
+def test_unknown_name_exits_2():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "no_such_benchmark"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "no benchmark matches" in proc.stderr and "prior_train_small" in proc.stderr
+
+
+def test_select_names_patterns_prefixes():
+    from benchmarks import registry
+    from benchmarks.__main__ import select
+
+    known = list(registry())
+    for required in ("prior_train_small", "prior_train_paper_stream", "sample_cached_small",
+                     "sample_cached_paper_stream", "sample_uncached_small", "dvae_train_tiny", "dvae_encode_tiny",
+                     "build_shards", "read_shards", "rerank", "eval"):
+        assert required in known
+    assert select(["matmul"], known) == ["matmul"]  # an exact name is not also a prefix
+    assert select(["sample_cached_*"], known) == ["sample_cached_small", "sample_cached_paper_stream"]
+    assert set(select(["prior"], known)) == {k for k in known if k.startswith("prior_")}
+    assert "matmul_small" not in select([], known)
+
+
+def test_result_json_is_strict():
+    from benchmarks.common import Result
+
+    r = Result("x", 1234.56789, "img/s", 10.0, 123.456789, {"batch": (4, 2)}, {"nan": float("nan"), "ok": True})
+    data = json.loads(r.to_json())
+    assert data["value"] == pytest.approx(1234.6) and data["config"]["nan"] is None
+    assert data["shape"]["batch"] == [4, 2]
