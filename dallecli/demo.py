@@ -25,6 +25,9 @@ SHAPES_PROMPTS = ["a red circle", "a small blue square", "a large green triangle
                   "a red triangle", "a yellow circle"]  # the last two are held-out pairs: zero-shot
 
 
+NEXT_PROMPT = {"emoji": "a smiling cat face with heart eyes", "shapes": "a blue circle above a red square"}
+
+
 @dataclass(frozen=True)
 class Budget:
     """Step counts for one demo, scaled from the ten-minute plan (two CPU cores)."""
@@ -168,7 +171,7 @@ def _final_summary(run: Path, data: str, state: dict) -> dict:
     rows["time"] = f"{sum(state['done'].values()) / 60:.1f} min"
     summary(f"dalle demo ({data}): done", rows)
     out.print("\nNext, try:\n"
-              f'  dalle sample "a blue circle above a red square" --run {run} --n 8 --rerank 2\n'
+              f'  dalle sample "{NEXT_PROMPT[data]}" --run {run} --n 8 --rerank 2\n'
               f"  dalle eval --run {run} --features clip\n"
               f"  dalle train-prior --run {run} --steps 3000   # train longer: continues where it stopped")
     return rows
