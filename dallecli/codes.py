@@ -70,7 +70,7 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
                     and (out / path.name).exists():
                 bar.advance(1, rate_count=0)
                 continue
-            records, rejects, errors = [], [], []
+            records, rejects = [], []
             batch, batch_keys = [], []
 
             def flush():

@@ -16,7 +16,6 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dallecli.console import UserError, progress, summary, warn
 from dallecli.models.prior import PriorTransformer
@@ -209,7 +208,6 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     Image j of prompt i gets seed `seed + i * n + j`: the same command gives the same images, and
     `--seed that --n 1` regenerates one alone. With `rerank`, the best `rerank` per prompt are kept."""
     from dallecli.codes import codes_to_images
-    from dallecli.imageutil import grid as make_grid
 
     cfg = SamplingConfig(temperature, top_k, top_p, guidance)
     cfg.validate()
