@@ -72,14 +72,14 @@ def sample_uncached_extrapolated(shape_name: str) -> Result:
     c, batch = shape.prior, shape.sample_batch
     env = environment()
     cfg = SamplingConfig()
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    seed_t = torch.tensor(seeds, dtype=torch.int64)
     codes = torch.randint(0, c.image_vocab, (batch, c.image_len))
 
     @torch.no_grad()
     def step(i):  # what generate_codes(uncached=True) does for image token i
         h = model.run_blocks(model.embed_start(text, codes[:, :i]))
         logits = model._logits(model.image_head, h[:, -1])
-        return _draw(logits, cfg, generators)
+        return _draw(logits, cfg, seed_t, i)
 
     n = c.image_len
     points = [0, n // 2, n - 1]

@@ -8,18 +8,20 @@ rest still runs), each skipped when the time budget would not let it finish:
   2. prior training at `base` (d 1024, 24 layers, 16 heads, stream 1280), bf16 autocast, eager
   3. the same in fp16 with per-resblock gradient scaling (train/precision.py ResblockScaler), eager
   4. cached sampling at `base`, batch 1 / 16 / 64 / 256, eager: images/s beside the bandwidth bound
+     (the prior held in bf16, as `dalle sample` holds it on a GPU)
   5. dVAE encode at the `paper` preset (256 px → 32×32 × 8192), bf16: img/s, FLOP utilisation
   6. prior training compiled (regional: torch.compile of each transformer block; identical blocks share one
      compiled graph, so it compiles once)
-  7. cached sampling compiled (torch.compile(run_blocks, dynamic=True): one graph for every cache length)
+  7. cached sampling compiled, batch 1 / 16 / 64: `generate_codes(compiled=True)`, a fixed-shape decode step
+     (dallecli.models.prior.StaticDecoder) compiled with mode="reduce-overhead": one CUDA graph per step
 Utilisation figures divide by the GEMM rate of section 1 (the issue's "ceilings"); FLOPs: the prior's
 6·N + 12·L·d·T per token (dallecli.models.prior.flops_per_token), the dVAE's by FlopCounterMode.
 
 Sampling bound (written down): one image = a prefill, then 1,023 decode steps. Decode step j (cache length
 ℓ = text_len + 1 + j, attending over ℓ + 1 positions) must read every weight once and the whole K/V cache once:
     bytes_j = P · s_w + 2 · L · B · (ℓ + 1) · d · s_kv
-with P the parameters a step multiplies by (blocks + image head), s_w their bytes as stored (fp32: 4; the
-autocast copies are extra traffic), s_kv = 2 (bf16 cache), L layers, d width, B batch. The bound is
+with P the parameters a step multiplies by (blocks + image head), s_w = 2 their bytes as stored (bf16),
+s_kv = 2 (bf16 cache), L layers, d width, B batch. The bound is
 Σ_j bytes_j ÷ the measured copy bandwidth; images/s bound = B ÷ that time (prefill and sampling ignored).
 
 Writes DIR/gpu_results.jsonl (one JSON object per result, the CPU suite's format) as it goes and
@@ -232,6 +234,7 @@ def prior_train(mode: str) -> None:
 
     dev, cfg = device(), prior_config()
     batch = 2 if ARGS.smoke else ARGS.train_batch
+    torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 heads on tensor cores (as train-prior on a GPU)
     torch.manual_seed(0)
     model = PriorTransformer(cfg).to(dev).train()
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)  # as train/loop.py builds it
@@ -290,7 +293,7 @@ def prior_train(mode: str) -> None:
 
 # --- 4, 7. sampling ------------------------------------------------------------------------------------------------
 
-def bandwidth_bound_s(cfg, batch: int, n_params_step: int, weight_bytes: int = 4, kv_bytes: int = 2) -> float:
+def bandwidth_bound_s(cfg, batch: int, n_params_step: int, weight_bytes: int = 2, kv_bytes: int = 2) -> float:
     """Seconds to read the weights and the whole K/V cache once per decode step, over one image (see top)."""
     L, d = cfg.n_layers, cfg.d_model
     steps = cfg.image_len - 1
@@ -310,12 +313,12 @@ def sampling(compiled: bool) -> None:
     dev, cfg = device(), prior_config()
     torch.manual_seed(0)
     model = PriorTransformer(cfg).to(dev).eval()
+    if dev.type == "cuda":
+        model = model.to(torch.bfloat16)  # as the sampler holds it on a GPU (sample.load_pipeline)
     n_step = sum(p.numel() for p in model.blocks.parameters()) + model.image_head.weight.numel()
-    if compiled:
-        model.run_blocks = torch.compile(model.run_blocks, dynamic=True)  # this instance only
     batches = (1, 2) if ARGS.smoke else ARGS.sample_batches
-    if compiled:
-        batches = [b for b in batches if b <= 16] + [b for b in batches if b > 16]  # the target's first
+    if compiled:  # the fixed-shape step reads the whole cache: it is for small batches
+        batches = [b for b in batches if b <= 64]
     eager = {r["config"]["batch"]: r["value"] for r in RESULTS
              if "error" not in r and r["name"].startswith("gpu_sample_eager_")}
     sampling_cfg = SamplingConfig()
@@ -331,12 +334,11 @@ def sampling(compiled: bool) -> None:
             # Warm-up (and compile): the last few tokens only, through an image prompt.
             prompt = torch.randint(0, cfg.image_vocab, (batch, cfg.image_len - 4), device=dev)
             t = time.monotonic()
-            generate_codes(model, text, seeds, sampling_cfg, prompt=prompt)
+            generate_codes(model, text, seeds, sampling_cfg, prompt=prompt, compiled=compiled)
             sync()
             warm_s = time.monotonic() - t
-            free()
             t = time.perf_counter()
-            generate_codes(model, text, seeds, sampling_cfg)
+            generate_codes(model, text, seeds, sampling_cfg, compiled=compiled)
             sync()
             seconds = time.perf_counter() - t
         except torch.OutOfMemoryError as exc:
@@ -348,7 +350,8 @@ def sampling(compiled: bool) -> None:
         bound = batch / bandwidth_bound_s(cfg, batch, n_step)
         name = f"gpu_sample_{'compiled' if compiled else 'eager'}_b{batch}"
         config = {"batch": batch, "s_per_batch": seconds, "warmup_s": warm_s, "bound_img_s": bound,
-                  "ratio_is": "images/s ÷ the bandwidth bound (weights fp32 + K/V bf16 read once per step)",
+                  "ratio_is": "images/s ÷ the bandwidth bound (weights + K/V, bf16, read once per step)",
+                  "weights": str(next(model.parameters()).dtype),
                   "tok_s": batch * cfg.image_len / seconds,
                   "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else None}
         target, met = None, None
@@ -378,6 +381,7 @@ def dvae_encode() -> None:
 
     dev, cfg = device(), dvae_config()
     batch = 4 if ARGS.smoke else ARGS.encode_batch
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its convolution algorithms (as encode)
     torch.manual_seed(0)
     model = DVAE(cfg).to(dev).eval()
     x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=dev)

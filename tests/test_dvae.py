@@ -22,10 +22,12 @@ from dallecli.models.dvae_objective import (
     codebook_perplexity,
     cosine,
     elbo_loss,
+    gaussian_nll,
     gumbel_softmax,
     kl_to_uniform,
     logit_laplace_nll,
     map_pixels,
+    pixel_nll,
     unmap_pixels,
     used_fraction,
 )
@@ -453,3 +455,108 @@ def test_convert_names_a_bad_file(tmp_path):
         load_openai_pickle(tmp_path / "dict.pkl", True)
     with pytest.raises(UserError, match="no such file"):
         load_openai_pickle(tmp_path / "missing.pkl", True)
+
+
+# --- the small presets' deviations: likelihood, residual gain, channels_last, defaults -------------------------
+
+def test_paper_preset_is_the_paper_and_the_tiny_vq_deviations_are_explicit():
+    paper = PRESETS["paper"]
+    assert paper == DVAEConfig()
+    assert (paper.kind, paper.likelihood, paper.residual_gain) == ("gumbel", "logit-laplace", 1 / 64)
+    tiny = PRESETS["tiny"]  # the paper's dVAE, scaled down
+    assert (tiny.kind, tiny.likelihood, tiny.residual_gain) == ("gumbel", "logit-laplace", 1 / 16)
+    vq = PRESETS["tiny-vq"]
+    assert (vq.kind, vq.likelihood) == ("vq", "gaussian")
+    assert vq.residual_gain == 1 / vq.n_layers
+    assert DVAE(vq).decoder.blocks.group_4.block_1.post_gain == vq.residual_gain
+
+
+def test_new_config_fields_validate_and_old_configs_still_load():
+    for bad in ({"likelihood": "poisson"}, {"gaussian_sigma": 0.0}, {"post_gain": -1.0}):
+        with pytest.raises(UserError):
+            DVAEConfig(**bad)
+    vq = PRESETS["tiny-vq"]
+    assert from_dict(DVAEConfig, to_dict(vq)) == vq
+    old = to_dict(PRESETS["tiny"])  # a checkpoint config written before these fields existed
+    for key in ("likelihood", "gaussian_sigma", "post_gain"):
+        del old[key]
+    assert from_dict(DVAEConfig, old) == PRESETS["tiny"]
+
+
+def test_gaussian_nll_is_the_normal_density_around_the_sigmoid_mean():
+    x = 0.8 * torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.1
+    mu = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    reference = -torch.distributions.Normal(torch.sigmoid(mu), 0.07).log_prob(x)
+    assert torch.allclose(gaussian_nll(x, mu, 0.07), reference)
+
+
+def test_pixel_nll_dispatches_on_the_likelihood():
+    x, stats = map_pixels(torch.rand(2, 3, 4, 4)), torch.randn(2, 6, 4, 4)
+    assert torch.equal(pixel_nll(x, stats), logit_laplace_nll(x, stats[:, :3], stats[:, 3:]))
+    assert torch.equal(pixel_nll(x, stats, "gaussian", 0.1), gaussian_nll(x, stats[:, :3], 0.1))
+    with pytest.raises(ValueError):
+        pixel_nll(x, stats, "poisson")
+
+
+def test_vq_gaussian_loss_is_the_scaled_squared_error_plus_commitment():
+    model = DVAE(PRESETS["tiny-vq"]).eval()  # eval: the codebook stays put, so two passes agree
+    x = torch.rand(2, 3, 64, 64)
+    loss, metrics = elbo_loss(model, x, tau=1.0, beta=6.6, likelihood="gaussian", sigma=0.1)
+    out = model(x, 1.0)
+    squared = (map_pixels(x) - torch.sigmoid(out.stats[:, :3])) ** 2
+    nll = squared / (2 * 0.1**2) + math.log(0.1) + 0.5 * math.log(2 * math.pi)
+    assert loss.item() == pytest.approx((nll.mean() + 0.25 * out.commitment).item(), rel=1e-5)
+    assert metrics["recon_nll"].item() == pytest.approx(nll.mean().item(), rel=1e-5)
+    model.train()
+    elbo_loss(model, x, tau=1.0, beta=0.0, likelihood="gaussian", sigma=0.1)[0].backward()
+    assert model.encoder.blocks.input.w.grad.abs().sum() > 0  # straight through to the encoder
+
+
+def test_task_trains_channels_last_with_the_same_loss(tmp_path):
+    from dallecli.train.dvae_task import DVAETask, schedule_for
+    from tests.fixtures.runs import make_dvae_run
+
+    shards = make_dvae_run(tmp_path, n_train=8, n_val=2, per_shard=8, size=64) / "shards"
+    config = PRESETS["tiny-vq"]
+    task = DVAETask(config=config, shards=shards, schedule=schedule_for(10), batch_size=2, seed=0)
+    model = task.build_model().eval()
+    assert model.encoder.blocks.input.w.is_contiguous(memory_format=torch.channels_last)
+    reference = DVAE(config).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    ours, _ = task.loss(model, x, 0)
+    theirs, _ = elbo_loss(reference, x, 1.0, 0.0, likelihood=config.likelihood, sigma=config.gaussian_sigma)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-4, abs=1e-5)
+
+
+def _train_dvae_app():
+    from dallecli.commands.train_dvae import command
+
+    app = typer.Typer()
+    app.command("train-dvae")(command)
+    app.command("other")(lambda: None)
+    return app
+
+
+def test_train_dvae_picks_the_preset_from_the_image_size(tmp_path):
+    from tests.fixtures.runs import make_dvae_run
+
+    run = make_dvae_run(tmp_path / "run", n_train=8, n_val=2, per_shard=8, size=64)
+    result = CliRunner().invoke(_train_dvae_app(), ["train-dvae", "--run", str(run), "--steps", "1", "--batch-size",
+                                                    "2", "--eval-every", "0", "--quiet", "--cpu"])
+    assert result.exit_code == 0, result.output
+    ck = checkpoint.load(checkpoint.latest(run / "dvae"), "dvae")
+    assert from_dict(DVAEConfig, ck.model_config) == PRESETS["tiny-vq"]
+    train_config = (run / "dvae" / "train_config.json").read_text()
+    assert '"lr": 0.001' in train_config
+
+    small = make_dvae_run(tmp_path / "small", n_train=8, n_val=2, per_shard=8, size=32)
+    result = CliRunner().invoke(_train_dvae_app(), ["train-dvae", "--run", str(small), "--steps", "1", "--quiet"])
+    assert isinstance(result.exception, UserError) and "--preset" in str(result.exception)
+
+
+def test_default_precision():
+    from dallecli.commands.train_dvae import default_precision
+
+    assert default_precision(on_gpu=True) == "bf16"
+    assert default_precision(on_gpu=False) in ("bf16", "fp32")

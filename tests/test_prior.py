@@ -180,6 +180,25 @@ def test_cached_decoding_equals_full_forward(attention, prompt_rows):
         model.decode_step(cache, image[:, -1])
 
 
+@pytest.mark.parametrize("attention", ["dense", "paper"])
+def test_static_decoder_equals_decode_step(attention):
+    from dallecli.models.prior import StaticDecoder
+
+    c = dataclasses.replace(MICRO, attention=attention)
+    model = model_of(c)
+    text, image = batch(c, B=3)
+    _, full = model(text, image)
+    cache = model.init_cache(batch=3)
+    decoder = StaticDecoder(model, cache)
+    model.prefill(cache, text, image[:, :2])
+    pos = torch.tensor(cache.length)
+    for j in range(2, c.image_len - 1):
+        logits = decoder(image[:, j], pos)
+        assert torch.allclose(logits, full[:, j + 1], atol=1e-5), f"step {j}"
+        pos += 1
+    assert torch.allclose(cache.k[:, :, :, int(pos) - 1], decoder.k[:, :, :, int(pos) - 1])  # one storage
+
+
 def test_cache_is_reusable_and_checked():
     c = MICRO
     model = model_of(c)

@@ -42,6 +42,50 @@ def test_cache_matches_uncached_reference(pipe):
     assert torch.allclose(lp1, lp2, atol=1e-4)
 
 
+def test_uniform_noise_is_uniform_independent_and_a_function_of_the_seed():
+    from dallecli.sample import uniform_noise
+
+    seeds = torch.arange(64, dtype=torch.int64) * 7919 + 3
+    u = uniform_noise(seeds, 5, 4096)
+    assert u.shape == (64, 4096) and u.dtype == torch.float32
+    assert 0 < u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    expected = u.numel() / 16
+    assert ((counts - expected) ** 2 / expected).sum().item() < 60  # chi-square, 15 d.o.f. (p ≈ 1e-6)
+    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:]), (u, uniform_noise(seeds, 6, 4096))):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.01
+    assert torch.equal(uniform_noise(seeds[10:11], 5, 4096), u[10:11])  # a row alone is the same row
+    assert not torch.equal(uniform_noise(seeds + 1, 5, 4096), u)
+
+
+def test_draws_follow_the_distribution():
+    from dallecli.sample import _draw
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).expand(20000, -1)
+    tokens, logp = _draw(logits, SamplingConfig(), torch.arange(20000), 0)
+    freq = torch.bincount(tokens, minlength=5).float() / 20000
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.012)
+    assert torch.allclose(logp, logits[0].log_softmax(-1)[tokens])
+
+
+def test_compiled_decoder_gives_the_same_images(pipe, monkeypatch):
+    import dallecli.sample as sample
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the plumbing; compiling is a GPU matter
+    text = _text(pipe, ["a red circle", "a blue square above a green cross"])
+    cfg = SamplingConfig(guidance=2.0)
+    plain, lp1 = generate_codes(pipe.prior, text, [3, 4], cfg)
+    compiled, lp2 = generate_codes(pipe.prior, text, [3, 4], cfg, compiled=True)
+    assert torch.equal(plain, compiled) and torch.allclose(lp1, lp2, atol=1e-4)
+    held = pipe.prior.__dict__["_compiled_decoder"]
+    again, _ = generate_codes(pipe.prior, text, [3, 4], cfg, compiled=True)  # reuses the held decoder
+    assert torch.equal(again, plain) and pipe.prior.__dict__["_compiled_decoder"] is held
+    assert "_compiled_decoder" not in "".join(pipe.prior.state_dict())
+    sample.generate_codes(pipe.prior, text[:1], [5], cfg, compiled=True)  # another batch size: a new one
+    assert pipe.prior.__dict__["_compiled_decoder"] is not held
+
+
 def test_seeds_reproduce_and_regenerate_alone(pipe):
     text = _text(pipe, ["a red circle", "a red circle", "a green cross"])
     cfg = SamplingConfig()

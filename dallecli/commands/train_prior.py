@@ -65,6 +65,9 @@ def command(
     main_address: Annotated[Optional[str], typer.Option(help="Address of node 0 (several nodes).")] = None,
     main_port: Annotated[int, typer.Option(help="Port of node 0.")] = 29500,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present (with --gpus N: N CPU processes).")] = False,
+    # A plain string, checked by check_options: a bad value is then one error line, not a usage box.
+    strategy: Annotated[str, typer.Option(metavar="[ddp|fsdp]", help="Several processes: ddp gives each the whole model and optimizer; fsdp shards weights, gradients and optimizer state over them (about 1/N each, not the activations) for more communication. Same checkpoints either way; fsdp not with --precision fp16.")] = "ddp",
+    powersgd_rank: Annotated[Optional[int], typer.Option(metavar="R", help="ddp, several processes: all-reduce weight-matrix gradients as rank-R PowerSGD approximations with error feedback (exact for the warm-up or the first 10% of steps, up to 1,000, whichever is longer). The error feedback is not checkpointed: a resumed run is not bitwise identical.")] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -80,6 +83,7 @@ def command(
     from dallecli.console import UserError
     from dallecli.models.prior import PRESETS
     from dallecli.text import Tokenizer
+    from dallecli.train.distributed import check_options
     from dallecli.train.launch import maybe_relaunch
     from dallecli.train.loop import TrainConfig, exit_code_for, train
     from dallecli.train.prior_task import PriorTask, codes_info
@@ -88,6 +92,9 @@ def command(
         raise UserError(f"unknown prior preset '{preset}'; choose one of {', '.join(PRESETS)}")
     if not 0 <= bpe_dropout < 1 or not 0 <= cond_drop < 1:
         raise UserError("--bpe-dropout and --cond-drop must be in [0, 1)")
+    on_gpu = torch.cuda.is_available() and not cpu
+    precision_name = precision.value if precision else ("bf16" if on_gpu else "fp32")
+    check_options(strategy, powersgd_rank, precision_name)  # here, not once in every relaunched process
     maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
     rd = RunDir(run)
     codes, out = codes or rd.codes, out or rd.prior
@@ -110,13 +117,12 @@ def command(
             raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size × processes "
                             f"({batch} × {world})")
         accum = global_batch // (batch * world)
-    on_gpu = torch.cuda.is_available() and not cpu
     cfg = TrainConfig(
         steps=steps or d_steps, batch_size=batch, lr=lr or d_lr, warmup=d_warm if warmup is None else warmup,
         schedule=schedule.value, betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2, grad_clip=4.0,  # App. B
-        ema_decay=ema_decay, precision=(precision.value if precision else ("bf16" if on_gpu else "fp32")),
+        ema_decay=ema_decay, precision=precision_name,
         save_every=save_every, eval_every=eval_every, keep=keep, seed=seed, workers=workers, grad_accum=accum,
-        max_errors=max_errors)
+        max_errors=max_errors, strategy=strategy, powersgd_rank=powersgd_rank)
     task = PriorTask(config=config, codes=codes, tokenizer=tok, dvae_fingerprint=dvae["fingerprint"],
                      batch_size=batch, seed=seed, bpe_dropout=bpe_dropout, cond_drop=cond_drop, workers=workers)
     scaler = wrap = None

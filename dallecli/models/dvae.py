@@ -28,6 +28,7 @@ from dallecli.console import UserError
 from dallecli.models.dvae_objective import gumbel_softmax, map_pixels, unmap_pixels
 
 KINDS = ("gumbel", "vq")
+LIKELIHOODS = ("logit-laplace", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,22 @@ class DVAEConfig:
     n_init: int = 128  # released code: width of a code's embedding, the decoder's first activation
     kind: str = "gumbel"  # "gumbel" (the paper) or "vq" (EMA vector quantiser, for small runs)
     vq_decay: float = 0.99  # vq only: EMA decay of the codebook (Razavi et al. 2019 use 0.99)
+    # App. A.3: the paper's pixel likelihood is the logit-Laplace. "gaussian" (a fixed-σ Gaussian on the
+    # ε-mapped pixels, i.e. the MSE of a VQ-VAE, van den Oord et al. 2017) is for the small vq presets:
+    # see PRESETS for why.
+    likelihood: str = "logit-laplace"
+    gaussian_sigma: float = 0.07  # "gaussian" only: σ in mapped-pixel units (the weight of the squared error)
+    post_gain: float | None = None  # residual-branch gain; None: the paper's 1 / n_layers² (App. A)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise UserError(f"dVAE kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.likelihood not in LIKELIHOODS:
+            raise UserError(f"dVAE likelihood {self.likelihood!r} is not one of {', '.join(LIKELIHOODS)}")
+        if not self.gaussian_sigma > 0:
+            raise UserError(f"dVAE gaussian_sigma must be positive, got {self.gaussian_sigma}")
+        if self.post_gain is not None and not self.post_gain > 0:
+            raise UserError(f"dVAE post_gain must be positive (or null for 1/n_layers²), got {self.post_gain}")
         if min(self.image_size, self.channels, self.n_hid, self.n_blk_per_group, self.groups, self.n_init) < 1:
             raise UserError(f"dVAE config has a size below 1: {self}")
         if self.n_hid % 4:
@@ -64,15 +77,19 @@ class DVAEConfig:
     def n_layers(self) -> int:
         return self.groups * self.n_blk_per_group
 
+    @property
+    def residual_gain(self) -> float:
+        return self.post_gain if self.post_gain is not None else 1 / self.n_layers**2
+
 
 _tiny = DVAEConfig(image_size=64, n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=32)
 _small = DVAEConfig(image_size=128, n_hid=64, n_blk_per_group=2, vocab_size=2048, n_init=64)
 PRESETS: dict[str, DVAEConfig] = {
     "paper": DVAEConfig(),  # 256 px → 32×32 × 8192 codes; encoder 53.8M, decoder 43.8M parameters
     "small": _small,  # 128 px → 16×16 × 2048 codes
-    "small-vq": replace(_small, kind="vq"),
+    "small-vq": replace(_small, kind="vq", likelihood="gaussian"),
     "tiny": _tiny,  # 64 px → 8×8 × 512 codes; trains on two CPU cores in minutes
-    "tiny-vq": replace(_tiny, kind="vq"),
+    "tiny-vq": replace(_tiny, kind="vq", likelihood="gaussian", gaussian_sigma=0.13, post_gain=1 / _tiny.n_layers),
 }
 
 
@@ -102,12 +119,13 @@ class Conv2d(nn.Module):
 
 class ResBlock(nn.Module):
     """Pre-activation bottleneck block (App. A): id_path(x) + post_gain · res_path(x), where res_path is
-    four ReLU→conv pairs narrowing to n_out/4 inside; the encoder's kernels are 3,3,3,1, the decoder's 1,3,3,3."""
+    four ReLU→conv pairs narrowing to n_out/4 inside; the encoder's kernels are 3,3,3,1, the decoder's 1,3,3,3.
+    App. A: post_gain = 1 / n_layers², a small residual gain that keeps early training stable."""
 
-    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
+    def __init__(self, n_in: int, n_out: int, post_gain: float, kernels: tuple[int, int, int, int]):
         super().__init__()
         n_hid = n_out // 4
-        self.post_gain = 1 / n_layers**2  # App. A: a small residual gain keeps early training stable
+        self.post_gain = post_gain
         self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         widths = [n_in, n_hid, n_hid, n_hid, n_out]
         layers = []
@@ -120,7 +138,7 @@ class ResBlock(nn.Module):
 
 
 def _group(n_in: int, width: int, config: DVAEConfig, kernels, resample: tuple[str, nn.Module] | None):
-    blocks = [(f"block_{i + 1}", ResBlock(n_in if i == 0 else width, width, config.n_layers, kernels))
+    blocks = [(f"block_{i + 1}", ResBlock(n_in if i == 0 else width, width, config.residual_gain, kernels))
               for i in range(config.n_blk_per_group)]
     return nn.Sequential(OrderedDict(blocks + ([resample] if resample else [])))
 

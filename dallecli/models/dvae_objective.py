@@ -34,6 +34,25 @@ def logit_laplace_nll(x: torch.Tensor, mu: torch.Tensor, log_b: torch.Tensor) ->
     return math.log(2.0) + log_b + torch.log(x) + torch.log1p(-x) + (torch.logit(x) - mu).abs() * torch.exp(-log_b)
 
 
+def gaussian_nll(x: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
+    """−ln N(x | sigmoid(μ), σ²) elementwise, for mapped pixels x: the squared error of a VQ-VAE (van den Oord
+    et al. 2017) as a likelihood. The decoder's μ channels give the mean through the same sigmoid as the
+    logit-Laplace's reconstruction; its ln b channels are unused."""
+    return 0.5 * ((x - torch.sigmoid(mu)) / sigma) ** 2 + math.log(sigma) + 0.5 * math.log(2 * math.pi)
+
+
+def pixel_nll(x: torch.Tensor, stats: torch.Tensor, likelihood: str = "logit-laplace",
+              sigma: float = 0.07) -> torch.Tensor:
+    """−ln p(x | decoder statistics) elementwise: mapped pixels x (B, C, H, W), stats (B, 2C, H, W) = μ, ln b."""
+    c = x.shape[1]
+    mu, log_b = stats[:, :c], stats[:, c:]
+    if likelihood == "logit-laplace":
+        return logit_laplace_nll(x, mu, log_b)
+    if likelihood == "gaussian":
+        return gaussian_nll(x, mu, sigma)
+    raise ValueError(f"unknown likelihood {likelihood!r}")
+
+
 def gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool = False, dim: int = 1) -> torch.Tensor:
     """The gumbel-softmax relaxation (§2.1): softmax((logits + Gumbel noise) / τ) along `dim`.
 
@@ -83,12 +102,16 @@ def used_fraction(codes: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def elbo_loss(model: torch.nn.Module, x: torch.Tensor, tau: float, beta: float,
-              commitment_weight: float = 0.25) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              commitment_weight: float = 0.25, likelihood: str = "logit-laplace",
+              sigma: float = 0.07) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one batch of images x in [0, 1], shape (B, C, H, W), and its metrics.
 
     gumbel (§2.1, App. A.2): −ELB with the KL weighted by β, normalised like the paper:
         loss = mean_B[ Σ_{pixels×channels} −ln f(x | μ, b) + β · Σ_{positions} KL(q ‖ U) ] / (H·W·C)
     The decoder sees the gumbel-softmax sample at temperature τ in forward and backward.
+
+    `likelihood` is the model config's: the paper's "logit-laplace" or "gaussian" with std `sigma` (see
+    `pixel_nll`); either way the sum over pixels × channels is the reconstruction term.
 
     vq: the posterior is one-hot, so its KL to the uniform prior is the constant log K per position and adds
     nothing to the gradient; the loss is the reconstruction term plus `commitment_weight` · ‖z − sg(e)‖²
@@ -100,8 +123,8 @@ def elbo_loss(model: torch.nn.Module, x: torch.Tensor, tau: float, beta: float,
     out = model(x, tau)
     channels, dims = x.shape[1], x[0].numel()
     stats = out.stats.float()
-    mu, log_b = stats[:, :channels], stats[:, channels:]
-    nll = logit_laplace_nll(map_pixels(x.float()), mu, log_b).flatten(1).sum(1)  # (B,) nats per image
+    mu = stats[:, :channels]
+    nll = pixel_nll(map_pixels(x.float()), stats, likelihood, sigma).flatten(1).sum(1)  # (B,) nats per image
     positions, vocab_size = out.logits[0, 0].numel(), out.logits.shape[1]
     if out.commitment is None:
         kl = kl_to_uniform(out.logits)  # (B,)

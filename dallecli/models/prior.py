@@ -135,6 +135,16 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, t, d)  # (B, t, d)
         return self.resid_drop(self.c_proj(y))
 
+    def step(self, x, mask, k_cache, v_cache, pos):
+        """One position with fixed shapes (see StaticDecoder): x (B, 1, d) at stream position `pos` (a 0-d long
+        tensor); writes its key and value at `pos`, attends over the whole cache under `mask` (..., max_len)."""
+        B, _, d = x.shape
+        q, k, v = self.c_attn(x).view(B, 1, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        k_cache.index_copy_(2, pos.view(1), k.to(k_cache.dtype))
+        v_cache.index_copy_(2, pos.view(1), v.to(v_cache.dtype))
+        y = F.scaled_dot_product_attention(q.to(k_cache.dtype), k_cache, v_cache, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, 1, d))
+
 
 class MLP(nn.Module):
     def __init__(self, config: PriorConfig):
@@ -159,6 +169,10 @@ class Block(nn.Module):
 
     def forward(self, x, mask=None, kv=None, start=0):
         x = x + self.attn(self.ln_1(x), mask, kv, start)
+        return x + self.mlp(self.ln_2(x))
+
+    def step(self, x, mask, k_cache, v_cache, pos):
+        x = x + self.attn.step(self.ln_1(x), mask, k_cache, v_cache, pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -244,7 +258,7 @@ class PriorTransformer(nn.Module):
 
     def _logits(self, head, h):
         with torch.autocast(h.device.type, enabled=False):  # §2.4: unembedding and logits in fp32
-            return head(h.float())
+            return F.linear(h.float(), head.weight.float())  # also for a model held in bf16 (the GPU sampler)
 
     def forward(self, text, image):
         """text (B, text_len) ids, image (B, grid²) codes → text logits (B, text_len-1, text_vocab) for
@@ -313,6 +327,40 @@ class PriorTransformer(nn.Module):
         """§2.4: each resblock's residual branch as (first module, last module): its input enters the first
         module, its output leaves the last one; all their parameters belong to the branch."""
         return [pair for b in self.blocks for pair in ((b.ln_1, b.attn), (b.ln_2, b.mlp))]
+
+
+class StaticDecoder(nn.Module):
+    """`PriorTransformer.decode_step` with fixed shapes, for CUDA graphs (`torch.compile(...,
+    mode="reduce-overhead")`): the K/V cache is this module's buffers, written in place; the position is a
+    tensor; attention reads the whole cache under a mask of the filled positions. It gives the same logits
+    as `decode_step`. It reads the full cache at every step (1280 positions instead of 770 on average at
+    the paper's stream), so it pays where the step's fixed costs (kernel launches, Python) dominate: small
+    batches on a GPU.
+
+        decoder = StaticDecoder(model, cache)      # cache from model.init_cache, prefilled by model.prefill
+        logits = decoder(token, pos)               # token (B,) at stream position pos (0-d long tensor)
+    """
+
+    def __init__(self, model: PriorTransformer, cache: KVCache):
+        super().__init__()
+        self.model = model
+        self.register_buffer("k", cache.k, persistent=False)  # the same storage: prefill fills it
+        self.register_buffer("v", cache.v, persistent=False)
+        self.register_buffer("positions", torch.arange(cache.k.size(3), device=cache.k.device), persistent=False)
+
+    def forward(self, token, pos):
+        m, c = self.model, self.model.config
+        index = pos - (c.text_len + 1)  # raster index of `token` in the image
+        row, col = (index // c.grid).view(1), (index % c.grid).view(1)  # index_select: no data-dependent shapes
+        x = m.image_embed(token[:, None]) + m.image_row.index_select(0, row) + m.image_col.index_select(0, col)
+        visible = (self.positions <= pos).view(1, 1, 1, -1)  # keys 0..pos
+        for i, block in enumerate(m.blocks):
+            mask = visible
+            if c.attention != "dense":
+                row = m.masks[m.mask_of_layer[i]].index_select(0, pos.view(1))  # (1, seq_len): the layout's row
+                mask = visible & F.pad(row, (0, self.k.size(3) - row.size(1))).view(1, 1, 1, -1)
+            x = block.step(x, mask, self.k[i], self.v[i], pos)
+        return m._logits(m.image_head, m.ln_f(x)[:, 0])
 
 
 def prior_loss(text_logits, image_logits, text, image, pad_id):

@@ -14,7 +14,7 @@ from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_captio
 from dallecli.imageutil import center_square, dvae_augment, grid, to_pil, to_tensor
 from dallecli.models.dvae import DVAE, DVAEConfig
 from dallecli.models.dvae_objective import (DVAESchedule, code_histogram, codebook_perplexity, elbo_loss,
-                                            logit_laplace_nll, map_pixels, used_fraction)
+                                            map_pixels, pixel_nll, used_fraction)
 
 
 def schedule_for(steps: int, beta_steps: int | None = None, tau_steps: int | None = None) -> DVAESchedule:
@@ -58,6 +58,9 @@ class DVAETask:
     val_images: int = 256
     kind: str = "dvae"
     unit: str = "img"
+    # NHWC activations: 1.4–1.7× faster training of the tiny model on CPU (and the layout GPU convolutions
+    # prefer). Only the memory layout changes; checkpoints store contiguous tensors.
+    channels_last: bool = True
 
     def model_config(self) -> dict:
         return to_dict(self.config)
@@ -66,7 +69,8 @@ class DVAETask:
         return {"shards": str(self.shards), "schedule": to_dict(self.schedule)}
 
     def build_model(self) -> DVAE:
-        return DVAE(self.config)
+        model = DVAE(self.config)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def param_groups(self, model, weight_decay):
         # App. A.2: AdamW with weight decay 1e-4 on every parameter.
@@ -88,7 +92,10 @@ class DVAETask:
 
     def loss(self, model, x, step):
         x = x.to(next(model.parameters()).device, non_blocking=True)
-        return elbo_loss(model, x, self.schedule.tau(step), self.schedule.beta(step))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return elbo_loss(model, x, self.schedule.tau(step), self.schedule.beta(step),
+                         likelihood=self.config.likelihood, sigma=self.config.gaussian_sigma)
 
     def check_resume(self, ck: checkpoint.Checkpoint) -> None:
         pass
@@ -127,8 +134,8 @@ class DVAETask:
             codes_all.append(codes.cpu())
             recons.append(model.decode_codes(codes).float().cpu())
             stats = _hard_stats(model, codes)
-            c = xb.shape[1]
-            nll += float(logit_laplace_nll(map_pixels(xb.float()), stats[:, :c], stats[:, c:]).sum())
+            nll += float(pixel_nll(map_pixels(xb.float()), stats, self.config.likelihood,
+                                   self.config.gaussian_sigma).sum())
         recon = torch.cat(recons)
         codes = torch.cat(codes_all)
         dims = x[0].numel()

@@ -1,0 +1,288 @@
+"""Several processes: DDP equals one process, FSDP equals DDP (and saves the same checkpoints), PowerSGD
+compresses and still learns, bad flag combinations are refused.
+
+The two-process runs are `accelerate launch` of the real `dalle train-prior` (through
+tests/fixtures/inject.py, which logs every step) as two CPU processes over gloo. All of them read one
+data set whose captions encode to the same number of tokens, with caption, BPE and residual dropout off:
+then each process's loss is over as many text tokens as the other's, the mean of the two processes'
+losses is the loss of their joint batch, and one process with the joint batch must give the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dallecli import checkpoint
+from dallecli.console import UserError
+from tests.fixtures import cli
+from tests.fixtures.runs import CAPTIONS, code_records, make_tokenizer, write_code_manifest
+
+STEPS = 6
+
+
+def common(steps: int = STEPS) -> list:
+    return ["--steps", steps, "--text-len", 8, "--save-every", 3, "--eval-every", 3, "--warmup", 0, "--dropout", 0,
+            "--cond-drop", 0, "--bpe-dropout", 0, "--keep", 10]
+
+
+def free_port() -> str:
+    with socket.socket() as s:  # a fixed port may still be held by an earlier run
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def make_run(run: Path, n_train: int = 48, n_val: int = 8, per_shard: int = 12, grid: int = 8,
+             vocab: int = 64) -> Path:
+    """Tokenizer and code shards whose captions all have the same number of tokens."""
+    from dallecli.data.records import write_tar
+    from dallecli.text import Tokenizer
+
+    run.mkdir(parents=True)
+    tok = Tokenizer.load(make_tokenizer(run))
+    length = len(tok.encode(CAPTIONS[0]))
+    same = [c for c in CAPTIONS if len(tok.encode(c)) == length]
+    assert len(same) >= 3, "the fixture needs several captions of one token length"
+    codes = run / "codes"
+    codes.mkdir()
+
+    def records(n, seed, prefix):
+        out = code_records(n, grid, vocab, seed, prefix)
+        for i, (_, members) in enumerate(out):
+            members["txt"] = same[i % len(same)].encode()
+        return out
+
+    train = records(n_train, 0, "s")
+    for s in range(0, n_train, per_shard):
+        write_tar(codes / f"train-{s // per_shard:06d}.tar", train[s: s + per_shard])
+    write_tar(codes / "val-000000.tar", records(n_val, 1, "v"))
+    write_code_manifest(codes, grid, vocab)
+    return run
+
+
+def launch(run: Path, out: str, *args, processes: int = 2) -> subprocess.CompletedProcess:
+    """`dalle train-prior` as `processes` CPU processes (a parent of several would relaunch this way)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(cli.INJECT), "train-prior", "--run", str(run), "--out", str(run / out),
+           "--cpu", *map(str, args)]
+    result = subprocess.run(cmd, cwd=cli.ROOT, capture_output=True, text=True, env=cli.cli_env(DALLE_LAUNCHED="1"),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def metrics(folder: Path, split: str = "train") -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == split}
+
+
+def ck_at(folder: Path, step: int) -> checkpoint.Checkpoint:
+    return checkpoint.load(checkpoint.step_dir(folder, step), "prior")
+
+
+def assert_close(a, b, where: str = "", atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    """Nested dicts/lists of tensors and plain values: same structure, keys, dtypes and shapes; values close."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{where}: {m}")
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_close(a[k], b[k], f"{where}.{k}", atol, rtol)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{where}[{i}]", atol, rtol)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rtol, abs=atol), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_checkpoint(a: checkpoint.Checkpoint, b: checkpoint.Checkpoint, **tol) -> None:
+    assert a.step == b.step and a.has_ema() and b.has_ema()
+    assert_close(a.weights(ema=False), b.weights(ema=False), "weights", **tol)
+    assert_close(a.ema_weights(), b.ema_weights(), "ema", **tol)
+    assert_close(a.training_state(), b.training_state(), "training_state", **tol)  # optimizer, RNG, counters
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The data (made once) and the reference runs, each made when a test first asks for it."""
+    run = make_run(tmp_path_factory.mktemp("distributed") / "run")
+    made = {}
+    recipes = {
+        "one": lambda: cli.run(["train-prior", "--run", run, "--out", run / "one", "--cpu", "--batch-size", 8,
+                                *common()]),
+        "ddp": lambda: launch(run, "ddp", "--batch-size", 4, *common()),
+        "fsdp": lambda: launch(run, "fsdp", "--batch-size", 4, "--strategy", "fsdp", *common()),
+    }
+
+    def get(name: str) -> Path:
+        if name not in made:
+            result = recipes[name]()
+            assert result.returncode == 0, result.stderr[-4000:]
+            made[name] = run / name
+        return made[name]
+
+    return run, get
+
+
+# --- DDP --------------------------------------------------------------------------------------------------
+
+def test_two_ddp_processes_match_one_process_with_the_same_global_batch(runs):
+    _, get = runs
+    one, ddp = get("one"), get("ddp")
+    a, b = metrics(one), metrics(ddp)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:  # the logged loss of two processes is their mean: the loss of the joint batch
+        for key in ("loss", "text_loss", "image_loss", "grad_norm"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4), (step, key)
+    for step, val in metrics(one, "val").items():  # of the (EMA) weights, on every process alike
+        assert metrics(ddp, "val")[step]["val_loss"] == pytest.approx(val["val_loss"], rel=1e-4)
+    assert_close(ck_at(one, STEPS).weights(ema=False), ck_at(ddp, STEPS).weights(ema=False), "weights",
+                 atol=1e-5, rtol=1e-4)
+    assert a[STEPS]["loss"] < a[1]["loss"]
+
+
+# --- FSDP -------------------------------------------------------------------------------------------------
+
+def test_fsdp_matches_ddp_and_saves_the_same_checkpoints(runs):
+    from dallecli.models.prior import PriorTransformer
+    from dallecli.train.prior_task import load_prior
+
+    _, get = runs
+    ddp, fsdp = get("ddp"), get("fsdp")
+    a, b = metrics(ddp), metrics(fsdp)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        for key in ("loss", "text_loss", "image_loss", "grad_norm"):  # the norm clipped by: the global one
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5), (step, key)
+    for step, val in metrics(ddp, "val").items():  # evaluated with the EMA weights swapped in, sharded
+        assert metrics(fsdp, "val")[step]["val_loss"] == pytest.approx(val["val_loss"], rel=1e-5)
+    for step in (3, STEPS):  # weights, EMA of the whole weights, optimizer state in DDP's own format
+        assert_same_checkpoint(ck_at(ddp, step), ck_at(fsdp, step))
+    model, ck = load_prior(fsdp)  # a plain model takes the checkpoint: every key and shape fits
+    plain = PriorTransformer(model.config).state_dict()
+    assert {k: v.shape for k, v in ck.weights(ema=False).items()} == {k: v.shape for k, v in plain.items()}
+    assert ck.fingerprint == checkpoint.load(ddp, "prior").fingerprint
+
+
+def resume_from_step_3(run: Path, source: Path, name: str) -> Path:
+    target = run / name
+    target.mkdir()
+    shutil.copytree(checkpoint.step_dir(source, 3), checkpoint.step_dir(target, 3))
+    return target
+
+
+def test_fsdp_resumes_exactly(runs):
+    """An FSDP run resumed from its step-3 checkpoint ends where the uninterrupted one ends."""
+    run, get = runs
+    fsdp = get("fsdp")
+    target = resume_from_step_3(run, fsdp, "fsdp-resumed")
+    launch(run, target.name, "--batch-size", 4, "--strategy", "fsdp", *common())
+    assert_same_checkpoint(ck_at(fsdp, STEPS), ck_at(target, STEPS))
+    a, b = metrics(fsdp), metrics(target)
+    assert sorted(b) == list(range(4, STEPS + 1))
+    assert all(b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in b)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_a_ddp_checkpoint_through_the_gpus_relaunch(runs):
+    """`--gpus 2 --cpu --strategy fsdp`, as a user types it, resumes DDP's step-3 checkpoint and ends where
+    the DDP run ends: the two strategies' checkpoints are interchangeable."""
+    run, get = runs
+    ddp = get("ddp")
+    target = resume_from_step_3(run, ddp, "ddp-then-fsdp")
+    result = cli.run(["train-prior", "--run", run, "--out", target, "--gpus", 2, "--cpu", "--main-port", free_port(),
+                      "--batch-size", 4, "--strategy", "fsdp", *common()])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_same_checkpoint(ck_at(ddp, STEPS), ck_at(target, STEPS))
+    assert metrics(target)[STEPS]["loss"] == pytest.approx(metrics(ddp)[STEPS]["loss"], rel=1e-5)
+
+
+# --- PowerSGD ---------------------------------------------------------------------------------------------
+
+def test_powersgd_compresses_after_the_exact_start_and_the_loss_falls(runs):
+    run, get = runs
+    ddp = get("ddp")
+    steps = 12
+    result = launch(run, "powersgd", "--batch-size", 4, "--powersgd-rank", 2, *common(steps))
+    assert cli.matches("PowerSGD rank 2: exact gradient all-reduce for 2 more steps", result.stderr)
+    m, exact = metrics(run / "powersgd"), metrics(ddp)
+    assert sorted(m) == list(range(1, steps + 1))
+    for step in (1, 2):  # the exact all-reduce: DDP's numbers
+        assert "powersgd_ratio" not in m[step]
+        assert m[step]["loss"] == pytest.approx(exact[step]["loss"], rel=1e-5)
+    for step in range(3, steps + 1):  # then compressed: fewer numbers sent, other updates
+        assert m[step]["powersgd_ratio"] > 2
+    assert m[4]["loss"] != pytest.approx(exact[4]["loss"], rel=1e-6)
+    first, last = (sum(m[s]["loss"] for s in steps_) / 3 for steps_ in ((1, 2, 3), (steps - 2, steps - 1, steps)))
+    assert last < first
+    assert checkpoint.load(run / "powersgd", "prior").step == steps
+
+
+# --- flags ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--strategy", "zero3"], "--strategy must be ddp or fsdp (got zero3)"),
+    (["--powersgd-rank", "0"], "--powersgd-rank must be at least 1 (got 0)"),
+    (["--strategy", "fsdp", "--powersgd-rank", "2"], "--powersgd-rank needs --strategy ddp"),
+    (["--strategy", "fsdp", "--precision", "fp16"], "--precision fp16 with --strategy fsdp is not supported; use bf16"),
+    (["--strategy", "fsdp", "--precision", "fp16", "--gpus", "2"], "--precision fp16 with --strategy fsdp"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capfd, args, pattern):
+    result = cli.run_inprocess(["train-prior", "--run", tmp_path / "missing", "--cpu", *args], capfd)
+    assert pattern in cli.one_error_line(result), result.stderr
+
+
+def test_train_config_is_checked_too():
+    from dallecli.train.loop import TrainConfig, check_config
+
+    for cfg, pattern in ((TrainConfig(strategy="zero3"), "--strategy must be ddp or fsdp"),
+                         (TrainConfig(powersgd_rank=0), "--powersgd-rank must be at least 1"),
+                         (TrainConfig(strategy="fsdp", powersgd_rank=1), "--powersgd-rank needs --strategy ddp"),
+                         (TrainConfig(strategy="fsdp", precision="fp16"), "not supported; use bf16")):
+        with pytest.raises(UserError, match=pattern.replace("-", r"\-")):
+            check_config(cfg)
+
+
+def test_one_process_trains_plainly_and_says_so(tmp_path, capfd):
+    """One process: nothing to shard or compress; the run is the plain one, with an info line each."""
+    import dataclasses
+
+    from dallecli.train.loop import train
+    from tests.fixtures import tasks
+
+    run = make_run(tmp_path / "run")
+    cfg = dataclasses.replace(tasks.PRIOR_CFG, steps=2, save_every=2, eval_every=0)
+    train(tasks.prior_task(run), cfg, tmp_path / "plain")
+    capfd.readouterr()
+    for name, change in (("fsdp", {"strategy": "fsdp"}), ("powersgd", {"powersgd_rank": 2})):
+        train(tasks.prior_task(run), dataclasses.replace(cfg, **change), tmp_path / name)
+        err = capfd.readouterr().err
+        assert cli.matches({"fsdp": "--strategy fsdp with one process: nothing to shard",
+                            "powersgd": "--powersgd-rank with one process: no gradients are exchanged"}[name], err)
+        cli.assert_same_run(tmp_path / "plain", tmp_path / name)
+
+
+def test_powersgd_start():
+    from dallecli.train.distributed import powersgd_start
+
+    assert powersgd_start(steps=8, warmup=0, resumed_at=0) == 2  # the hook's minimum
+    assert powersgd_start(steps=3000, warmup=100, resumed_at=0) == 300  # a tenth of the run
+    assert powersgd_start(steps=430_000, warmup=5000, resumed_at=0) == 5000  # never inside the warm-up
+    assert powersgd_start(steps=100_000, warmup=2000, resumed_at=0) == 2000
+    assert powersgd_start(steps=100_000, warmup=0, resumed_at=0) == 1000  # at most PowerSGDState's default
+    assert powersgd_start(steps=3000, warmup=100, resumed_at=200) == 100  # counted from the checkpoint
+    assert powersgd_start(steps=3000, warmup=100, resumed_at=2000) == 2
