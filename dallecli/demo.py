@@ -44,12 +44,14 @@ class Budget:
                    clip_steps=max(10, round(CLIP_STEPS_10MIN * s)), shapes_count=max(400, round(20_000 * min(1.0, s))))
 
 
-DEMO_GUIDANCE = 2.0  # classifier-free guidance for the gallery and the evaluation (the prior drops 10% of captions)
+DEMO_GUIDANCE = 3.0  # classifier-free guidance for the gallery and the evaluation (the prior drops 10% of captions)
+DEMO_RERANK = 8  # the evaluation's headline: the best of 8 candidates by the run's CLIP (§2.6)
 
-# The ten-minute plan, measured on two idle CPU cores (docs/benchmarks.md).
-DVAE_STEPS_10MIN = 600
-PRIOR_STEPS_10MIN = 1200
-CLIP_STEPS_10MIN = 300
+# The ten-minute plan, measured on two idle CPU cores: 2/3 of the commands' default step counts, so that
+# `--minutes 15` trains exactly what `dalle train-dvae`, `train-prior` and `train-clip` do by default.
+DVAE_STEPS_10MIN = 1333   # tiny-vq, ~2.7 min (default 2,000)
+PRIOR_STEPS_10MIN = 1467  # small, bf16, ~4.9 min (default 2,200)
+CLIP_STEPS_10MIN = 333    # dalle-tiny, ~1.5 min (default 500)
 
 
 def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tuple[str, float, Callable[[], None]]]:
@@ -58,26 +60,20 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
                                    train_prior)
 
     quiet = settings.quiet
-    import torch
-
-    from dallecli.train.loop import cpu_has_bf16
-
-    prior_bf16 = not torch.cuda.is_available() and cpu_has_bf16()  # GPUs use bf16 by default anyway
     prompts = EMOJI_PROMPTS if data == "emoji" else SHAPES_PROMPTS
     dvae_preset = "tiny-vq"
     return [
         ("build-shards", 0.02, lambda: build_shards.command(
             source=build_shards.SourceKind(data), run=run, count=budget.shapes_count, quiet=quiet)),
         ("tokenize", 0.01, lambda: tokenize.command(run=run, vocab_size=16384, quiet=quiet)),
-        ("train-dvae", 0.30, lambda: train_dvae.command(run=run, preset=dvae_preset, steps=budget.dvae_steps,
+        ("train-dvae", 0.27, lambda: train_dvae.command(run=run, preset=dvae_preset, steps=budget.dvae_steps,
                                                         eval_every=max(1, budget.dvae_steps // 3), quiet=quiet,
                                                         **device_flags)),
         ("encode", 0.02, lambda: encode.command(run=run, quiet=quiet, **device_flags)),
-        ("train-prior", 0.42, lambda: train_prior.command(
-            run=run, preset="tiny", steps=budget.prior_steps, schedule=train_prior.Schedule.cosine,
-            precision=train_prior.Precision.bf16 if prior_bf16 else None,
+        ("train-prior", 0.48, lambda: train_prior.command(
+            run=run, preset="small", steps=budget.prior_steps, schedule=train_prior.Schedule.cosine,
             eval_every=max(1, budget.prior_steps // 4), quiet=quiet, **device_flags)),
-        ("train-clip", 0.13, lambda: train_clip.command(run=run, steps=budget.clip_steps, quiet=quiet, **device_flags)),
+        ("train-clip", 0.15, lambda: train_clip.command(run=run, steps=budget.clip_steps, quiet=quiet, **device_flags)),
         ("sample", 0.05, lambda: sample.command(prompts=prompts, run=run, n=8, rerank=2, name="demo", guidance=DEMO_GUIDANCE,
                                                 quiet=quiet, **device_flags)),
         ("eval", 0.05, lambda: _evaluate(data, run, quiet, eval_cmd, device_flags)),
@@ -87,8 +83,8 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
 def _evaluate(data: str, run: Path, quiet: bool, eval_cmd, device_flags: dict) -> None:
     if data == "shapes":
         # The composition table, with and without reranking (best of 4 by the run's CLIP vs the first draw).
-        eval_cmd.command(run=run, name="demo", count=100, features="clip", composition_count=100, rerank=4,
-                         rerank_sizes="1,4", guidance=DEMO_GUIDANCE, quiet=quiet, **device_flags)
+        eval_cmd.command(run=run, name="demo", count=100, features="clip", composition_count=100, rerank=DEMO_RERANK,
+                         rerank_sizes=f"1,{DEMO_RERANK}", guidance=DEMO_GUIDANCE, quiet=quiet, **device_flags)
     else:
         eval_cmd.command(run=run, name="demo", count=100, features="clip", guidance=DEMO_GUIDANCE, quiet=quiet,
                          **device_flags)

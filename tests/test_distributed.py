@@ -28,8 +28,8 @@ STEPS = 6
 
 
 def common(steps: int = STEPS) -> list:
-    return ["--steps", steps, "--text-len", 8, "--save-every", 3, "--eval-every", 3, "--warmup", 0, "--dropout", 0,
-            "--cond-drop", 0, "--bpe-dropout", 0, "--keep", 10]
+    return ["--preset", "tiny", "--precision", "fp32", "--steps", steps, "--text-len", 8, "--save-every", 3,
+            "--eval-every", 3, "--warmup", 0, "--dropout", 0, "--cond-drop", 0, "--bpe-dropout", 0, "--keep", 10]
 
 
 def free_port() -> str:

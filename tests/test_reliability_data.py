@@ -92,7 +92,7 @@ def test_two_real_processes_interrupted_by_sigterm_resume_the_epoch_exactly(tmp_
     run = make_prior_run(tmp_path / "run", n_train=48, per_shard=12)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--main_process_port", "29517", "--mixed_precision", "no", "--dynamo_backend", "no",
-              str(cli.INJECT), "train-prior", "--run", str(run), "--steps", "6", "--batch-size", "4",
+              str(cli.INJECT), "train-prior", "--run", str(run), "--preset", "tiny", "--precision", "fp32", "--steps", "6", "--batch-size", "4",
               "--text-len", "8", "--save-every", "100", "--eval-every", "0", "--quiet", "--cpu"]
 
     def go(out, **env):

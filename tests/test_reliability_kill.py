@@ -20,7 +20,7 @@ PRIOR_STEPS, DVAE_STEPS = 12, 8
 
 
 def prior_args(run, workers=0, keep=10):
-    return ["train-prior", "--run", run, "--steps", PRIOR_STEPS, "--batch-size", 4, "--text-len", 8,
+    return ["train-prior", "--run", run, "--preset", "tiny", "--precision", "fp32", "--steps", PRIOR_STEPS, "--batch-size", 4, "--text-len", 8,
             "--save-every", 3, "--eval-every", 4, "--keep", keep, "--workers", workers, "--quiet"]
 
 

@@ -11,7 +11,7 @@ from dallecli.config import to_dict
 from tests.fixtures import cli
 from tests.fixtures.runs import CAPTIONS, make_prior_run
 
-TRAIN = ["train-prior", "--steps", 2, "--batch-size", 4, "--text-len", 8, "--save-every", 1, "--eval-every", 0,
+TRAIN = ["train-prior", "--preset", "tiny", "--precision", "fp32", "--steps", 2, "--batch-size", 4, "--text-len", 8, "--save-every", 1, "--eval-every", 0,
          "--quiet"]
 
 

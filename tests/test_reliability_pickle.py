@@ -18,7 +18,7 @@ from tests.fixtures.corrupt import code_fixture, image_fixture
 from tests.fixtures.runs import evil_pickle, evil_torch_file, make_prior_run, write_code_manifest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dallecli"
-TRAIN = ["train-prior", "--steps", 2, "--batch-size", 4, "--text-len", 8, "--save-every", 1, "--eval-every", 0,
+TRAIN = ["train-prior", "--preset", "tiny", "--precision", "fp32", "--steps", 2, "--batch-size", 4, "--text-len", 8, "--save-every", 1, "--eval-every", 0,
          "--quiet"]
 
 

@@ -242,7 +242,7 @@ def test_real_write_errors_from_safetensors_and_torch_are_clear(tmp_path):
 @pytest.mark.slow
 def test_real_write_error_during_training_is_one_line_and_resumable(tmp_path):
     run = make_prior_run(tmp_path / "run")
-    args = ["train-prior", "--run", run, "--batch-size", 4, "--text-len", 8, "--save-every", 3, "--eval-every", 0,
+    args = ["train-prior", "--run", run, "--preset", "tiny", "--precision", "fp32", "--batch-size", 4, "--text-len", 8, "--save-every", 3, "--eval-every", 0,
             "--quiet"]
     assert cli.run(args + ["--steps", 3]).returncode == 0
     before = {p.name: p.read_bytes() for p in (run / "prior" / "step-00000003").iterdir()}

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt, default_precision
 
 
 class Precision(str, Enum):
@@ -26,17 +26,6 @@ DEFAULTS = {"paper": (3_000_000, 8, 1e-4), "small": (20_000, 32, 1e-4), "small-v
 # (`tiny`): in a five-minute run the gumbel relaxation collapses onto a handful of codes (see PRESETS in
 # dallecli/models/dvae.py).
 PRESET_FOR_SIZE = {64: "tiny-vq", 128: "small-vq", 256: "paper"}
-
-
-def default_precision(on_gpu: bool) -> str:
-    """bf16 where it is fast: GPUs, and CPUs with native bf16 arithmetic, where autocast runs the tiny dVAE's
-    training step 1.8× faster than fp32 (and trains it as well); fp32 on other CPUs, where bf16 is emulated."""
-    if on_gpu:
-        return "bf16"
-    import torch
-
-    native = [getattr(torch.cpu, name, lambda: False) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return "bf16" if any(check() for check in native) else "fp32"
 
 
 def command(
