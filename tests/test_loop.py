@@ -201,3 +201,15 @@ def test_schedules():
     cfg = TrainConfig(steps=100, lr=1.0, warmup=10, schedule="plateau")
     assert learning_rate(cfg, 0) == pytest.approx(0.1) and learning_rate(cfg, 50, halvings=2) == 0.25
     assert ema_decay_at(0.999, 0) < 0.2 and ema_decay_at(0.999, 10**6) == 0.999
+
+
+def test_mfu_is_reported_only_where_a_peak_is_measured():
+    from dallecli.models.prior import PRESETS, flops_per_token
+    from dallecli.train.loop import matmul_peak, model_flops_utilisation
+
+    assert matmul_peak(torch.device("cpu")) is None  # no MFU on a CPU: no "mfu" field is logged
+    # 2 processes × 1e15 FLOP/s peak; 1e5 tokens/s in all at 1e10 FLOPs per token = 50%
+    assert model_flops_utilisation(1e5, 1e10, 2, 1e15) == pytest.approx(0.5)
+    from dallecli.train.prior_task import PriorTask
+
+    assert PriorTask.flops_per_unit.fget(type("T", (), {"config": PRESETS["base"]})()) == flops_per_token(PRESETS["base"])

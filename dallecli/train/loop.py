@@ -95,6 +95,33 @@ class Stop(Exception):
         self.signum = signum
 
 
+_PEAK: dict[str, float] = {}
+
+
+def matmul_peak(device: torch.device) -> float | None:
+    """This GPU's bf16 matrix-multiply rate in FLOP/s, measured once per process (a 4096³ product, ~0.2 s):
+    the denominator of the MFU a GPU run reports (the card's own rate, not a datasheet's). None on a CPU."""
+    if device.type != "cuda":
+        return None
+    key = str(device)
+    if key not in _PEAK:
+        a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ a
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize(device)
+        _PEAK[key] = 10 * 2 * 4096**3 / (time.perf_counter() - t)
+    return _PEAK[key]
+
+
+def model_flops_utilisation(rate: float, flops_per_unit: float, processes: int, peak: float) -> float:
+    """MFU: the model's FLOPs per second per process (rate counts every process's units) over the peak."""
+    return rate * flops_per_unit / (processes * peak)
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast trains the
     transformer about twice as fast as fp32 (docs/benchmarks.md)."""
@@ -547,6 +574,8 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
     loader = iter(data)
     last_metrics: dict[str, float] = {}
     tic = time.perf_counter()
+    flops = getattr(task, "flops_per_unit", None)  # training FLOPs per counted unit (the prior: per token)
+    peak = matmul_peak(device) if flops else None
     model.train()
     with progress(f"train {task.kind}", total=cfg.steps, unit=f"{task.unit}", start=step) as bar:
         while step < cfg.steps:
@@ -656,11 +685,14 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
             step += 1
             elapsed = time.perf_counter() - tic
             last_metrics = {"loss": loss_value, **parts}
-            bar.advance(1, rate_count=count * world, loss=loss_value)
+            speed = {}
+            if peak:  # on a GPU: the model FLOPs utilisation so far (the rate is the mean since the bar started)
+                speed["mfu"] = round(model_flops_utilisation(bar.rate, flops, world, peak), 4)
+            bar.advance(1, rate_count=count * world, loss=loss_value, **speed)
             if main and (step % cfg.log_every == 0 or step == cfg.steps):
                 _append(metrics_path, {"step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
                                        "skipped": nonfinite_total + empty_total, "elapsed": round(elapsed, 3),
-                                       f"{task.unit}_per_s": round(bar.rate, 2)})
+                                       f"{task.unit}_per_s": round(bar.rate, 2), **speed})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 result = evaluate(step)
                 last_metrics.update(result)

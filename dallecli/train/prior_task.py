@@ -15,7 +15,7 @@ from dallecli.codes import read_code_manifest
 from dallecli.config import to_dict
 from dallecli.console import UserError
 from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_caption, read_codes
-from dallecli.models.prior import PriorConfig, PriorTransformer, param_groups, prior_loss
+from dallecli.models.prior import PriorConfig, PriorTransformer, flops_per_token, param_groups, prior_loss
 from dallecli.text import Tokenizer
 
 
@@ -37,6 +37,11 @@ class PriorTask:
 
     def model_config(self) -> dict:
         return to_dict(self.config)
+
+    @property
+    def flops_per_unit(self) -> float:
+        """Training FLOPs per token (models/prior.flops_per_token), for the MFU a GPU run reports."""
+        return flops_per_token(self.config)
 
     def meta(self) -> dict:
         return {"dvae_fingerprint": self.dvae_fingerprint, "tokenizer_fingerprint": self.tokenizer.fingerprint,
