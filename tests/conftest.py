@@ -14,11 +14,13 @@ CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("
 
 @pytest.fixture(autouse=True)
 def _reset_console():
+    """Every test starts with the console's defaults: a command run with --quiet by a module-scoped fixture
+    (outside any test) must not silence the info lines a later test reads."""
     from dallecli.console import settings
 
-    quiet, debug = settings.quiet, settings.debug
+    settings.quiet, settings.debug = False, False
     yield
-    settings.quiet, settings.debug = quiet, debug
+    settings.quiet, settings.debug = False, False
 
 
 def make_tiny_run(root, text_len=8, grid=4, vocab=32):
