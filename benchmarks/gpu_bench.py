@@ -393,11 +393,24 @@ def dvae_encode() -> None:
     with FlopCounterMode(display=False) as counter:
         encode()
     flops = counter.get_total_flops()
-    for layout in ("contiguous", "channels_last"):
+    for layout in ("contiguous", "channels_last", "channels_last_compiled"):
         if layout == "channels_last":
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        seconds, reps = timed(encode, warmup=2, steps=3 if ARGS.smoke else 20, budget_s=15)
+        if layout.endswith("compiled"):  # fuses the ReLUs and pools around the convolutions
+            if left() < 60:
+                failure(f"gpu_dvae_encode_paper_{layout}", "skipped: out of time")
+                continue
+            compiled = torch.compile(model.encode)
+
+            def encode():
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    return compiled(x)
+        try:
+            seconds, reps = timed(encode, warmup=2, steps=3 if ARGS.smoke else 20, budget_s=15)
+        except Exception as exc:  # noqa: BLE001  (the compiled variant may fail where eager works)
+            failure(f"gpu_dvae_encode_paper_{layout}", f"{type(exc).__name__}: {str(exc)[:200]}")
+            continue
         util = flops / seconds / _peak()
         record(f"gpu_dvae_encode_paper_{layout}", batch / seconds, "img/s", reference=_peak() / 1e12, ratio=util,
                shape={"preset": "paper", "image_size": cfg.image_size, "grid": cfg.grid, "batch": batch},
