@@ -6,6 +6,9 @@ preset (4 groups of 1 resblock, widths 32…256, 3 max-pools), at its 64 px and 
 One training step: `elbo_loss` (gumbel relaxation at τ = 1, β = 6.6), backward, AdamW step, zero_grad.
 Encode: `DVAE.encode` (argmax of the logits), no grad. FLOPs are counted by torch's FlopCounterMode on the
 same call; utilisation = achieved FLOP/s ÷ the fp32 GEMM rate measured just before.
+The `_bf16` variants run what `dalle train-dvae` / `dalle encode` run by default on a CPU with native bf16: the
+`tiny-vq` preset (Gaussian likelihood) under bf16 autocast with channels-last activations; their utilisation
+is against the bf16 GEMM rate.
 """
 from __future__ import annotations
 
@@ -28,32 +31,47 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def dvae(mode: str, size: int, reps: int, budget_s: float) -> Result:
-    config = replace(PRESETS["tiny"], image_size=size)
+def dvae(mode: str, size: int, reps: int, budget_s: float, precision: str = "fp32") -> Result:
+    bf16 = precision == "bf16"
+    config = replace(PRESETS["tiny-vq" if bf16 else "tiny"], image_size=size)
     env = environment()
-    peak = gemm_rate()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    peak = gemm_rate(dtype)
     torch.manual_seed(0)
     model = DVAE(config)
     x = torch.rand(BATCH, 3, size, size)
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    kwargs = {"likelihood": config.likelihood, "sigma": config.gaussian_sigma}
     if mode == "train":
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
         def fn():
-            loss, _ = elbo_loss(model, x, tau=1.0, beta=6.6)
+            with autocast():
+                loss, _ = elbo_loss(model, x, tau=1.0, beta=6.6, **kwargs)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         def counted():
-            elbo_loss(model, x, tau=1.0, beta=6.6)[0].backward()
+            with autocast():
+                loss = elbo_loss(model, x, tau=1.0, beta=6.6, **kwargs)[0]
+            loss.backward()
             optimizer.zero_grad(set_to_none=True)
     else:
         model.eval()
-        fn = counted = lambda: model.encode(x)
+
+        def fn():
+            with torch.no_grad(), autocast():
+                return model.encode(x)
+
+        counted = fn
     flops = count_flops(counted)
     times = measure(fn, warmup=1, reps=reps, budget_s=budget_s)
-    peak, gemms = gemm_ceiling(peak)
+    peak, gemms = gemm_ceiling(peak, dtype)
     seconds = median(times)
     img_s = BATCH / seconds
     rival = RIVAL[f"dvae_{size}"][f"{mode}_img_s"]
@@ -61,12 +79,12 @@ def dvae(mode: str, size: int, reps: int, budget_s: float) -> Result:
     extra = {}
     if mode == "train":
         extra = {"target": f"≥ {TARGET_TRAIN:g}× the rival (step ≤ 0.5× its time)", "meets_target": r >= TARGET_TRAIN}
-    suffix = "" if size == 64 else f"_{size}"
+    suffix = ("" if size == 64 else f"_{size}") + ("_bf16" if bf16 else "")
     return Result(
         name=f"dvae_{mode}_tiny{suffix}", value=img_s, unit="img/s", reference=rival, ratio=r,
-        shape={"preset": "tiny", "image_size": size, "grid": config.grid, "codes": config.vocab_size,
+        shape={"preset": "tiny-vq" if bf16 else "tiny", "image_size": size, "grid": config.grid, "codes": config.vocab_size,
                "n_hid": config.n_hid, "blocks_per_group": config.n_blk_per_group, "batch": BATCH},
-        config={**env, "precision": "fp32", "params": count_parameters(model), "s_per_batch": seconds,
+        config={**env, "precision": precision, "channels_last": bf16, "params": count_parameters(model), "s_per_batch": seconds,
                 "s_per_batch_all": times, "best_value": BATCH / min(times), "reps": len(times), "flops_per_image": flops / BATCH,
                 "flop_count": "torch.utils.flop_counter.FlopCounterMode" + (" (forward + backward)" if mode == "train" else ""),
                 "achieved_gflops": flops / seconds / 1e9, "gemm_gflops": peak, **gemms,
@@ -80,4 +98,6 @@ BENCHMARKS = {
     "dvae_encode_tiny": lambda: dvae("encode", 64, reps=7, budget_s=10),
     "dvae_train_tiny_256": lambda: dvae("train", 256, reps=3, budget_s=20),
     "dvae_encode_tiny_256": lambda: dvae("encode", 256, reps=5, budget_s=15),
+    "dvae_train_tiny_bf16": lambda: dvae("train", 64, reps=7, budget_s=15, precision="bf16"),
+    "dvae_encode_tiny_bf16": lambda: dvae("encode", 64, reps=7, budget_s=10, precision="bf16"),
 }
