@@ -43,7 +43,10 @@ def dvae(mode: str, size: int, reps: int, budget_s: float, precision: str = "fp3
     if bf16:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
     kwargs = {"likelihood": config.likelihood, "sigma": config.gaussian_sigma}
     if mode == "train":
         model.train()

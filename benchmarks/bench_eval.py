@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import Result, environment, measure, median, ratio
+from benchmarks.common import Result, environment, measure, median, ratio, silent
 
 SIZES, SIDE, BATCH = (8, 24), 64, 32
 
@@ -44,13 +44,11 @@ def _val_shards(folder: Path, n: int, side: int, captions: list[str]) -> None:
 
 def evaluation() -> Result:
     from benchmarks.bench_rerank import save_random_clip, write_samples
-    from dallecli.console import settings
     from dallecli.evaluate.fid import fid_inception
     from dallecli.evaluate.run import EvalConfig, evaluate
 
     env = environment()
-    quiet, settings.quiet = settings.quiet, True
-    try:
+    with silent():
         with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
             tmp = Path(tmp)
             torch.manual_seed(0)
@@ -77,8 +75,6 @@ def evaluation() -> Result:
                 ref_times = measure(lambda: net(x), warmup=1, reps=2, budget_s=20)
             import torchmetrics.image  # noqa: F401  (the first evaluate() should not pay for imports)
             t_small, t_large = (run(n) for n in SIZES)
-    finally:
-        settings.quiet = quiet
     per_image = (t_large - t_small) / (SIZES[1] - SIZES[0])  # marginal seconds per sample (+ its reference)
     fixed = max(t_small - per_image * SIZES[0], 0.0)
     s_1000 = fixed + 1000 * per_image

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import Result, environment, measure, median, ratio
+from benchmarks.common import Result, environment, measure, median, ratio, silent
 
 PROMPTS, PER_PROMPT, SIDE = 32, 8, 64
 
@@ -51,13 +51,11 @@ def write_samples(folder: Path, prompts: int = PROMPTS, per_prompt: int = PER_PR
 
 
 def rerank() -> Result:
-    from dallecli.console import settings
     from dallecli.models.clip import load_clip
     from dallecli.rerank import rerank_samples
 
     env = environment()
-    quiet, settings.quiet = settings.quiet, True
-    try:
+    with silent():
         with tempfile.TemporaryDirectory(prefix="bench-rerank-") as tmp:
             run = Path(tmp)
             save_random_clip(run)
@@ -67,8 +65,6 @@ def rerank() -> Result:
             n = len(images)
             ref_times = measure(lambda: scorer.image_features(images), warmup=1, reps=3, budget_s=15)
             times = measure(lambda: rerank_samples(path, scorer, keep=1), warmup=1, reps=3, budget_s=20)
-    finally:
-        settings.quiet = quiet
     value, reference = n / median(times), n / median(ref_times)
     return Result(
         name="rerank", value=value, unit="img/s", reference=reference, ratio=ratio(value, reference),

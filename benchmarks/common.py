@@ -121,6 +121,18 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, reps: int = 5, budget_s: 
 
 
 @contextlib.contextmanager
+def silent():
+    """The project's console quiet inside the block (benchmarks time commands, not their progress bars)."""
+    from dallecli.console import settings
+
+    before, settings.quiet = settings.quiet, True
+    try:
+        yield
+    finally:
+        settings.quiet = before
+
+
+@contextlib.contextmanager
 def threads(n: int):
     """torch's intra-op threads set to n inside the block (what a DataLoader worker runs with: 1)."""
     before = torch.get_num_threads()

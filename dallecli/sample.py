@@ -146,7 +146,7 @@ def generate_codes(model: PriorTransformer, text: torch.Tensor, seeds: list[int]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), _decode_attention():
         prefix = torch.cat([prompt, prompt]) if guided else prompt
         logits = model.prefill(cache, text, prefix)[:, -1]
-        pos = torch.tensor(cache.length, device=device)
+        pos = torch.tensor(cache.length, device=device) if step is not None else None
         for i in range(n0, c.image_len):
             tok, lp = _draw(combine(logits), cfg, seed_t, i)
             codes[:, i], logprob = tok, logprob + lp
