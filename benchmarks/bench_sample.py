@@ -1,9 +1,11 @@
 """Sampling (§2.6) with and without the KV cache: generated image tokens/s at the rival's shapes.
 
-`generate_codes` from a caption to a full grid of codes, batch 4, temperature 1, no filtering: prefill of
-text + BOS, then one `decode_step` per image token (cached), or a forward over the whole prefix per token
-(`uncached=True`, the reference the cached decoder must equal). Only codes: the dVAE decode to pixels is not
-timed (the rival's `generate_images` figure includes its VAE decode; at 8×8 codes that costs it little).
+`generate_codes` from a caption to a full grid of codes, batch 4, temperature 1, no filtering, in the precision
+`dalle sample` uses on this machine (`sampling_precision`: bf16 products on CPUs with native bf16, else fp32):
+prefill of text + BOS, then one decode step per image token (cached: `CPUDecoder`, oneDNN with packed
+weights), or a forward over the whole prefix per token (`uncached=True`, the reference the cached decoder
+must equal). Only codes: the dVAE decode to pixels is not timed (the rival's `generate_images` figure
+includes its VAE decode; at 8×8 codes that costs it little).
 
 The uncached sampler at the paper stream needs ~1,000 forwards over up to 1,280 positions (the better part
 of an hour on two cores), so it is extrapolated: one uncached step (forward over the prefix, fp32 head on
@@ -17,7 +19,7 @@ import torch
 from benchmarks.common import (RIVAL, RIVAL_NAME, SHAPES, TARGET_SAMPLE_CACHED, TARGET_SAMPLE_VS_GENERATE, Result,
                                environment, fake_batch, measure, median, ratio, read_bandwidth)
 from dallecli.models.prior import PriorTransformer
-from dallecli.sample import SamplingConfig, _draw, generate_codes
+from dallecli.sample import SamplingConfig, _draw, generate_codes, sampling_precision, uniform_noise
 
 
 def _setup(shape_name: str):
@@ -36,34 +38,39 @@ def sample(shape_name: str, cached: bool, reps: int, budget_s: float) -> Result:
     cfg = SamplingConfig()
     # Warm-up on the last 8 image tokens only (an image prompt holds the rest): the same code, less time.
     prompt = torch.randint(0, c.image_vocab, (batch, c.image_len - 8))
-    generate_codes(model, text, seeds, cfg, prompt=prompt, uncached=not cached)
-    times = measure(lambda: generate_codes(model, text, seeds, cfg, uncached=not cached),
+    precision = sampling_precision(torch.device("cpu"))
+    generate_codes(model, text, seeds, cfg, prompt=prompt, uncached=not cached, precision=precision)
+    times = measure(lambda: generate_codes(model, text, seeds, cfg, uncached=not cached, precision=precision),
                     warmup=0, reps=reps, budget_s=budget_s)
     seconds = median(times)
     tok_s = batch * c.image_len / seconds
-    bound = bandwidth_bound(model, batch) if cached else {}
+    bound = bandwidth_bound(model, batch, precision) if cached else {}
     if bound:
         bound["fraction_of_bound"] = tok_s / bound["bound_tok_s"]
-    return _result(shape, cached, tok_s, {**env, **bound, "s_per_batch": seconds, "s_per_batch_all": times,
+    return _result(shape, cached, tok_s, {**env, **bound, "precision": precision,
+                                          "s_per_batch": seconds, "s_per_batch_all": times,
                                           "best_value": batch * c.image_len / min(times),
                                           "reps": len(times), "measured": "whole batches"})
 
 
-def bandwidth_bound(model: PriorTransformer, batch: int) -> dict:
-    """Image tokens/s if each decode step only read the weights it multiplies by and the whole K/V cache once
-    (fp32 both, as stored on the CPU), at the read bandwidth measured now:
-        bytes_j = 4 · P + 2 · L · B · (ℓ_j + 1) · d · 4      (ℓ_j = text_len + 1 + j cached positions)
+def bandwidth_bound(model: PriorTransformer, batch: int, precision: str) -> dict:
+    """Image tokens/s if each decode step only read the weights it multiplies by and the whole K/V cache once,
+    as `CPUDecoder` holds them (block weights in bf16 or fp32, the image head and the cache in fp32), at the
+    read bandwidth measured now:
+        bytes_j = s_w · P_blocks + 4 · P_head + 2 · L · B · (ℓ_j + 1) · d · 4      (ℓ_j = text_len + 1 + j)
     summed over the grid² − 1 decode steps. Below ~L3 size (the `small` shape's 16 MB) the weights stay in cache
     and the bound is loose: there the limit is per-operation overhead, not memory."""
     c = model.config
-    P = sum(p.numel() for p in model.blocks.parameters()) + model.image_head.weight.numel()
+    s_w = 2 if precision == "bf16" else 4
+    weights = s_w * sum(p.numel() for p in model.blocks.parameters()) + 4 * model.image_head.weight.numel()
     steps, first = c.image_len - 1, c.text_len + 2
     positions = steps * first + steps * (steps - 1) // 2
-    total = steps * 4 * P + 2 * c.n_layers * batch * c.d_model * 4 * positions
+    total = steps * weights + 2 * c.n_layers * batch * c.d_model * 4 * positions
     gbs = read_bandwidth()
     seconds = total / (gbs * 1e9)
     return {"read_bandwidth_gbs": gbs, "bytes_per_batch": total, "bound_tok_s": batch * c.image_len / seconds,
-            "bound": "weights (fp32) + K/V cache (fp32) read once per decode step, at the measured read bandwidth"}
+            "bound": f"weights ({precision} blocks, fp32 head) + K/V cache (fp32) read once per decode step, "
+                     "at the measured read bandwidth"}
 
 
 def sample_uncached_extrapolated(shape_name: str) -> Result:
@@ -75,11 +82,14 @@ def sample_uncached_extrapolated(shape_name: str) -> Result:
     seed_t = torch.tensor(seeds, dtype=torch.int64)
     codes = torch.randint(0, c.image_vocab, (batch, c.image_len))
 
+    precision = sampling_precision(torch.device("cpu"))
+
     @torch.no_grad()
     def step(i):  # what generate_codes(uncached=True) does for image token i
-        h = model.run_blocks(model.embed_start(text, codes[:, :i]))
-        logits = model._logits(model.image_head, h[:, -1])
-        return _draw(logits, cfg, seed_t, i)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            h = model.run_blocks(model.embed_start(text, codes[:, :i]))
+            logits = model._logits(model.image_head, h[:, -1])
+        return _draw(logits, cfg, uniform_noise(seed_t, n)[:, i])
 
     n = c.image_len
     points = [0, n // 2, n - 1]
@@ -88,7 +98,7 @@ def sample_uncached_extrapolated(shape_name: str) -> Result:
     f0, fm, f1 = (per_step[i] for i in points)
     seconds = (n / 6) * (f0 + 4 * fm + f1)
     tok_s = batch * n / seconds
-    return _result(shape, False, tok_s, {**env, "s_per_batch": seconds, "measured": (
+    return _result(shape, False, tok_s, {**env, "precision": precision, "s_per_batch": seconds, "measured": (
         f"extrapolated: one step timed at image positions {points} ({', '.join(f'{per_step[i]:.3g} s' for i in points)}),"
         f" {n} steps summed by Simpson's rule"), "s_per_step_at": {str(i): per_step[i] for i in points}})
 

@@ -199,6 +199,30 @@ def test_static_decoder_equals_decode_step(attention):
     assert torch.allclose(cache.k[:, :, :, int(pos) - 1], decoder.k[:, :, :, int(pos) - 1])  # one storage
 
 
+@pytest.mark.parametrize("attention", ["dense", "paper"])
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_cpu_decoder_equals_full_forward(attention, dtype, atol):
+    from dallecli.models.cpu_decode import CPUDecoder, packed_linear_available
+
+    if not packed_linear_available():
+        pytest.skip("this torch has no oneDNN packed linear")
+    c = dataclasses.replace(MICRO, attention=attention)
+    model = model_of(c)
+    text, image = batch(c, B=3)
+    _, full = model(text, image)
+    cache = model.init_cache(batch=3)
+    decoder = CPUDecoder.create(model, dtype, rows=3)
+    model.prefill(cache, text, image[:, :2])
+    for j in range(2, c.image_len - 1):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the sampler's context: the decoder sets its own
+            logits = decoder.step(cache, image[:, j])
+        assert logits.dtype == torch.float32 and logits.shape == (3, c.image_vocab)
+        assert torch.allclose(logits, full[:, j + 1], atol=atol), f"step {j}"
+    assert cache.length == c.seq_len  # text, BOS and every image token but the last
+    with pytest.raises(ValueError, match="decode step"):
+        decoder.step(cache, image[:, -1])
+
+
 def test_cache_is_reusable_and_checked():
     c = MICRO
     model = model_of(c)

@@ -33,40 +33,60 @@ def _text(pipe, captions):
     return encode_prompts(pipe, captions)
 
 
-def test_cache_matches_uncached_reference(pipe):
+@pytest.mark.parametrize("packed", [True, False])
+def test_cache_matches_uncached_reference(pipe, packed, monkeypatch):
+    import dallecli.models.cpu_decode as cpu_decode
+
+    if not packed:  # a torch without oneDNN's packed linear: model.decode_step
+        monkeypatch.setattr(cpu_decode, "packed_linear_available", lambda: False)
     text = _text(pipe, ["a red circle", "a blue square above a green cross"])
     greedy = SamplingConfig(top_k=1)
-    cached, lp1 = generate_codes(pipe.prior, text, [0, 1], greedy)
-    reference, lp2 = generate_codes(pipe.prior, text, [0, 1], greedy, uncached=True)
+    cached, lp1 = generate_codes(pipe.prior, text, [0, 1], greedy, precision="fp32")
+    reference, lp2 = generate_codes(pipe.prior, text, [0, 1], greedy, uncached=True, precision="fp32")
     assert torch.equal(cached, reference)
     assert torch.allclose(lp1, lp2, atol=1e-4)
+
+
+def test_bf16_sampling_stays_close_to_fp32(pipe):
+    text = _text(pipe, ["a red circle", "a blue square above a green cross"])
+    greedy = SamplingConfig(top_k=1)
+    fp32, lp32 = generate_codes(pipe.prior, text, [0, 1], greedy, precision="fp32")
+    bf16, lp16 = generate_codes(pipe.prior, text, [0, 1], greedy, precision="bf16")
+    assert bf16.shape == fp32.shape and (bf16 == fp32).float().mean() > 0.9  # near-ties may flip
+    assert torch.allclose(lp16, lp32, rtol=0.05)
 
 
 def test_uniform_noise_is_uniform_independent_and_a_function_of_the_seed():
     from dallecli.sample import uniform_noise
 
-    seeds = torch.arange(64, dtype=torch.int64) * 7919 + 3
-    u = uniform_noise(seeds, 5, 4096)
-    assert u.shape == (64, 4096) and u.dtype == torch.float32
+    seeds = torch.arange(256, dtype=torch.int64) * 7919 + 3
+    u = uniform_noise(seeds, 1024)  # (images, tokens)
+    assert u.shape == (256, 1024) and u.dtype == torch.float32
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
     counts = torch.histc(u, bins=16, min=0, max=1)
     expected = u.numel() / 16
     assert ((counts - expected) ** 2 / expected).sum().item() < 60  # chi-square, 15 d.o.f. (p ≈ 1e-6)
-    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:]), (u, uniform_noise(seeds, 6, 4096))):
+    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:])):  # neighbouring tokens, neighbouring seeds
         assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()) < 0.01
-    assert torch.equal(uniform_noise(seeds[10:11], 5, 4096), u[10:11])  # a row alone is the same row
-    assert not torch.equal(uniform_noise(seeds + 1, 5, 4096), u)
+    assert torch.equal(uniform_noise(seeds[10:11], 1024), u[10:11])  # a row alone is the same row
+    assert torch.equal(uniform_noise(seeds, 64), u[:, :64])  # a shorter image: the same first tokens
+    assert not torch.equal(uniform_noise(seeds + 1, 1024), u)
+    big = torch.tensor([2**40 + 3, 3])  # the high 32 bits of a seed count
+    assert not torch.equal(uniform_noise(big, 8)[0], uniform_noise(big, 8)[1])
 
 
 def test_draws_follow_the_distribution():
-    from dallecli.sample import _draw
+    from dallecli.sample import _draw, uniform_noise
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).expand(20000, -1)
-    tokens, logp = _draw(logits, SamplingConfig(), torch.arange(20000), 0)
+    tokens, logp = _draw(logits, SamplingConfig(), uniform_noise(torch.arange(20000), 1)[:, 0])
     freq = torch.bincount(tokens, minlength=5).float() / 20000
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.012)
     assert torch.allclose(logp, logits[0].log_softmax(-1)[tokens])
+    masked = torch.tensor([[float("-inf"), 1.0, float("-inf"), 0.0, float("-inf")]]).expand(20000, -1)
+    tokens, _ = _draw(masked, SamplingConfig(), uniform_noise(torch.arange(20000), 1)[:, 0])
+    assert set(tokens.tolist()) == {1, 3}  # zero-probability codes, the first and the last included, never drawn
 
 
 def test_compiled_decoder_gives_the_same_images(pipe, monkeypatch):
@@ -75,24 +95,25 @@ def test_compiled_decoder_gives_the_same_images(pipe, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the plumbing; compiling is a GPU matter
     text = _text(pipe, ["a red circle", "a blue square above a green cross"])
     cfg = SamplingConfig(guidance=2.0)
-    plain, lp1 = generate_codes(pipe.prior, text, [3, 4], cfg)
-    compiled, lp2 = generate_codes(pipe.prior, text, [3, 4], cfg, compiled=True)
+    plain, lp1 = generate_codes(pipe.prior, text, [3, 4], cfg, precision="fp32")
+    compiled, lp2 = generate_codes(pipe.prior, text, [3, 4], cfg, compiled=True, precision="fp32")
     assert torch.equal(plain, compiled) and torch.allclose(lp1, lp2, atol=1e-4)
     held = pipe.prior.__dict__["_compiled_decoder"]
-    again, _ = generate_codes(pipe.prior, text, [3, 4], cfg, compiled=True)  # reuses the held decoder
+    again, _ = generate_codes(pipe.prior, text, [3, 4], cfg, compiled=True, precision="fp32")  # the held decoder
     assert torch.equal(again, plain) and pipe.prior.__dict__["_compiled_decoder"] is held
     assert "_compiled_decoder" not in "".join(pipe.prior.state_dict())
-    sample.generate_codes(pipe.prior, text[:1], [5], cfg, compiled=True)  # another batch size: a new one
+    sample.generate_codes(pipe.prior, text[:1], [5], cfg, compiled=True, precision="fp32")  # another batch size
     assert pipe.prior.__dict__["_compiled_decoder"] is not held
 
 
-def test_seeds_reproduce_and_regenerate_alone(pipe):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_seeds_reproduce_and_regenerate_alone(pipe, precision):
     text = _text(pipe, ["a red circle", "a red circle", "a green cross"])
     cfg = SamplingConfig()
-    a, _ = generate_codes(pipe.prior, text, [5, 6, 7], cfg)
-    b, _ = generate_codes(pipe.prior, text, [5, 6, 7], cfg)
+    a, _ = generate_codes(pipe.prior, text, [5, 6, 7], cfg, precision=precision)
+    b, _ = generate_codes(pipe.prior, text, [5, 6, 7], cfg, precision=precision)
     assert torch.equal(a, b)
-    alone, _ = generate_codes(pipe.prior, text[1:2], [6], cfg)  # image 1 of the batch, drawn by itself
+    alone, _ = generate_codes(pipe.prior, text[1:2], [6], cfg, precision=precision)  # image 1, drawn by itself
     assert torch.equal(alone[0], a[1])
     assert not torch.equal(a[0], a[1])  # same caption, different seeds
 

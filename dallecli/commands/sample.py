@@ -1,12 +1,18 @@
 """`dalle sample`: captions in, pictures out (§2.6)."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
 from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def command(
@@ -33,6 +39,9 @@ def command(
     compile: Annotated[bool, typer.Option("--compile", help="Compile the decode step with torch.compile (on a GPU: one "
                                                            "CUDA graph per token; pays off for small batches, after "
                                                            "a start-up of about a minute).")] = False,
+    precision: Annotated[Optional[Precision], typer.Option(help="bf16 or fp32 for the prior's matrix products (logits are "
+                                                          "fp32 either way). Default: bf16 on a GPU and on CPUs with "
+                                                          "native bf16, else fp32.")] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -69,7 +78,8 @@ def command(
     sample_to_folder(run, texts, folder, n=n, rerank=rerank, seed=seed, batch_size=batch_size, prior=prior, dvae=dvae,
                      clip=clip, temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance,
                      image_prompt=image_prompt, prompt_rows=prompt_rows, device=state.device,
-                     rank=state.process_index, world=state.num_processes, compiled=compile)
+                     rank=state.process_index, world=state.num_processes, compiled=compile,
+                     precision=precision.value if precision else None)
     if state.num_processes > 1:
         state.wait_for_everyone()
         if state.is_main_process:

@@ -1,0 +1,102 @@
+"""`PriorTransformer.decode_step` for CPUs: each linear layer through oneDNN with its weight packed once.
+
+A decode step multiplies a handful of rows (the batch) by every weight. PyTorch's default CPU path for that
+(`F.linear` → the BLAS) is slow at so few rows: on the 2-core AVX-512 machine of docs/benchmarks.md, a
+(4 × 512) @ (512 × 8192) product took 1.1 ms in fp32, and 65–120 µs through oneDNN with the weight packed
+ahead into its blocked layout (bf16 / fp32). Packing costs one pass over the weights per `generate_codes`
+call; a call decodes grid² − 1 steps.
+
+Numerics follow the autocast the prior trains with: the residual stream and the layer norms in fp32, the
+block's matrix products in `dtype` (bf16 or fp32), attention in fp32 over an fp32 cache (PyTorch's CPU
+attention kernels are several times slower in bf16 at one query), and the image head in fp32 (§2.4: logits
+in fp32). With dtype fp32 the logits equal `decode_step`'s to float rounding.
+
+    decoder = CPUDecoder(model, torch.bfloat16)   # None where oneDNN's packed linear is missing
+    logits = decoder.step(cache, token)           # like model.decode_step(cache, token)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dallecli.models.prior import KVCache, PriorTransformer
+
+
+def packed_linear_available() -> bool:
+    """Whether this torch has oneDNN's packed linear (a CPU build with MKL-DNN, the ops inductor uses)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        return (torch.backends.mkldnn.is_available() and ops is not None
+                and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear:
+    """y = x·Wᵀ + b through oneDNN, W packed once in `dtype`; `gelu` fuses the exact (erf) GELU after it."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, rows: int, gelu: bool = False):
+        weight = linear.weight.detach().to(dtype).contiguous()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)  # oneDNN's blocked layout
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) in any float dtype → (rows, out) in `dtype`."""
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, self.attr, [],
+                                                  self.algorithm)
+
+
+class CPUDecoder:
+    """One image token per call, as `PriorTransformer.decode_step`, with packed weights (module docstring)."""
+
+    def __init__(self, model: PriorTransformer, dtype: torch.dtype, rows: int):
+        self.model, self.dtype = model, dtype
+        self.blocks = [(PackedLinear(b.attn.c_attn, dtype, rows), PackedLinear(b.attn.c_proj, dtype, rows),
+                        PackedLinear(b.mlp.c_fc, dtype, rows, gelu=True), PackedLinear(b.mlp.c_proj, dtype, rows))
+                       for b in model.blocks]
+        self.head = PackedLinear(model.image_head, torch.float32, rows)  # §2.4: logits in fp32
+
+    @classmethod
+    def create(cls, model: PriorTransformer, dtype: torch.dtype, rows: int) -> CPUDecoder | None:
+        """The decoder, or None where the packed linear is unavailable (the caller uses `decode_step`).
+        Kept on the model for the next call while its weights are unchanged (their version counters), so a
+        folder of batches packs once."""
+        if not packed_linear_available() or next(model.parameters()).device.type != "cpu":
+            return None
+        key = (dtype, tuple(p._version for p in model.parameters()))
+        held = model.__dict__.get("_cpu_decoder")  # not a submodule: kept out of state_dict and .to()
+        if held is not None and held[0] == key:
+            return held[1]
+        try:
+            decoder = cls(model, dtype, rows)
+        except RuntimeError:  # e.g. a oneDNN build without bf16 support
+            return None
+        model.__dict__["_cpu_decoder"] = (key, decoder)
+        return decoder
+
+    @torch.no_grad()
+    def step(self, cache: KVCache, token: torch.Tensor) -> torch.Tensor:
+        """Feed image token (B,) at position cache.length → fp32 logits (B, image_vocab) of the next one."""
+        m, c = self.model, self.model.config
+        start = cache.length
+        index = start - c.text_len - 1  # raster index of `token` in the image
+        if not 0 <= index < c.image_len - 1:
+            raise ValueError(f"decode step needs a prefilled cache with room for image token {index} "
+                             f"(cache holds {start} positions; the stream has {c.seq_len})")
+        m._check_room(cache, start, 1)
+        B, d, nh = token.size(0), c.d_model, c.n_heads
+        with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here, not by an enclosing autocast
+            x = m.embed_image(token[:, None], index)[:, 0].float()  # (B, d), the fp32 residual stream
+            for i, (block, (qkv, proj, fc, fc_proj)) in enumerate(zip(m.blocks, self.blocks)):
+                q, k, v = qkv(block.ln_1(x)).view(B, 3, nh, 1, d // nh).unbind(1)  # 3 × (B, nh, 1, hs)
+                cache.k[i][:, :, start:start + 1] = k
+                cache.v[i][:, :, start:start + 1] = v
+                keys, values = cache.k[i][:, :, :start + 1], cache.v[i][:, :, :start + 1]  # (B, nh, start+1, hs)
+                y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=m._mask(i, start, 1))
+                x = x + proj(y.view(B, d))  # type promotion: the sum is fp32
+                x = x + fc_proj(fc(block.ln_2(x)))
+            cache.length = start + 1
+            return self.head(m.ln_f(x))
