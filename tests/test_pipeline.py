@@ -1,6 +1,7 @@
 """The stages end to end through the command line, on a tiny shapes world, and the refusals between them."""
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -49,6 +50,22 @@ def test_every_stage_writes_its_outputs(shapes_run):
            if json.loads(line)["split"] == "val"]
     assert {"val_text_loss", "val_image_loss"} <= set(val[-1])
     assert any(p.name.startswith("recon-") for p in (run / "dvae").iterdir())
+
+
+def test_encode_precisions_agree(shapes_run, tmp_path):
+    from dallecli.data.records import iter_records, list_shards
+
+    codes = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        ok("encode", "--run", shapes_run, "--out", out, "--precision", precision, "-q")
+        assert json.loads((out / "manifest.json").read_text())["precision"] == precision
+        codes[precision] = np.concatenate([np.frombuffer(r.members["codes"], "<u2")
+                                           for s in list_shards(out, "val") for r in iter_records(s, [])])
+    assert codes["fp32"].shape == codes["bf16"].shape and len(codes["fp32"]) > 0
+    same = (codes["fp32"] == codes["bf16"]).mean()
+    assert same > 0.5  # bf16 moves a code only where two codes are about equally near (fp32 search either way)
+    assert invoke("encode", "--run", shapes_run, "--out", tmp_path / "x", "--precision", "fp16").exit_code == 2
 
 
 def test_sample_and_preview(shapes_run):

@@ -1,12 +1,18 @@
 """`dalle encode`: image shards → code shards with the trained dVAE (§2.1: argmax codes, no noise)."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def command(
@@ -18,6 +24,7 @@ def command(
     preview: Annotated[int, typer.Option(help="Instead of encoding, write N val originals and reconstructions to RUN/dvae/preview.")] = 0,
     gpus: Annotated[int, typer.Option(help="Processes (one per GPU), each encoding its share of the shards.")] = 1,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
+    precision: Annotated[Optional[Precision], typer.Option(help="The encoder's arithmetic: bf16 autocast (default on a GPU and on CPUs with native bf16) or fp32; the nearest-code search is fp32 either way.")] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -45,10 +52,11 @@ def command(
     state = PartialState(cpu=cpu or not torch.cuda.is_available())
     out = out or rd.codes
     result = encode_shards(dvae, shards, out, batch_size=batch_size, device=state.device,
-                           rank=state.process_index, world=state.num_processes)
+                           rank=state.process_index, world=state.num_processes,
+                           precision=precision.value if precision else None)
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = write_manifest(out, result["checkpoint"], result["config"], result["jobs"])
+        manifest = write_manifest(out, result["checkpoint"], result["config"], result["jobs"], result["precision"])
         summary("encode: done", {"codes": out, "train": manifest["counts"]["train"], "val": manifest["counts"]["val"],
                                  "rejected": manifest["rejects"], "grid": f"{manifest['dvae']['grid']}²",
                                  "dvae": f"{result['checkpoint'].path} ({manifest['dvae']['fingerprint']})"})
