@@ -1,7 +1,7 @@
 """Sampling (§2.6) with and without the KV cache: generated image tokens/s at the rival's shapes.
 
 `generate_codes` from a caption to a full grid of codes, batch 4, temperature 1, no filtering, in the precision
-`dalle sample` uses on this machine (`sampling_precision`: bf16 products on CPUs with native bf16, else fp32):
+`dalle sample` uses on this machine (`hardware.default_precision`: bf16 products on CPUs with native bf16, else fp32):
 prefill of text + BOS, then one decode step per image token (cached: `CPUDecoder`, oneDNN with packed
 weights), or a forward over the whole prefix per token (`uncached=True`, the reference the cached decoder
 must equal). Only codes: the dVAE decode to pixels is not timed (the rival's `generate_images` figure
@@ -19,7 +19,8 @@ import torch
 from benchmarks.common import (RIVAL, RIVAL_NAME, SHAPES, TARGET_SAMPLE_CACHED, TARGET_SAMPLE_VS_GENERATE, Result,
                                environment, fake_batch, measure, median, ratio, read_bandwidth)
 from dallecli.models.prior import PriorTransformer
-from dallecli.sample import SamplingConfig, _draw, generate_codes, sampling_precision, uniform_noise
+from dallecli.hardware import default_precision
+from dallecli.sample import SamplingConfig, _draw, generate_codes, uniform_noise
 
 
 def _setup(shape_name: str):
@@ -38,7 +39,7 @@ def sample(shape_name: str, cached: bool, reps: int, budget_s: float) -> Result:
     cfg = SamplingConfig()
     # Warm-up on the last 8 image tokens only (an image prompt holds the rest): the same code, less time.
     prompt = torch.randint(0, c.image_vocab, (batch, c.image_len - 8))
-    precision = sampling_precision(torch.device("cpu"))
+    precision = default_precision(on_gpu=False)
     generate_codes(model, text, seeds, cfg, prompt=prompt, uncached=not cached, precision=precision)
     times = measure(lambda: generate_codes(model, text, seeds, cfg, uncached=not cached, precision=precision),
                     warmup=0, reps=reps, budget_s=budget_s)
@@ -82,7 +83,7 @@ def sample_uncached_extrapolated(shape_name: str) -> Result:
     seed_t = torch.tensor(seeds, dtype=torch.int64)
     codes = torch.randint(0, c.image_vocab, (batch, c.image_len))
 
-    precision = sampling_precision(torch.device("cpu"))
+    precision = default_precision(on_gpu=False)
 
     @torch.no_grad()
     def step(i):  # what generate_codes(uncached=True) does for image token i

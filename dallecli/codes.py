@@ -19,6 +19,7 @@ from dallecli.config import read_json, write_json_atomic
 from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.data.loader import BadSample, read_caption, read_image, read_meta
 from dallecli.data.records import ShardError, iter_records, list_shards, write_tar
+from dallecli.hardware import default_precision
 from dallecli.imageutil import center_square, grid, to_pil, to_tensor
 from dallecli.train.dvae_task import load_dvae
 
@@ -45,23 +46,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def encode_precision(device) -> str:
-    """bf16 on a GPU and on CPUs with native bf16 (where train-dvae trains under bf16 autocast too), else fp32."""
-    from dallecli.train.loop import cpu_has_bf16
-
-    return "bf16" if torch.device(device).type == "cuda" or cpu_has_bf16() else "fp32"
-
-
 def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, device: str = "cpu",
                   rank: int = 0, world: int = 1, max_errors: int = 100, precision: str | None = None) -> dict:
     """Encode every train and val shard; resumable (complete code shards made by the same dVAE are kept).
-    The encoder runs channels-last, under bf16 autocast where `precision` (default `encode_precision`) is
+    The encoder runs channels-last, under bf16 autocast where `precision` (default `hardware.default_precision`) is
     bf16; the nearest-code search stays fp32. A 64 px tiny-vq encodes 4× faster so on a native-bf16 CPU,
     the paper preset 1.24× faster than NCHW on an H100, with the same reconstruction PSNR."""
     model, ck = load_dvae(dvae, device)
     cfg = model.config
     on_gpu = torch.device(device).type == "cuda"
-    precision = precision or encode_precision(device)
+    precision = precision or default_precision(on_gpu)
     model = model.to(memory_format=torch.channels_last)
     if on_gpu:  # cuDNN's fastest algorithms for these fixed shapes
         torch.backends.cudnn.benchmark = True

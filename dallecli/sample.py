@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dallecli.console import UserError, progress, summary, warn
+from dallecli.hardware import default_precision
 from dallecli.models.prior import PriorTransformer
 
 
@@ -109,11 +110,11 @@ def generate_codes(model: PriorTransformer, text: torch.Tensor, seeds: list[int]
     `prompt` (B, n) are the first n image tokens to keep (an image prompt). `uncached` recomputes the
     whole prefix at every step: the reference the cached decoder must equal. `compiled` decodes with
     `compiled_decoder`: one CUDA graph per step on a GPU. `precision` "bf16" or "fp32" is the dtype of the
-    blocks' matrix products (default `sampling_precision`); logits are fp32 either way (§2.4). On a CPU the
+    blocks' matrix products (default `hardware.default_precision`); logits are fp32 either way (§2.4). On a CPU the
     steps run through `CPUDecoder` (oneDNN, packed weights) where this torch has it."""
     c = model.config
     B, device = text.size(0), text.device
-    low = (precision or sampling_precision(device)) == "bf16"
+    low = (precision or default_precision(device.type == "cuda")) == "bf16"
     seed_t = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=device)  # each image's own noise
     guided = cfg.guidance != 1.0
     if guided:
@@ -185,17 +186,6 @@ def _generate_uncached(model, text, codes, logprob, n0, combine, cfg, uniforms):
     return codes, logprob
 
 
-def sampling_precision(device: torch.device) -> str:
-    """The default dtype of the blocks' products when sampling: bf16 on a GPU and on CPUs with native bf16
-    (there a decode step is ~1.3–1.7× faster: half the weight bytes; the prior trains under bf16 autocast
-    there too), fp32 on other CPUs, where bf16 is emulated."""
-    if torch.device(device).type == "cuda":
-        return "bf16"
-    from dallecli.train.loop import cpu_has_bf16
-
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
 def compiled_decoder(model: PriorTransformer, batch: int, dtype: torch.dtype, device: torch.device):
     """(cache, step): a StaticDecoder over a new cache, compiled with torch.compile (on a GPU in
     "reduce-overhead" mode: each decode step replays one CUDA graph instead of launching ~15 kernels per
@@ -248,7 +238,7 @@ class Pipeline:
     prior_path: Path
     dvae_path: Path
     device: torch.device
-    precision: str  # of the prior's matrix products: "bf16" or "fp32" (`sampling_precision`)
+    precision: str  # of the prior's matrix products: "bf16" or "fp32" (`hardware.default_precision`)
 
 
 def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None, tokenizer: Path | None = None,
@@ -262,7 +252,7 @@ def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None
     rd = RunDir(Path(run))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, pck = load_prior(prior or rd.prior, device, ema=ema)
-    precision = precision or sampling_precision(device)
+    precision = precision or default_precision(device.type == "cuda")
     if device.type == "cuda" and precision == "bf16":  # half the weight traffic of every decode step
         model = model.to(torch.bfloat16)
     dmodel, dck = load_dvae(dvae or rd.dvae, device)

@@ -556,8 +556,7 @@ def test_train_dvae_picks_the_preset_from_the_image_size(tmp_path):
 
 
 def test_default_precision():
-    from dallecli.commands.common import default_precision
-    from dallecli.train.loop import cpu_has_bf16
+    from dallecli.hardware import cpu_has_bf16, default_precision
 
     assert default_precision(on_gpu=True) == "bf16"
     assert default_precision(on_gpu=False) == ("bf16" if cpu_has_bf16() else "fp32")

@@ -205,7 +205,7 @@ def test_schedules():
 
 def test_mfu_is_reported_only_where_a_peak_is_measured():
     from dallecli.models.prior import PRESETS, flops_per_token
-    from dallecli.train.loop import matmul_peak, model_flops_utilisation
+    from dallecli.hardware import matmul_peak, model_flops_utilisation
 
     assert matmul_peak(torch.device("cpu")) is None  # no MFU on a CPU: no "mfu" field is logged
     # 2 processes × 1e15 FLOP/s peak; 1e5 tokens/s in all at 1e10 FLOPs per token = 50%

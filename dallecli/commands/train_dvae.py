@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt, default_precision
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+from dallecli.hardware import default_precision
 
 
 class Precision(str, Enum):

@@ -76,7 +76,8 @@ def command(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    from dallecli.commands.common import default_precision, start
+    from dallecli.commands.common import start
+    from dallecli.hardware import default_precision
 
     start(quiet, debug)
     import dataclasses

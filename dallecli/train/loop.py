@@ -28,6 +28,7 @@ from dallecli import checkpoint
 from dallecli.config import to_dict, write_json_atomic
 from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.data.loader import Batch
+from dallecli.hardware import cpu_has_bf16, matmul_peak, model_flops_utilisation
 from dallecli.train import distributed
 
 
@@ -93,43 +94,6 @@ class Stop(Exception):
 
     def __init__(self, signum: int):
         self.signum = signum
-
-
-_PEAK: dict[str, float] = {}
-
-
-def matmul_peak(device: torch.device) -> float | None:
-    """This GPU's bf16 matrix-multiply rate in FLOP/s, measured once per process (a 4096³ product, ~0.2 s):
-    the denominator of the MFU a GPU run reports (the card's own rate, not a datasheet's). None on a CPU."""
-    if device.type != "cuda":
-        return None
-    key = str(device)
-    if key not in _PEAK:
-        a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ a
-        torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize(device)
-        _PEAK[key] = 10 * 2 * 4096**3 / (time.perf_counter() - t)
-    return _PEAK[key]
-
-
-def model_flops_utilisation(rate: float, flops_per_unit: float, processes: int, peak: float) -> float:
-    """MFU: the model's FLOPs per second per process (rate counts every process's units) over the peak."""
-    return rate * flops_per_unit / (processes * peak)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast trains the
-    transformer about twice as fast as fp32 (docs/benchmarks.md)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --- schedules -------------------------------------------------------------------------------------------
