@@ -44,7 +44,7 @@ class Budget:
                    clip_steps=max(10, round(CLIP_STEPS_10MIN * s)), shapes_count=max(400, round(20_000 * min(1.0, s))))
 
 
-DEMO_GUIDANCE = 3.0  # classifier-free guidance for the gallery and the evaluation (the prior drops 10% of captions)
+DEMO_GUIDANCE = 2.0  # classifier-free guidance for the gallery and the evaluation (the prior drops 10% of captions)
 DEMO_RERANK = 8  # the evaluation's headline: the best of 8 candidates by the run's CLIP (§2.6)
 
 # The ten-minute plan, measured on two idle CPU cores: 2/3 of the commands' default step counts, so that
