@@ -155,13 +155,28 @@ def gemm_ceiling(before: float, dtype: torch.dtype = torch.float32) -> tuple[flo
 
 
 def gemm_rate(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 7) -> float:
-    """GFLOP/s of one (n, n) @ (n, n) product (2·n³ FLOPs), median of `reps`, with torch's default threads:
-    the machine's matmul ceiling right now, the denominator of every utilisation figure."""
+    """GFLOP/s of one (n, n) @ (n, n) product (2·n³ FLOPs), median of `reps`, with torch's default threads,
+    by the faster of `torch.mm` (MKL for fp32) and oneDNN (`dallecli.models.onednn`): the machine's matmul
+    ceiling right now, the denominator of every utilisation figure."""
+    rates = gemm_rates(dtype, n, reps)
+    return max(rate for rate in rates.values() if rate is not None)
+
+
+def gemm_rates(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 7) -> dict[str, float | None]:
+    """{"torch_mm": GFLOP/s, "onednn": GFLOP/s or None where oneDNN's linear is unavailable}."""
+    from dallecli.models.onednn import packed_linear_available
+
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     out = torch.empty(n, n, dtype=dtype)
     times = measure(lambda: torch.mm(a, b, out=out), warmup=2, reps=reps, budget_s=10)
-    return 2 * n**3 / median(times) / 1e9
+    rates: dict[str, float | None] = {"torch_mm": 2 * n**3 / median(times) / 1e9, "onednn": None}
+    if packed_linear_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), n)  # a · b as a linear layer
+        times = measure(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""),
+                        warmup=2, reps=reps, budget_s=10)
+        rates["onednn"] = 2 * n**3 / median(times) / 1e9
+    return rates
 
 
 def read_bandwidth(mb: int = 256, reps: int = 7) -> float:

@@ -202,7 +202,8 @@ def test_static_decoder_equals_decode_step(attention):
 @pytest.mark.parametrize("attention", ["dense", "paper"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_cpu_decoder_equals_full_forward(attention, dtype, atol):
-    from dallecli.models.cpu_decode import CPUDecoder, packed_linear_available
+    from dallecli.models.cpu_decode import CPUDecoder
+    from dallecli.models.onednn import packed_linear_available
 
     if not packed_linear_available():
         pytest.skip("this torch has no oneDNN packed linear")

@@ -17,36 +17,10 @@ in fp32). With dtype fp32 the logits equal `decode_step`'s to float rounding.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from dallecli.models.onednn import PackedLinear, packed_linear_available
 from dallecli.models.prior import KVCache, PriorTransformer
-
-
-def packed_linear_available() -> bool:
-    """Whether this torch has oneDNN's packed linear (a CPU build with MKL-DNN, the ops inductor uses)."""
-    ops = getattr(torch.ops, "mkldnn", None)
-    try:
-        return (torch.backends.mkldnn.is_available() and ops is not None
-                and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class PackedLinear:
-    """y = x·Wᵀ + b through oneDNN, W packed once in `dtype`; `gelu` fuses the exact (erf) GELU after it."""
-
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype, rows: int, gelu: bool = False):
-        weight = linear.weight.detach().to(dtype).contiguous()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)  # oneDNN's blocked layout
-        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
-        self.dtype = dtype
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (rows, in) in any float dtype → (rows, out) in `dtype`."""
-        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, self.attr, [],
-                                                  self.algorithm)
 
 
 class CPUDecoder:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dallecli.models.masks import image_attention_mask, paper_layer_kinds
+from dallecli.models.onednn import Linear, linear
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,8 @@ class SelfAttention(nn.Module):
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.n_heads = config.n_heads
-        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)
-        self.c_proj = nn.Linear(config.d_model, config.d_model)
+        self.c_attn = Linear(config.d_model, 3 * config.d_model)
+        self.c_proj = Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
         self.resid_drop = nn.Dropout(config.dropout)
 
@@ -154,8 +155,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: PriorConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, config.mlp_ratio * config.d_model)
-        self.c_proj = nn.Linear(config.mlp_ratio * config.d_model, config.d_model)
+        self.c_fc = Linear(config.d_model, config.mlp_ratio * config.d_model)
+        self.c_proj = Linear(config.mlp_ratio * config.d_model, config.d_model)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -196,8 +197,8 @@ class PriorTransformer(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.text_head = nn.Linear(d, c.text_vocab, bias=False)
-        self.image_head = nn.Linear(d, c.image_vocab, bias=False)
+        self.text_head = Linear(d, c.text_vocab, bias=False)
+        self.image_head = Linear(d, c.image_vocab, bias=False)
         if c.attention == "paper":  # one (T, T) mask per kind, shared by the layers of that kind
             kinds = paper_layer_kinds(c.n_layers)
             self.mask_kinds = sorted(set(kinds))
@@ -263,7 +264,7 @@ class PriorTransformer(nn.Module):
 
     def _logits(self, head, h):
         with torch.autocast(h.device.type, enabled=False):  # §2.4: unembedding and logits in fp32
-            return F.linear(h.float(), head.weight.float())  # also for a model held in bf16 (the GPU sampler)
+            return linear(h.float(), head.weight.float())  # also for a model held in bf16 (the GPU sampler)
 
     def forward(self, text, image):
         """text (B, text_len) ids, image (B, grid²) codes → text logits (B, text_len-1, text_vocab) for

@@ -1,0 +1,94 @@
+"""Linear layers on the CPU through oneDNN (the MKL-DNN kernels PyTorch ships), in training and in decoding.
+
+PyTorch sends fp32 matrix products on the CPU to the BLAS (MKL). On AMD CPUs MKL runs its AVX2 code, where
+oneDNN uses AVX-512: on the 2-core benchmark machine a 1024³ fp32 product ran at 213 GFLOP/s through
+`torch.mm` and 495 through oneDNN, with the same fp32 accumulation (docs/benchmarks.md). bf16 products go
+through oneDNN already. Two uses:
+
+- `Linear`, an `nn.Linear` whose fp32 CPU forward and backward (both gradients) run through oneDNN: the
+  prior's layers. The parameters and the state dict are nn.Linear's; elsewhere (GPU, autocast) it is
+  nn.Linear.
+- `PackedLinear`, a weight packed once into oneDNN's blocked layout for inference (`CPUDecoder`): at a few
+  rows the unpacked products spend most of their time on the layout.
+
+Both use `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight`, the ops inductor's CPU backend
+emits; where this torch lacks them, everything falls back to `F.linear`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@functools.cache
+def packed_linear_available() -> bool:
+    """Whether this torch has oneDNN's linear ops (a CPU build with MKL-DNN, as PyTorch's wheels are)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        return (torch.backends.mkldnn.is_available() and ops is not None
+                and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (n, k) · weight (m, k)ᵀ + bias through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b with its two gradients, each one oneDNN product (ḡx = g·W, ḡW = gᵀ·x)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _matmul_t(x.reshape(-1, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.size(-1))  # (n, out)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _matmul_t(g, weight.t()).view(x.shape)  # (n, out)·(out, in)
+        if ctx.needs_input_grad[1]:
+            # (out, n)·(n, in); contiguous operands: oneDNN is ~35% slower on transposed views here
+            gw = _matmul_t(g.t().contiguous(), x.reshape(-1, x.size(-1)).t().contiguous())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN for fp32 CPU tensors outside autocast."""
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel()
+            and not torch.is_autocast_enabled("cpu") and packed_linear_available()):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose fp32 CPU products run through oneDNN (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class PackedLinear:
+    """y = x·Wᵀ + b through oneDNN, W packed once in `dtype`; `gelu` fuses the exact (erf) GELU after it."""
+
+    def __init__(self, linear: nn.Linear, dtype: torch.dtype, rows: int, gelu: bool = False):
+        weight = linear.weight.detach().to(dtype).contiguous()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)  # oneDNN's blocked layout
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.attr, self.algorithm = ("gelu", "none") if gelu else ("none", "")
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) in any float dtype → (rows, out) in `dtype`."""
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, self.attr, [],
+                                                  self.algorithm)
