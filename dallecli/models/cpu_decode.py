@@ -32,6 +32,10 @@ class CPUDecoder:
                         PackedLinear(b.mlp.c_fc, dtype, rows, gelu=True), PackedLinear(b.mlp.c_proj, dtype, rows))
                        for b in model.blocks]
         self.head = PackedLinear(model.image_head, torch.float32, rows)  # §2.4: logits in fp32
+        c = model.config
+        index = torch.arange(c.image_len)
+        # App. B.1: row + column embedding of every image position, summed once (a few ops fewer per token)
+        self.image_pos = (model.image_row[index // c.grid] + model.image_col[index % c.grid]).detach().float()
 
     @classmethod
     def create(cls, model: PriorTransformer, dtype: torch.dtype, rows: int) -> CPUDecoder | None:
@@ -63,7 +67,7 @@ class CPUDecoder:
         m._check_room(cache, start, 1)
         B, d, nh = token.size(0), c.d_model, c.n_heads
         with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here, not by an enclosing autocast
-            x = m.embed_image(token[:, None], index)[:, 0].float()  # (B, d), the fp32 residual stream
+            x = m.image_embed(token).float() + self.image_pos[index]  # (B, d), the fp32 residual stream
             for i, (block, (qkv, proj, fc, fc_proj)) in enumerate(zip(m.blocks, self.blocks)):
                 q, k, v = qkv(block.ln_1(x)).view(B, 3, nh, 1, d // nh).unbind(1)  # 3 × (B, nh, 1, hs)
                 cache.k[i][:, :, start:start + 1] = k
