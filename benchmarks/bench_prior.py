@@ -1,8 +1,9 @@
 """Prior training step (tokens/s, model-FLOPs utilisation) at the rival's `small` and `paper-stream` shapes.
 
 One step is what train/loop.py does per batch: forward, `prior_loss` (§2.2's 1/8 text + 7/8 image), backward,
-AdamW step over `param_groups`, zero_grad. fp32 is the CPU default (DESIGN.md); the `_bf16` variants run the
-same step under bf16 autocast (`--precision bf16`), for the record: the rival's numbers are fp32.
+AdamW step over `param_groups`, zero_grad. In fp32 (the rival's precision, and the CPU default where the CPU has
+no native bf16) the linear layers run through oneDNN (`dallecli.models.onednn`); the `_bf16` variants run the
+same step under bf16 autocast, what `train-prior` does by default on CPUs with native bf16.
 MFU = tokens/s × flops_per_token (6·N + 12·L·d·T, dallecli.models.prior.flops_per_token) ÷ the GEMM rate
 measured just before, in the same dtype.
 """
