@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +28,8 @@ from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.data.loader import Batch
 from dallecli.hardware import cpu_has_bf16, matmul_peak, model_flops_utilisation
 from dallecli.train import distributed
+from dallecli.train.precision import GlobalScaler, NoScaler
+from dallecli.train.state import config_diff, rng_snapshot, rng_state, seed_everything, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -117,109 +117,6 @@ def learning_rate(cfg: TrainConfig, step: int, halvings: int = 0) -> float:
 def ema_decay_at(decay: float, step: int) -> float:
     # Warm the EMA up: with decay 0.999 a 500-step run would otherwise keep 60% of the initial weights.
     return min(decay, (1 + step) / (10 + step))
-
-
-# --- state that must survive a resume ----------------------------------------------------------------------
-
-def rng_snapshot() -> dict[str, Any]:
-    """The generators' states as Python objects (cheap: taken at the start of every step)."""
-    snap = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        snap["cuda"] = torch.cuda.get_rng_state_all()
-    return snap
-
-
-def rng_state(snapshot: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The generators' states (now, or of a snapshot) as plain values `torch.load(weights_only=True)` reads."""
-    snap = snapshot or rng_snapshot()
-    _, key, pos, has_gauss, gauss = snap["numpy"]
-    state = {"torch": snap["torch"], "python": json.dumps(snap["python"]),
-             "numpy": json.dumps({"key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                                  "gauss": float(gauss)})}
-    if "cuda" in snap:
-        state["cuda"] = snap["cuda"]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npy = json.loads(state["numpy"])
-    if isinstance(npy, list):  # checkpoints before the position was kept: the key alone
-        npy = {"key": npy, "pos": 624, "has_gauss": 0, "gauss": 0.0}
-    np.random.set_state(("MT19937", np.array(npy["key"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def config_diff(saved: dict, current: dict) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: checkpoint {saved.get(k)!r} != now {current.get(k)!r}" for k in keys
-            if saved.get(k) != current.get(k)]
-
-
-class NoScaler:
-    """fp32 and bf16 need no gradient scaling."""
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
-
-    def unscale_(self, optimizer) -> None:
-        pass
-
-    def finite(self, model: nn.Module) -> bool:
-        # This process's gradient shards only (FSDP): the loop shares the verdict between processes.
-        return all(p.grad is None or bool(torch.isfinite(distributed.local(p.grad)).all())
-                   for p in model.parameters())
-
-    def update(self, finite: bool) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class GlobalScaler(NoScaler):
-    """One dynamic loss scale for fp16 (the dVAE and CLIP; the prior uses per-resblock scales)."""
-
-    def __init__(self, init: float = 2.0**13, growth_interval: int = 1000):
-        self.value, self.good, self.interval = init, 0, growth_interval
-        self._unscaled = False
-
-    def scale(self, loss):
-        return loss * self.value
-
-    def unscale_(self, optimizer):
-        inv = 1.0 / self.value
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad.mul_(inv)
-
-    def update(self, finite):
-        if finite:
-            self.good += 1
-            if self.good % self.interval == 0:
-                self.value = min(self.value * 2, 2.0**24)
-        else:
-            self.value, self.good = max(self.value / 2, 1.0), 0
-
-    def state_dict(self):
-        return {"value": self.value, "good": self.good}
-
-    def load_state_dict(self, state):
-        self.value, self.good = float(state["value"]), int(state["good"])
 
 
 # --- the loop ---------------------------------------------------------------------------------------------

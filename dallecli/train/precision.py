@@ -1,4 +1,7 @@
-"""Per-resblock gradient scaling, the paper's fp16 scheme (§2.4, App. D, Fig. 4).
+"""Gradient scaling for each precision: `NoScaler` (fp32, bf16), `GlobalScaler` (one dynamic loss scale for
+fp16: the dVAE and CLIP) and `ResblockScaler`, the paper's per-resblock scheme for the prior (below).
+
+Per-resblock gradient scaling, the paper's fp16 scheme (§2.4, App. D, Fig. 4).
 
 Activation-gradient norms shrink from the first resblocks to the last, so with one global loss scale the
 late gradients underflow fp16 while the early ones overflow. Each resblock (residual branch) gets its own
@@ -37,6 +40,64 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from dallecli.train import distributed
+
+
+class NoScaler:
+    """fp32 and bf16 need no gradient scaling."""
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_(self, optimizer) -> None:
+        pass
+
+    def finite(self, model: nn.Module) -> bool:
+        # This process's gradient shards only (FSDP): the loop shares the verdict between processes.
+        return all(p.grad is None or bool(torch.isfinite(distributed.local(p.grad)).all())
+                   for p in model.parameters())
+
+    def update(self, finite: bool) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class GlobalScaler(NoScaler):
+    """One dynamic loss scale for fp16 (the dVAE and CLIP; the prior uses per-resblock scales)."""
+
+    def __init__(self, init: float = 2.0**13, growth_interval: int = 1000):
+        self.value, self.good, self.interval = init, 0, growth_interval
+        self._unscaled = False
+
+    def scale(self, loss):
+        return loss * self.value
+
+    def unscale_(self, optimizer):
+        inv = 1.0 / self.value
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(inv)
+
+    def update(self, finite):
+        if finite:
+            self.good += 1
+            if self.good % self.interval == 0:
+                self.value = min(self.value * 2, 2.0**24)
+        else:
+            self.value, self.good = max(self.value / 2, 1.0), 0
+
+    def state_dict(self):
+        return {"value": self.value, "good": self.good}
+
+    def load_state_dict(self, state):
+        self.value, self.good = float(state["value"]), int(state["good"])
 
 
 class _BranchInput(torch.autograd.Function):
