@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import Result, environment, gemm_rates
+from benchmarks.common import Result, environment, fastest, gemm_rates
 
 
 def matmul(n: int = 1024) -> Result:
     env = environment()
     fp32, bf16 = gemm_rates(torch.float32, n), gemm_rates(torch.bfloat16, n)
-    best = {name: max(v for v in rates.values() if v is not None) for name, rates in (("fp32", fp32), ("bf16", bf16))}
+    best = {"fp32": fastest(fp32), "bf16": fastest(bf16)}
     return Result(name="matmul" if n == 1024 else "matmul_small", value=best["fp32"], unit="GFLOP/s",
                   reference=None, ratio=None, shape={"m": n, "n": n, "k": n, "dtype": "fp32"},
                   config={**env, "bf16_gflops": best["bf16"], "bf16_vs_fp32": best["bf16"] / best["fp32"],

@@ -158,7 +158,11 @@ def gemm_rate(dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 7) 
     """GFLOP/s of one (n, n) @ (n, n) product (2·n³ FLOPs), median of `reps`, with torch's default threads,
     by the faster of `torch.mm` (MKL for fp32) and oneDNN (`dallecli.models.onednn`): the machine's matmul
     ceiling right now, the denominator of every utilisation figure."""
-    rates = gemm_rates(dtype, n, reps)
+    return fastest(gemm_rates(dtype, n, reps))
+
+
+def fastest(rates: dict[str, float | None]) -> float:
+    """The best of `gemm_rates`' measurements."""
     return max(rate for rate in rates.values() if rate is not None)
 
 

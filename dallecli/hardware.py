@@ -1,15 +1,17 @@
 """What this machine does fast: native bf16 on the CPU, the GPU's measured matmul rate, the default precision."""
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 import torch
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast trains the
-    transformer about twice as fast as fp32 (docs/benchmarks.md)."""
+    transformer about twice as fast as fp32 (docs/benchmarks.md). Read once per process."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -137,15 +137,15 @@ def generate_codes(model: PriorTransformer, text: torch.Tensor, seeds: list[int]
     if uncached:
         with autocast:
             return _generate_uncached(model, text, codes, logprob, n0, combine, cfg, uniforms)
+    products = torch.bfloat16 if low else torch.float32
+    # The cache is kept in the products' dtype on a GPU, in fp32 on a CPU (its attention kernels are several
+    # times slower in bf16 there).
+    dtype = products if device.type == "cuda" else torch.float32
     cpu_decoder = None
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if low else torch.float32
-    else:  # the cache stays fp32 on a CPU: its attention kernels are several times slower in bf16
-        dtype = torch.float32
-        if not compiled:
-            from dallecli.models.cpu_decode import CPUDecoder
+    if device.type == "cpu" and not compiled:
+        from dallecli.models.cpu_decode import CPUDecoder
 
-            cpu_decoder = CPUDecoder.create(model, torch.bfloat16 if low else torch.float32, text.size(0))
+        cpu_decoder = CPUDecoder.create(model, products, text.size(0))
     if compiled:
         cache, step = compiled_decoder(model, text.size(0), dtype, device)
         cache.length = 0

@@ -11,7 +11,7 @@ block's matrix products in `dtype` (bf16 or fp32), attention in fp32 over an fp3
 attention kernels are several times slower in bf16 at one query), and the image head in fp32 (§2.4: logits
 in fp32). With dtype fp32 the logits equal `decode_step`'s to float rounding.
 
-    decoder = CPUDecoder(model, torch.bfloat16)   # None where oneDNN's packed linear is missing
+    decoder = CPUDecoder.create(model, torch.bfloat16, rows=B)  # None where oneDNN's linear is missing
     logits = decoder.step(cache, token)           # like model.decode_step(cache, token)
 """
 from __future__ import annotations
@@ -59,12 +59,7 @@ class CPUDecoder:
     def step(self, cache: KVCache, token: torch.Tensor) -> torch.Tensor:
         """Feed image token (B,) at position cache.length → fp32 logits (B, image_vocab) of the next one."""
         m, c = self.model, self.model.config
-        start = cache.length
-        index = start - c.text_len - 1  # raster index of `token` in the image
-        if not 0 <= index < c.image_len - 1:
-            raise ValueError(f"decode step needs a prefilled cache with room for image token {index} "
-                             f"(cache holds {start} positions; the stream has {c.seq_len})")
-        m._check_room(cache, start, 1)
+        start, index = cache.length, m._next_image_index(cache, "CPUDecoder's decode step")
         B, d, nh = token.size(0), c.d_model, c.n_heads
         with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here, not by an enclosing autocast
             x = m.image_embed(token).float() + self.image_pos[index]  # (B, d), the fp32 residual stream

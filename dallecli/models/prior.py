@@ -306,16 +306,21 @@ class PriorTransformer(nn.Module):
     @torch.no_grad()
     def decode_step(self, cache: KVCache, token):
         """Feed the next image token (B,) at position cache.length → logits (B, image_vocab) fp32 of the one after."""
-        c = self.config
-        index = cache.length - c.text_len - 1  # raster index of `token` in the image
-        if not 0 <= index < c.image_len - 1:
-            raise ValueError(f"decode_step needs a prefilled cache with room for image token {index} "
-                             f"(cache holds {cache.length} positions; the stream has {c.seq_len})")
+        index = self._next_image_index(cache)
         x = self.embed_image(token[:, None], index)  # (B, 1, d)
-        self._check_room(cache, cache.length, 1)
         h = self.run_blocks(x, cache.length, cache)
         cache.length += 1
         return self._logits(self.image_head, h[:, 0])
+
+    def _next_image_index(self, cache: KVCache, caller: str = "decode_step") -> int:
+        """The raster index of the image token fed at cache.length, checked against the stream and the cache."""
+        c = self.config
+        index = cache.length - c.text_len - 1
+        if not 0 <= index < c.image_len - 1:
+            raise ValueError(f"{caller} needs a prefilled cache with room for image token {index} "
+                             f"(cache holds {cache.length} positions; the stream has {c.seq_len})")
+        self._check_room(cache, cache.length, 1)
+        return index
 
     def _check_shapes(self, text, image, image_len):
         c = self.config

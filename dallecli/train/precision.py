@@ -73,7 +73,6 @@ class GlobalScaler(NoScaler):
 
     def __init__(self, init: float = 2.0**13, growth_interval: int = 1000):
         self.value, self.good, self.interval = init, 0, growth_interval
-        self._unscaled = False
 
     def scale(self, loss):
         return loss * self.value
