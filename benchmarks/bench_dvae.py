@@ -3,11 +3,12 @@
 The rival's dVAE (3 down-samplings, 512 codes, hidden 64) and ours differ in architecture; the comparison is
 at the same job: batch 16, 64 px (or 256 px) RGB → an 8×8 (32×32) grid of 512 codes. Ours is the `tiny`
 preset (4 groups of 1 resblock, widths 32…256, 3 max-pools), at its 64 px and at 256 px.
-One training step: `elbo_loss` (gumbel relaxation at τ = 1, β = 6.6), backward, AdamW step, zero_grad.
+One training step: `elbo_loss` (gumbel relaxation at τ = 1, β = 6.6), backward, fused AdamW step
+(`train.loop.adamw`), zero_grad, on channels-last activations, as `dalle train-dvae` runs it.
 Encode: `DVAE.encode` (argmax of the logits), no grad. FLOPs are counted by torch's FlopCounterMode on the
 same call; utilisation = achieved FLOP/s ÷ the fp32 GEMM rate measured just before.
 The `_bf16` variants run what `dalle train-dvae` / `dalle encode` run by default on a CPU with native bf16: the
-`tiny-vq` preset (Gaussian likelihood) under bf16 autocast with channels-last activations; their utilisation
+`tiny-vq` preset (Gaussian likelihood) under bf16 autocast; their utilisation
 is against the bf16 GEMM rate.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from benchmarks.common import (RIVAL, RIVAL_NAME, TARGET_TRAIN, Result, environm
                                median, ratio)
 from dallecli.models.dvae import DVAE, PRESETS, count_parameters
 from dallecli.models.dvae_objective import elbo_loss
+from dallecli.train.loop import adamw
 
 BATCH = 16
 
@@ -40,9 +42,9 @@ def dvae(mode: str, size: int, reps: int, budget_s: float, precision: str = "fp3
     torch.manual_seed(0)
     model = DVAE(config)
     x = torch.rand(BATCH, 3, size, size)
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    # channels-last activations in every variant, as `dalle train-dvae` and `dalle encode` run
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
@@ -50,7 +52,7 @@ def dvae(mode: str, size: int, reps: int, budget_s: float, precision: str = "fp3
     kwargs = {"likelihood": config.likelihood, "sigma": config.gaussian_sigma}
     if mode == "train":
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+        optimizer = adamw([{"params": list(model.parameters()), "weight_decay": 1e-4}], lr=1e-4)
 
         def fn():
             with autocast():
@@ -87,7 +89,7 @@ def dvae(mode: str, size: int, reps: int, budget_s: float, precision: str = "fp3
         name=f"dvae_{mode}_tiny{suffix}", value=img_s, unit="img/s", reference=rival, ratio=r,
         shape={"preset": "tiny-vq" if bf16 else "tiny", "image_size": size, "grid": config.grid, "codes": config.vocab_size,
                "n_hid": config.n_hid, "blocks_per_group": config.n_blk_per_group, "batch": BATCH},
-        config={**env, "precision": precision, "channels_last": bf16, "params": count_parameters(model), "s_per_batch": seconds,
+        config={**env, "precision": precision, "channels_last": True, "params": count_parameters(model), "s_per_batch": seconds,
                 "s_per_batch_all": times, "best_value": BATCH / min(times), "reps": len(times), "flops_per_image": flops / BATCH,
                 "flop_count": "torch.utils.flop_counter.FlopCounterMode" + (" (forward + backward)" if mode == "train" else ""),
                 "achieved_gflops": flops / seconds / 1e9, "gemm_gflops": peak, **gemms,

@@ -1,7 +1,7 @@
 """Prior training step (tokens/s, model-FLOPs utilisation) at the rival's `small` and `paper-stream` shapes.
 
 One step is what train/loop.py does per batch: forward, `prior_loss` (§2.2's 1/8 text + 7/8 image), backward,
-AdamW step over `param_groups`, zero_grad. In fp32 (the rival's precision, and the CPU default where the CPU has
+fused AdamW step over `param_groups` (`train.loop.adamw`), zero_grad. In fp32 (the rival's precision, and the CPU default where the CPU has
 no native bf16) the linear layers run through oneDNN (`dallecli.models.onednn`); the `_bf16` variants run the
 same step under bf16 autocast, what `train-prior` does by default on CPUs with native bf16.
 MFU = tokens/s × flops_per_token (6·N + 12·L·d·T, dallecli.models.prior.flops_per_token) ÷ the GEMM rate
@@ -16,11 +16,12 @@ import torch
 from benchmarks.common import (RIVAL, RIVAL_NAME, SHAPES, TARGET_TRAIN, Result, environment, fake_batch,
                                gemm_ceiling, gemm_rate, measure, median, memory_gb, ratio)
 from dallecli.models.prior import PriorTransformer, flops_per_token, num_params, param_groups, prior_loss
+from dallecli.train.loop import adamw
 
 
 def train_step_fn(model: PriorTransformer, text: torch.Tensor, image: torch.Tensor, dtype: torch.dtype | None):
     """A closure running one full training step (what train/loop.py does per batch, without its bookkeeping)."""
-    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
+    optimizer = adamw(param_groups(model, 0.01), lr=1e-4)  # fused, as train/loop.py builds it
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else contextlib.nullcontext
     pad = model.config.pad_id
 

@@ -237,7 +237,9 @@ def prior_train(mode: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 heads on tensor cores (as train-prior on a GPU)
     torch.manual_seed(0)
     model = PriorTransformer(cfg).to(dev).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)  # as train/loop.py builds it
+    from dallecli.train.loop import adamw
+
+    optimizer = adamw(param_groups(model, 0.01), lr=1e-4)  # fused, as train/loop.py builds it
     dtype = torch.float16 if mode.startswith("fp16") else torch.bfloat16
     scaler = None
     if mode == "fp16-resblock":

@@ -396,6 +396,29 @@ def test_openai_conversion_reproduces_logits_and_reconstructions(released):
     torch.testing.assert_close(model.decode_codes(model.encode(x)), recon, rtol=1e-5, atol=1e-5)
 
 
+def test_forward_and_gradients_match_the_released_layout(released):
+    """Our blocks fold the residual gain into the last conv and the decoder's upsampling into the next
+    group's first 1×1 layers; outputs and every parameter's gradient must stay those of the plain layout."""
+    from dallecli.models.dvae_convert import convert_openai, load_openai_pickle
+
+    enc, dec, enc_path, dec_path = released
+    config, weights = convert_openai(load_openai_pickle(enc_path, True), load_openai_pickle(dec_path, True))
+    model = DVAE(config)
+    model.load_state_dict(weights, strict=True)
+    for ours, theirs, x in ((model.encoder, enc, torch.rand(2, 3, 32, 32)),
+                            (model.decoder, dec, torch.randn(2, 512, 4, 4))):
+        out, ref = ours(x), theirs(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        weight = torch.randn_like(ref)
+        (out * weight).sum().backward()
+        (ref * weight).sum().backward()
+        theirs_grads = dict(theirs.named_parameters())
+        for name, p in ours.named_parameters():  # summed in another order: float rounding of the largest
+            expected = theirs_grads[name].grad
+            torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
 def _app():
     from dallecli.commands.convert_dvae import command
 

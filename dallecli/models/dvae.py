@@ -130,11 +130,36 @@ class ResBlock(nn.Module):
         widths = [n_in, n_hid, n_hid, n_hid, n_out]
         layers = []
         for i, kw in enumerate(kernels):
-            layers += [(f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", Conv2d(widths[i], widths[i + 1], kw))]
+            # The first ReLU's input is also the id path's; the others act on a conv's output, which the conv's
+            # backward does not keep, so they may overwrite it.
+            layers += [(f"relu_{i + 1}", nn.ReLU(inplace=i > 0)), (f"conv_{i + 1}", Conv2d(widths[i], widths[i + 1], kw))]
         self.res_path = nn.Sequential(OrderedDict(layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+    def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
+        """The block on x, or with `upsample` on x's ×2 nearest upsampling (the decoder's, between groups).
+
+        Each path's first layer is pointwise there (a 1×1 conv, a ReLU), and pointwise layers commute with
+        nearest upsampling: they run on x at the low resolution and only their outputs are upsampled, the
+        same values for a quarter of the work in those layers. The gain multiplies the last conv's weights
+        rather than its output (one pass over the activations fewer, forward and backward)."""
+        res = self.res_path
+        if upsample:
+            if res.conv_1.kw != 1:
+                raise ValueError("a block can take the upsampling over only where its first conv is 1×1")
+            identity = _upsample(self.id_path(x))
+            h = res[2:-1](_upsample(res.conv_1(res.relu_1(x))))
+        else:
+            identity = self.id_path(x)
+            h = res[:-1](x)
+        last = res[-1]
+        out = F.conv2d(h, last.w * self.post_gain, last.b * self.post_gain, padding=last.kw // 2)
+        if out.dtype != identity.dtype:  # e.g. an fp32 input under autocast: the sum is fp32, as before
+            return identity + out
+        return out.add_(identity)  # in place: neither the conv's backward nor the sum's needs `out`
+
+
+def _upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 def _group(n_in: int, width: int, config: DVAEConfig, kernels, resample: tuple[str, nn.Module] | None):
@@ -158,7 +183,8 @@ class Encoder(nn.Module):
             n_in = width
         n_out = config.vocab_size if config.kind == "gumbel" else config.n_init
         conv = Conv2d(n_in, n_out, 1, fp32=True)  # released code: the code logits stay in fp32
-        layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", conv)]))))
+        # in place: its input is the last block's sum, used by nothing else
+        layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU(inplace=True)), ("conv", conv)]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,15 +208,26 @@ class Decoder(nn.Module):
             layers.append((f"group_{g + 1}", _group(n_in, width, config, (1, 3, 3, 3), up)))
             n_in = width
         conv = Conv2d(n_in, 2 * config.channels, 1)
-        layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", conv)]))))
+        # in place: its input is the last block's sum, used by nothing else
+        layers.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU(inplace=True)), ("conv", conv)]))))
         self.blocks = nn.Sequential(OrderedDict(layers))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.blocks(z)
+        return self.from_embedding(self.blocks.input(z))
 
     def from_embedding(self, h: torch.Tensor) -> torch.Tensor:
-        """Everything after the input layer: (B, n_init, h, w) code embeddings → (B, 2C, H, W)."""
-        return self.blocks[1:](h)
+        """Everything after the input layer: (B, n_init, h, w) code embeddings → (B, 2C, H, W).
+        Each group's closing upsample is handed to the next group's first block (`ResBlock.forward`)."""
+        upsample = False
+        for name, group in self.blocks.named_children():
+            if not name.startswith("group_"):
+                continue
+            for layer in group:
+                if isinstance(layer, ResBlock):
+                    h, upsample = layer(h, upsample=upsample), False
+                else:  # the group's nn.Upsample (×2 nearest), done by the next block
+                    upsample = True
+        return self.blocks.output(_upsample(h) if upsample else h)
 
 
 class VectorQuantizer(nn.Module):
