@@ -20,7 +20,7 @@ from benchmarks.common import (RIVAL, RIVAL_NAME, SHAPES, TARGET_SAMPLE_CACHED, 
                                environment, fake_batch, measure, median, ratio, read_bandwidth)
 from dallecli.models.prior import PriorTransformer
 from dallecli.hardware import default_precision
-from dallecli.sample import SamplingConfig, _draw, generate_codes, uniform_noise
+from dallecli.sample import SamplingConfig, _draw, cache_dtype, generate_codes, uniform_noise
 
 
 def _setup(shape_name: str):
@@ -45,20 +45,22 @@ def sample(shape_name: str, cached: bool, reps: int, budget_s: float) -> Result:
                     warmup=0, reps=reps, budget_s=budget_s)
     seconds = median(times)
     tok_s = batch * c.image_len / seconds
-    bound = bandwidth_bound(model, batch, precision) if cached else {}
+    kv = cache_dtype(c, torch.bfloat16 if precision == "bf16" else torch.float32, torch.device("cpu"))
+    bound = bandwidth_bound(model, batch, precision, kv) if cached else {}
     if bound:
         bound["fraction_of_bound"] = tok_s / bound["bound_tok_s"]
     return _result(shape, cached, tok_s, {**env, **bound, "precision": precision,
+                                          "cache_dtype": str(kv).removeprefix("torch.") if cached else None,
                                           "s_per_batch": seconds, "s_per_batch_all": times,
                                           "best_value": batch * c.image_len / min(times),
                                           "reps": len(times), "measured": "whole batches"})
 
 
-def bandwidth_bound(model: PriorTransformer, batch: int, precision: str) -> dict:
+def bandwidth_bound(model: PriorTransformer, batch: int, precision: str, kv: torch.dtype) -> dict:
     """Image tokens/s if each decode step only read the weights it multiplies by and the whole K/V cache once,
-    as `CPUDecoder` holds them (block weights in bf16 or fp32, the image head and the cache in fp32), at the
-    read bandwidth measured now:
-        bytes_j = s_w · P_blocks + 4 · P_head + 2 · L · B · (ℓ_j + 1) · d · 4      (ℓ_j = text_len + 1 + j)
+    as `CPUDecoder` holds them (block weights in bf16 or fp32, the image head in fp32, the cache in `kv`:
+    `sample.cache_dtype`), at the read bandwidth measured now:
+        bytes_j = s_w · P_blocks + 4 · P_head + 2 · L · B · (ℓ_j + 1) · d · s_kv      (ℓ_j = text_len + 1 + j)
     summed over the grid² − 1 decode steps. Below ~L3 size (the `small` shape's 16 MB) the weights stay in cache
     and the bound is loose: there the limit is per-operation overhead, not memory."""
     c = model.config
@@ -66,11 +68,12 @@ def bandwidth_bound(model: PriorTransformer, batch: int, precision: str) -> dict
     weights = s_w * sum(p.numel() for p in model.blocks.parameters()) + 4 * model.image_head.weight.numel()
     steps, first = c.image_len - 1, c.text_len + 2
     positions = steps * first + steps * (steps - 1) // 2
-    total = steps * weights + 2 * c.n_layers * batch * c.d_model * 4 * positions
+    s_kv = torch.finfo(kv).bits // 8
+    total = steps * weights + 2 * c.n_layers * batch * c.d_model * s_kv * positions
     gbs = read_bandwidth()
     seconds = total / (gbs * 1e9)
     return {"read_bandwidth_gbs": gbs, "bytes_per_batch": total, "bound_tok_s": batch * c.image_len / seconds,
-            "bound": f"weights ({precision} blocks, fp32 head) + K/V cache (fp32) read once per decode step, "
+            "bound": f"weights ({precision} blocks, fp32 head) + K/V cache ({str(kv).removeprefix('torch.')}) read once per decode step, "
                      "at the measured read bandwidth"}
 
 
@@ -123,7 +126,7 @@ def _result(shape, cached: bool, tok_s: float, config: dict) -> Result:
         name=f"sample_{mode}_{shape.name.replace('-', '_')}", value=tok_s, unit="img tok/s", reference=reference,
         ratio=r, shape={**shape.describe(), "batch": shape.sample_batch},
         config={**config, "vocab": {"text": c.text_vocab, "image": c.image_vocab}, "sampling": "temperature 1, no top-k/top-p, no guidance; codes only (no dVAE decode)",
-                "s_per_image": c.image_len / tok_s, "cache_dtype": "fp32" if cached else None,
+                "s_per_image": c.image_len / tok_s,
                 "reference_is": f"{RIVAL_NAME} {what} ({reference:,.4g} img tok/s)", **extra})
 
 

@@ -224,6 +224,55 @@ def test_cpu_decoder_equals_full_forward(attention, dtype, atol):
         decoder.step(cache, image[:, -1])
 
 
+def test_cpu_decoder_reads_a_bf16_cache_exactly():
+    """bf16 products write keys and values that bf16 holds exactly: with a bf16 cache (`sample.cache_dtype`,
+    long streams on a CPU) the decoder's logits are those of an fp32 cache, bit for bit."""
+    from dallecli.models.cpu_decode import CPUDecoder
+    from dallecli.models.onednn import packed_linear_available
+
+    if not packed_linear_available():
+        pytest.skip("this torch has no oneDNN packed linear")
+    c = dataclasses.replace(MICRO, attention="paper")
+    model = model_of(c)
+    text, image = batch(c, B=2)
+    decoder = CPUDecoder.create(model, torch.bfloat16, rows=2)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = model.init_cache(batch=2, dtype=dtype)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as generate_codes prefills
+            model.prefill(cache, text, image[:, :2])
+            logits[dtype] = torch.stack([decoder.step(cache, image[:, j]) for j in range(2, c.image_len - 1)])
+        assert cache.k.dtype == dtype
+    assert torch.equal(logits[torch.float32], logits[torch.bfloat16])
+
+
+def test_cache_dtype_on_a_cpu_is_bf16_only_for_long_streams_with_bf16_products():
+    from types import SimpleNamespace
+
+    from dallecli.models.prior import CPU_BF16_ATTENTION_FROM
+    from dallecli.sample import cache_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    short, long = SimpleNamespace(seq_len=CPU_BF16_ATTENTION_FROM - 1), SimpleNamespace(seq_len=CPU_BF16_ATTENTION_FROM)
+    assert cache_dtype(short, torch.bfloat16, cpu) == torch.float32
+    assert cache_dtype(long, torch.bfloat16, cpu) == torch.bfloat16
+    assert cache_dtype(long, torch.float32, cpu) == torch.float32
+    assert cache_dtype(short, torch.bfloat16, gpu) == torch.bfloat16
+
+
+def test_single_query_attention_on_a_bf16_cache_computes_in_fp32():
+    from dallecli.models.prior import attend
+
+    q, k, v = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 600, 8), torch.randn(2, 3, 600, 8)
+    kb, vb = k.bfloat16(), v.bfloat16()
+    expected = F.scaled_dot_product_attention(q, kb.float(), vb.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attend(q.bfloat16(), kb, vb, None, 0.0)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), F.scaled_dot_product_attention(q.bfloat16().float(), kb.float(), vb.float()), atol=1e-2)
+    assert torch.allclose(attend(q, kb, vb, None, 0.0).float(), expected, atol=1e-6)
+
+
 def test_cache_is_reusable_and_checked():
     c = MICRO
     model = model_of(c)

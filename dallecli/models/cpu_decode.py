@@ -68,7 +68,9 @@ class CPUDecoder:
                 cache.k[i][:, :, start:start + 1] = k
                 cache.v[i][:, :, start:start + 1] = v
                 keys, values = cache.k[i][:, :, :start + 1], cache.v[i][:, :, :start + 1]  # (B, nh, start+1, hs)
-                y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=m._mask(i, start, 1))
+                if keys.dtype != torch.float32:  # a bf16 cache (`sample.cache_dtype`), read once and widened
+                    keys, values = keys.float(), values.float()
+                y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=m._mask(i, start, 1))
                 x = x + proj(y.view(B, d))  # type promotion: the sum is fp32
                 x = x + fc_proj(fc(block.ln_2(x)))
             cache.length = start + 1

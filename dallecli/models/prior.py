@@ -103,18 +103,21 @@ class KVCache:
 
 # Under CPU autocast, attention over fewer keys than this runs in fp32: PyTorch's CPU flash kernel is ~2.5×
 # slower in bf16 than in fp32 at 96 keys, and 1.5× faster at 1,280 (a 13% faster bf16 training step at the
-# paper's stream on the benchmark machine).
+# paper's stream on the benchmark machine). At a single query (decoding) it is ~3× slower in bf16 at any
+# length: there the keys and values are widened to fp32 (`attend`, `CPUDecoder`).
 CPU_BF16_ATTENTION_FROM = 512
 
 
 def attend(q, k, v, mask, dropout_p):
     """Fused softmax(q·kᵀ/√hs)·v; mask (t, T) bool, or None for causal (or no mask for a single query).
-    On the CPU under autocast, short streams attend in fp32 (`CPU_BF16_ATTENTION_FROM`)."""
+    On the CPU, short streams under autocast and single queries attend in fp32 (`CPU_BF16_ATTENTION_FROM`)."""
     is_causal = mask is None and q.size(2) > 1
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu") and k.size(2) < CPU_BF16_ATTENTION_FROM:
+    if q.device.type == "cpu" and ((torch.is_autocast_enabled("cpu") and k.size(2) < CPU_BF16_ATTENTION_FROM)
+                                   or (q.size(2) == 1 and k.dtype != torch.float32)):
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                  is_causal=is_causal, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               is_causal=is_causal, dropout_p=dropout_p)
+        return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
 
 
