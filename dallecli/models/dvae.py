@@ -138,16 +138,16 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
         """The block on x, or with `upsample` on x's ×2 nearest upsampling (the decoder's, between groups).
 
-        Each path's first layer is pointwise there (a 1×1 conv, a ReLU), and pointwise layers commute with
-        nearest upsampling: they run on x at the low resolution and only their outputs are upsampled, the
-        same values for a quarter of the work in those layers. The gain multiplies the last conv's weights
+        The layers before each path's first spatial conv are pointwise there (ReLU, 1×1 conv, ReLU), and
+        pointwise layers commute with nearest upsampling: they run on x at the low resolution and only their
+        outputs are upsampled, the same values for a quarter of the work in those layers. The gain multiplies the last conv's weights
         rather than its output (one pass over the activations fewer, forward and backward)."""
         res = self.res_path
         if upsample:
             if res.conv_1.kw != 1:
                 raise ValueError("a block can take the upsampling over only where its first conv is 1×1")
             identity = _upsample(self.id_path(x))
-            h = res[2:-1](_upsample(res.conv_1(res.relu_1(x))))
+            h = res[3:-1](_upsample(res.relu_2(res.conv_1(res.relu_1(x)))))
         else:
             identity = self.id_path(x)
             h = res[:-1](x)
