@@ -60,7 +60,7 @@ def bandwidth_bound(model: PriorTransformer, batch: int, precision: str, kv: tor
     """Image tokens/s if each decode step only read the weights it multiplies by and the whole K/V cache once,
     as `CPUDecoder` holds them (block weights in bf16 or fp32, the image head in fp32, the cache in `kv`:
     `sample.cache_dtype`), at the read bandwidth measured now:
-        bytes_j = s_w · P_blocks + 4 · P_head + 2 · L · B · (ℓ_j + 1) · d · s_kv      (ℓ_j = text_len + 1 + j)
+        bytes_j = s_w · P_blocks + 4 · P_head + 2 · L · B · (ℓ_j + 1) · d · s_kv    (ℓ_j = text_len + 1 + j)
     summed over the grid² − 1 decode steps. Below ~L3 size (the `small` shape's 16 MB) the weights stay in cache
     and the bound is loose: there the limit is per-operation overhead, not memory."""
     c = model.config
@@ -73,7 +73,8 @@ def bandwidth_bound(model: PriorTransformer, batch: int, precision: str, kv: tor
     gbs = read_bandwidth()
     seconds = total / (gbs * 1e9)
     return {"read_bandwidth_gbs": gbs, "bytes_per_batch": total, "bound_tok_s": batch * c.image_len / seconds,
-            "bound": f"weights ({precision} blocks, fp32 head) + K/V cache ({str(kv).removeprefix('torch.')}) read once per decode step, "
+            "bound": f"weights ({precision} blocks, fp32 head) + K/V cache ({str(kv).removeprefix('torch.')}) "
+                     "read once per decode step, "
                      "at the measured read bandwidth"}
 
 

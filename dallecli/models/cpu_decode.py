@@ -7,9 +7,9 @@ ahead into its blocked layout (bf16 / fp32). Packing costs one pass over the wei
 call; a call decodes grid² − 1 steps.
 
 Numerics follow the autocast the prior trains with: the residual stream and the layer norms in fp32, the
-block's matrix products in `dtype` (bf16 or fp32), attention in fp32 over an fp32 cache (PyTorch's CPU
-attention kernels are several times slower in bf16 at one query), and the image head in fp32 (§2.4: logits
-in fp32). With dtype fp32 the logits equal `decode_step`'s to float rounding.
+block's matrix products in `dtype` (bf16 or fp32), attention in fp32 (PyTorch's CPU attention kernels are
+several times slower in bf16 at one query) over the cache, which is fp32, or bf16 for long streams
+(`sample.cache_dtype`) and then widened as it is read, and the image head in fp32 (§2.4: logits in fp32). With dtype fp32 the logits equal `decode_step`'s to float rounding.
 
     decoder = CPUDecoder.create(model, torch.bfloat16, rows=B)  # None where oneDNN's linear is missing
     logits = decoder.step(cache, token)           # like model.decode_step(cache, token)

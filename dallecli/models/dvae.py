@@ -132,7 +132,8 @@ class ResBlock(nn.Module):
         for i, kw in enumerate(kernels):
             # The first ReLU's input is also the id path's; the others act on a conv's output, which the conv's
             # backward does not keep, so they may overwrite it.
-            layers += [(f"relu_{i + 1}", nn.ReLU(inplace=i > 0)), (f"conv_{i + 1}", Conv2d(widths[i], widths[i + 1], kw))]
+            layers += [(f"relu_{i + 1}", nn.ReLU(inplace=i > 0)),
+                       (f"conv_{i + 1}", Conv2d(widths[i], widths[i + 1], kw))]
         self.res_path = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor, upsample: bool = False) -> torch.Tensor:
@@ -140,8 +141,9 @@ class ResBlock(nn.Module):
 
         The layers before each path's first spatial conv are pointwise there (ReLU, 1×1 conv, ReLU), and
         pointwise layers commute with nearest upsampling: they run on x at the low resolution and only their
-        outputs are upsampled, the same values for a quarter of the work in those layers. The gain multiplies the last conv's weights
-        rather than its output (one pass over the activations fewer, forward and backward)."""
+        outputs are upsampled, the same values for a quarter of the work in those layers. The gain multiplies
+        the last conv's weights rather than its output (one pass over the activations fewer, forward and
+        backward)."""
         res = self.res_path
         if upsample:
             if res.conv_1.kw != 1:

@@ -121,7 +121,8 @@ def ema_decay_at(decay: float, step: int) -> float:
 
 # --- the loop ---------------------------------------------------------------------------------------------
 
-def adamw(param_groups, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+def adamw(param_groups, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+          eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW as every training command builds it: PyTorch's fused kernel, one pass over all parameters (FSDP's
     sharded ones too), 3.4–6.6× faster per step than the multi-tensor kernel on the 2-core machine of
     docs/benchmarks.md, where that step was a seventh of the `small` prior's training step."""
