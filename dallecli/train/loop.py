@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -240,6 +240,34 @@ class _StopSignals:
         return False
 
 
+@dataclass
+class _Counters:
+    """Where a run stands besides its step; saved in every checkpoint's training state under these names."""
+    halvings: int = 0  # plateau schedule: times the learning rate was halved
+    best: float = math.inf  # plateau schedule: the best validation loss so far
+    bad_evals: int = 0  # evaluations since `best` last improved
+    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
+    empty: int = 0  # steps skipped for want of a readable sample
+    nonfinite_in_a_row: int = 0
+    bad_in_a_row: int = 0  # unreadable samples in a row
+
+    def updates(self, step: int) -> int:
+        """Of `step` steps, those that updated the weights: the schedules' clock."""
+        return step - self.nonfinite - self.empty
+
+    def state(self) -> dict[str, Any]:
+        return {**asdict(self), "best": self.best if math.isfinite(self.best) else None}  # no Inf in a checkpoint
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Counters:
+        """From a checkpoint's training state; KeyError where a field every version wrote is missing."""
+        return cls(halvings=int(state["halvings"]), bad_evals=int(state["bad_evals"]),
+                   best=math.inf if state["best"] is None else float(state["best"]),
+                   nonfinite=int(state["nonfinite"]), empty=int(state.get("empty", 0)),
+                   nonfinite_in_a_row=int(state.get("nonfinite_in_a_row", 0)),
+                   bad_in_a_row=int(state.get("bad_in_a_row", 0)))
+
+
 def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: bool = False,
           scaler: Any = None, wrap_model=None) -> TrainResult:
     """Train `task` into checkpoint folder `out`, resuming from its latest checkpoint unless `fresh`.
@@ -284,8 +312,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
     if scaler is None:
         scaler = GlobalScaler() if cfg.precision == "fp16" else NoScaler()
 
-    step, halvings, best, bad_evals, nonfinite_total, empty_total = 0, 0, math.inf, 0, 0, 0
-    bad_in_a_row = nonfinite_in_a_row = 0
+    step, run = 0, _Counters()
     ema: dict[str, torch.Tensor] | None = None
     if main and out.is_dir():
         checkpoint.recover(out)  # a re-save cut between its two renames
@@ -308,12 +335,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
             else:
                 resume_optimizer = state["optimizer"]
             scaler.load_state_dict(state.get("scaler", {}))
-            step, halvings = int(state["step"]), int(state["halvings"])
-            best = math.inf if state["best"] is None else float(state["best"])
-            bad_evals = int(state["bad_evals"])
-            nonfinite_total, empty_total = int(state["nonfinite"]), int(state.get("empty", 0))
-            nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
-            bad_in_a_row = int(state.get("bad_in_a_row", 0))
+            step, run = int(state["step"]), _Counters.from_state(state)
             set_rng_state(state["rng"])
         except KeyError as exc:
             raise UserError(f"cannot resume {ck.path}: its training state lacks the field {exc}; "
@@ -378,10 +400,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
         if bad:
             raise UserError(f"refusing to save step {at}: {bad} holds NaN or Inf; the last checkpoint "
                             f"({saved['path']}) is intact; lower --lr or use --precision fp32/bf16")
-        state = {"optimizer": opt_state, "scaler": scaler.state_dict(), "step": at, "halvings": halvings,
-                 "best": best if math.isfinite(best) else None,  # no Inf in a checkpoint, not even here
-                 "bad_evals": bad_evals, "nonfinite": nonfinite_total, "empty": empty_total,
-                 "nonfinite_in_a_row": nonfinite_in_a_row, "bad_in_a_row": bad_in_a_row,
+        state = {"optimizer": opt_state, "scaler": scaler.state_dict(), "step": at, **run.state(),
                  "rng": rng_state(rng), "data_position": at * cfg.grad_accum}
         path = checkpoint.save(out, at, kind=task.kind, model_config=task.model_config(), weights=weights,
                                ema=ema_full, training_state=state, meta=task.meta())
@@ -391,7 +410,6 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
         return path
 
     def evaluate(at: int) -> dict[str, float]:
-        nonlocal halvings, best, bad_evals
         # Evaluation must not disturb the training RNG (a resumed run would diverge otherwise).
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             if ema is not None:
@@ -405,12 +423,12 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
                 raw.load_state_dict(backup)
         val = result.get("val_loss")
         if cfg.schedule == "plateau" and val is not None:
-            if val < best - 1e-4:
-                best, bad_evals = val, 0
+            if val < run.best - 1e-4:
+                run.best, run.bad_evals = val, 0
             else:
-                bad_evals += 1
-                if bad_evals >= cfg.plateau_patience and halvings < cfg.plateau_halvings:
-                    halvings, bad_evals = halvings + 1, 0
+                run.bad_evals += 1
+                if run.bad_evals >= cfg.plateau_patience and run.halvings < cfg.plateau_halvings:
+                    run.halvings, run.bad_evals = run.halvings + 1, 0
         return result
 
     rejects: list[dict] = []
@@ -452,8 +470,8 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
                     save(step)
                 return interrupted()
             snapshot = rng_snapshot()  # what a save of this step's start would need
-            updates = step - nonfinite_total - empty_total  # skipped steps do not move the schedules
-            lr = learning_rate(cfg, updates, halvings)
+            updates = run.updates(step)  # skipped steps do not move the schedules
+            lr = learning_rate(cfg, updates, run.halvings)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             losses, parts, count = [], {}, 0
@@ -469,20 +487,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
                     if step > start_step and saved["step"] != step:
                         save(step, snapshot)
                     return interrupted()
-                errors = iter(batch.errors)
-                abort = None
-                order = batch.ok if batch.ok is not None else [False] * len(batch.errors) + [True] * len(batch.keys)
-                for ok in order:  # consecutive failures are counted in sample order
-                    if ok:
-                        bad_in_a_row = 0
-                        continue
-                    err = next(errors)
-                    bad_in_a_row += 1
-                    report(err, step + 1)
-                    if bad_in_a_row >= cfg.max_errors:
-                        abort = (f"{bad_in_a_row} bad samples in a row (last: {err['shard']}:{err['key']}: "
-                                 f"{err['reason']}); fix the shards or raise --max-errors")
-                        break
+                abort = _count_bad_samples(batch, run, cfg.max_errors, lambda err: report(err, step + 1))
                 no_data, aborting = synced(float(batch.data is None), float(abort is not None))
                 if aborting:
                     raise UserError(abort or "another process met too many bad samples in a row; see its "
@@ -515,7 +520,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
                 loss_value = shared[2] / world
                 parts = {k: v / world for k, v in zip(parts, shared[3:])}
             if not losses:  # no readable sample in this step (on every process alike): nothing to update
-                empty_total += 1
+                run.empty += 1
             elif finite:
                 scaler.update(True)
                 if cfg.grad_clip:
@@ -526,25 +531,19 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
                     parts["grad_norm"] = grad_norm
                 optimizer.step()
                 if ema is not None:
-                    d = ema_decay_at(cfg.ema_decay, updates)
-                    with torch.no_grad():
-                        for k, v in raw.state_dict().items():
-                            if v.is_floating_point():
-                                ema[k].lerp_(v.float(), 1 - d)
-                            else:
-                                ema[k].copy_(v)
-                nonfinite_in_a_row = 0
+                    _update_ema(ema, raw.state_dict(), ema_decay_at(cfg.ema_decay, updates))
+                run.nonfinite_in_a_row = 0
             else:  # skip the update: weights, optimizer, EMA and schedules stay as they are
                 scaler.update(False)
                 if powersgd is not None:
                     distributed.reset_powersgd(powersgd)
-                nonfinite_total += 1
-                nonfinite_in_a_row += 1
+                run.nonfinite += 1
+                run.nonfinite_in_a_row += 1
                 if main:
                     warn(f"step {step + 1}: non-finite loss or gradients; update skipped "
-                         f"({nonfinite_in_a_row} in a row, {nonfinite_total} in all)")
-                if nonfinite_in_a_row >= cfg.max_nonfinite:
-                    raise UserError(f"{nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; "
+                         f"({run.nonfinite_in_a_row} in a row, {run.nonfinite} in all)")
+                if run.nonfinite_in_a_row >= cfg.max_nonfinite:
+                    raise UserError(f"{run.nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; "
                                     f"lower --lr or use --precision fp32/bf16; the last checkpoint "
                                     f"({saved['path']}) is intact")
             optimizer.zero_grad(set_to_none=True)
@@ -559,7 +558,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
             bar.advance(1, rate_count=count * world, loss=loss_value, **speed)
             if main and (step % cfg.log_every == 0 or step == cfg.steps):
                 _append(metrics_path, {"step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
-                                       "skipped": nonfinite_total + empty_total, "elapsed": round(elapsed, 3),
+                                       "skipped": run.nonfinite + run.empty, "elapsed": round(elapsed, 3),
                                        f"{task.unit}_per_s": round(bar.rate, 2), **speed})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 result = evaluate(step)
@@ -576,6 +575,34 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
                                              "metrics": metrics_path, "skipped samples": len(rejects),
                                              **{k: f"{v:.4g}" for k, v in last_metrics.items()}})
     return TrainResult(step, saved["path"], last_metrics, rejects=rejects)
+
+
+def _count_bad_samples(batch: Batch, run: _Counters, max_errors: int, report) -> str | None:
+    """Report each unreadable sample of `batch` and count failures in a row, in sample order; the message to
+    stop with once `max_errors` come in a row, else None."""
+    errors = iter(batch.errors)
+    order = batch.ok if batch.ok is not None else [False] * len(batch.errors) + [True] * len(batch.keys)
+    for ok in order:
+        if ok:
+            run.bad_in_a_row = 0
+            continue
+        err = next(errors)
+        run.bad_in_a_row += 1
+        report(err)
+        if run.bad_in_a_row >= max_errors:
+            return (f"{run.bad_in_a_row} bad samples in a row (last: {err['shard']}:{err['key']}: "
+                    f"{err['reason']}); fix the shards or raise --max-errors")
+    return None
+
+
+@torch.no_grad()
+def _update_ema(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · weights, in fp32; integer buffers are copied."""
+    for k, v in weights.items():
+        if v.is_floating_point():
+            ema[k].lerp_(v.float(), 1 - decay)
+        else:
+            ema[k].copy_(v)
 
 
 def _does_not_fit(ck: checkpoint.Checkpoint, exc: Exception) -> UserError:
