@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dallecli.data.shapes import PALETTE, SPLITS, SUPPORTED_SIZES, TEMPLATES, render_scene, shape_mask
+from dallecli.data.shapes import PALETTE, SPLITS, SUPPORTED_SIZES, render_scene, shape_mask
 from dallecli.evaluate.shapes_check import (DEGRADATIONS, NamedObject, altered_caption, category, check,
                                             classify_pixels, degrade, label_regions, parse_caption, validate)
 
