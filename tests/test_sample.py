@@ -106,6 +106,27 @@ def test_compiled_decoder_gives_the_same_images(pipe, monkeypatch):
     assert pipe.prior.__dict__["_compiled_decoder"] is not held
 
 
+def test_the_decode_step_traces_as_one_graph(pipe, monkeypatch):
+    """What --compile needs on any device: dynamo traces the whole decode step (fullgraph=True), the CPU's
+    oneDNN linear layers included. Dynamo's eager backend checks the tracing without a C compiler."""
+    real_compile = torch.compile
+
+    def traced(module, **kwargs):
+        kwargs.pop("mode", None)
+        return real_compile(module, **kwargs, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", traced)
+    pipe.prior.__dict__.pop("_compiled_decoder", None)
+    text = _text(pipe, ["a red circle"])
+    try:
+        plain, _ = generate_codes(pipe.prior, text, [7], SamplingConfig(), precision="fp32")
+        compiled, _ = generate_codes(pipe.prior, text, [7], SamplingConfig(), compiled=True, precision="fp32")
+    finally:
+        pipe.prior.__dict__.pop("_compiled_decoder", None)
+        torch._dynamo.reset()
+    assert torch.equal(plain, compiled)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_seeds_reproduce_and_regenerate_alone(pipe, precision):
     text = _text(pipe, ["a red circle", "a red circle", "a green cross"])
@@ -173,6 +194,13 @@ def test_long_prompt_is_cut_with_a_warning(tiny_run, capsys):
     path = sample_to_folder(tiny_run, ["a red circle above a blue square " * 4], n=1, device="cpu", quiet=True)
     assert path.exists()
     assert "longer than 8 tokens, cut" in capsys.readouterr().err
+
+
+def test_compile_on_a_cpu_says_the_default_is_faster(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the warning, not the compiling
+    path = sample_to_folder(tiny_run, ["a red circle"], n=1, device="cpu", quiet=True, compiled=True)
+    assert path.exists()
+    assert "--compile on a CPU" in capsys.readouterr().err
 
 
 def test_cli_sample_and_errors(tiny_run):

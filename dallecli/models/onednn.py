@@ -63,8 +63,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for fp32 CPU tensors outside autocast."""
+    """`F.linear`, through oneDNN for fp32 CPU tensors outside autocast. Under torch.compile it stays
+    `F.linear`: inductor packs the weights for oneDNN itself (and cannot trace the availability check)."""
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel()
+            and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu") and packed_linear_available()):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
