@@ -32,6 +32,13 @@ class CPUDecoder:
                         PackedLinear(b.mlp.c_fc, dtype, rows, gelu=True), PackedLinear(b.mlp.c_proj, dtype, rows))
                        for b in model.blocks]
         self.head = PackedLinear(model.image_head, torch.float32, rows)  # §2.4: logits in fp32
+        # The layer norms' parameters, called through F.layer_norm: a module call costs microseconds of Python,
+        # which at the `small` shape is several percent of a step.
+        self.norms = [((b.ln_1.weight, b.ln_1.bias), (b.ln_2.weight, b.ln_2.bias)) for b in model.blocks]
+        self.final_norm = (model.ln_f.weight, model.ln_f.bias)
+        self.eps = model.ln_f.eps
+        self.dense = model.config.attention == "dense"
+        self._views: tuple = ()  # (cache, its per-layer key views, value views): made once per cache
         c = model.config
         index = torch.arange(c.image_len)
         # App. B.1: row + column embedding of every image position, summed once (a few ops fewer per token)
@@ -61,17 +68,22 @@ class CPUDecoder:
         m, c = self.model, self.model.config
         start, index = cache.length, m._next_image_index(cache, "CPUDecoder's decode step")
         B, d, nh = token.size(0), c.d_model, c.n_heads
+        if not self._views or self._views[0] is not cache:
+            self._views = (cache, cache.k.unbind(0), cache.v.unbind(0))
+        _, k_cache, v_cache = self._views
+        norm = (d,)
         with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here, not by an enclosing autocast
-            x = m.image_embed(token).float() + self.image_pos[index]  # (B, d), the fp32 residual stream
-            for i, (block, (qkv, proj, fc, fc_proj)) in enumerate(zip(m.blocks, self.blocks)):
-                q, k, v = qkv(block.ln_1(x)).view(B, 3, nh, 1, d // nh).unbind(1)  # 3 × (B, nh, 1, hs)
-                cache.k[i][:, :, start:start + 1] = k
-                cache.v[i][:, :, start:start + 1] = v
-                keys, values = cache.k[i][:, :, :start + 1], cache.v[i][:, :, :start + 1]  # (B, nh, start+1, hs)
+            x = F.embedding(token, m.image_embed.weight).float() + self.image_pos[index]  # (B, d): the fp32 residual
+            for i, ((qkv, proj, fc, fc_proj), (ln_1, ln_2)) in enumerate(zip(self.blocks, self.norms)):
+                q, k, v = qkv(F.layer_norm(x, norm, *ln_1, self.eps)).view(B, 3, nh, 1, d // nh).unbind(1)
+                k_cache[i].narrow(2, start, 1).copy_(k)  # 3 × (B, nh, 1, hs)
+                v_cache[i].narrow(2, start, 1).copy_(v)
+                keys, values = k_cache[i].narrow(2, 0, start + 1), v_cache[i].narrow(2, 0, start + 1)
                 if keys.dtype != torch.float32:  # a bf16 cache (`sample.cache_dtype`), read once and widened
                     keys, values = keys.float(), values.float()
-                y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=m._mask(i, start, 1))
+                mask = None if self.dense else m._mask(i, start, 1)
+                y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask)
                 x = x + proj(y.view(B, d))  # type promotion: the sum is fp32
-                x = x + fc_proj(fc(block.ln_2(x)))
+                x = x + fc_proj(fc(F.layer_norm(x, norm, *ln_2, self.eps)))
             cache.length = start + 1
-            return self.head(m.ln_f(x))
+            return self.head(F.layer_norm(x, norm, *self.final_norm, self.eps))
