@@ -50,7 +50,7 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
                   rank: int = 0, world: int = 1, max_errors: int = 100, precision: str | None = None) -> dict:
     """Encode every train and val shard; resumable (complete code shards made by the same dVAE are kept).
     The encoder runs channels-last, under bf16 autocast where `precision` (default `hardware.default_precision`) is
-    bf16; the nearest-code search stays fp32. A 64 px tiny-vq encodes 4× faster so on a native-bf16 CPU,
+    bf16; the nearest-code search stays fp32. A 64 px tiny-vq encodes 4× faster that way on a native-bf16 CPU,
     the paper preset 1.24× faster than NCHW on an H100, with the same reconstruction PSNR."""
     model, ck = load_dvae(dvae, device)
     cfg = model.config

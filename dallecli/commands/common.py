@@ -1,6 +1,7 @@
 """Options every command shares, and the start-up every command does."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +12,19 @@ RunOpt = Annotated[Path, typer.Option("--run", help="Run directory: inputs are f
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages; errors and the summary still print.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")]
 DEFAULT_RUN = Path("runs/default")
+
+
+class Precision(str, Enum):
+    """--precision of the commands that only run models (sample, encode)."""
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class TrainPrecision(str, Enum):
+    """--precision of the training commands: fp16 too (with gradient scaling)."""
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 def start(quiet: bool = False, debug: bool = False) -> None:

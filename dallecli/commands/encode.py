@@ -1,18 +1,12 @@
 """`dalle encode`: image shards → code shards with the trained dVAE (§2.1: argmax codes, no noise)."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, Precision, QuietOpt, RunOpt
 
 
 def command(

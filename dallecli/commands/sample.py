@@ -1,18 +1,12 @@
 """`dalle sample`: captions in, pictures out (§2.6)."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, Precision, QuietOpt, RunOpt
 
 
 def command(

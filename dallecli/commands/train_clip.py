@@ -1,19 +1,12 @@
 """`dalle train-clip`: the contrastive model that reranks samples (§2.6), trained on the run's image shards."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, TrainPrecision, QuietOpt, RunOpt
 
 
 # Per shipped architecture: (steps, batch size per process, peak learning rate). `dalle-tiny`: 500 updates of
@@ -32,7 +25,7 @@ def command(
                                                            "loss sees batch × processes (default: per model; dalle-tiny 128).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, cosine to 0 after a 5% warm-up (default: per model; dalle-tiny 1e-3).")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on gains, biases or the temperature).")] = 0.1,
-    precision: Annotated[Optional[Precision], typer.Option(help="bf16 (default on a GPU and on CPUs with native bf16), fp32 (other CPUs) or fp16.")] = None,
+    precision: Annotated[Optional[TrainPrecision], typer.Option(help="bf16 (default on a GPU and on CPUs with native bf16), fp32 (other CPUs) or fp16.")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random 90–100% square crops (never flips).")] = True,
     save_every: Annotated[int, typer.Option(help="Save a checkpoint every N updates.")] = 200,
     eval_every: Annotated[int, typer.Option(help="Validate (loss, image→text top-1/top-5 on the val split) every N updates; 0: never.")] = 100,

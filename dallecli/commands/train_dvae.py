@@ -1,20 +1,13 @@
 """`dalle train-dvae`: stage 1, the discrete VAE (§2.1, App. A)."""
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, TrainPrecision, QuietOpt, RunOpt
 from dallecli.hardware import default_precision
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 # Per preset: (steps, batch size per process, peak learning rate). `paper` is App. A.2's 3M updates of 512
@@ -39,7 +32,7 @@ def command(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per process per update (default: per preset).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, cosine to 1.25% of it (paper: 1e-4 → 1.25e-6; "
                                                    "default: per preset, 1e-3 for tiny-vq).")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="fp32, bf16 or fp16 (default: bf16 on a GPU and on a CPU with "
+    precision: Annotated[Optional[TrainPrecision], typer.Option(help="fp32, bf16 or fp16 (default: bf16 on a GPU and on a CPU with "
                                                                 "native bf16 (AVX512-BF16 / AMX), else fp32).")] = None,
     beta_steps: Annotated[Optional[int], typer.Option(help="β warm-up length (paper 5,000; default min(5,000, 10% of --steps)).")] = None,
     tau_steps: Annotated[Optional[int], typer.Option(help="τ annealing length (paper 150,000; default min(150,000, 50% of --steps)).")] = None,

@@ -7,13 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, TrainPrecision, QuietOpt, RunOpt
 
 
 class Attention(str, Enum):
@@ -46,7 +40,7 @@ def command(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (paper 4.5e-4).")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Linear warm-up updates (paper 5,000).")] = None,
     schedule: Annotated[Optional[Schedule], typer.Option(help="plateau: halve on a val-loss plateau, 5 times (paper; default for base and paper); cosine: to 0 (default for tiny and small).")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="bf16 (default on a GPU and on CPUs with native bf16), fp32 (other CPUs), fp16 with per-resblock gradient scaling (§2.4).")] = None,
+    precision: Annotated[Optional[TrainPrecision], typer.Option(help="bf16 (default on a GPU and on CPUs with native bf16), fp32 (other CPUs), fp16 with per-resblock gradient scaling (§2.4).")] = None,
     attention: Annotated[Optional[Attention], typer.Option(help="dense causal (fused kernels) or the paper's row/column/conv masks.")] = None,
     text_len: Annotated[Optional[int], typer.Option(help="Caption tokens (paper 256; default per preset).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Residual/attention dropout (not stated in the paper).")] = None,

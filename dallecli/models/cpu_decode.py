@@ -9,7 +9,8 @@ call; a call decodes grid² − 1 steps.
 Numerics follow the autocast the prior trains with: the residual stream and the layer norms in fp32, the
 block's matrix products in `dtype` (bf16 or fp32), attention in fp32 (PyTorch's CPU attention kernels are
 several times slower in bf16 at one query) over the cache, which is fp32, or bf16 for long streams
-(`sample.cache_dtype`) and then widened as it is read, and the image head in fp32 (§2.4: logits in fp32). With dtype fp32 the logits equal `decode_step`'s to float rounding.
+(`sample.cache_dtype`) and then widened as it is read, and the image head in fp32 (§2.4: logits in fp32).
+With dtype fp32 the logits equal `decode_step`'s to float rounding.
 
     decoder = CPUDecoder.create(model, torch.bfloat16, rows=B)  # None where oneDNN's linear is missing
     logits = decoder.step(cache, token)           # like model.decode_step(cache, token)
@@ -37,8 +38,6 @@ class CPUDecoder:
         self.norms = [((b.ln_1.weight, b.ln_1.bias), (b.ln_2.weight, b.ln_2.bias)) for b in model.blocks]
         self.final_norm = (model.ln_f.weight, model.ln_f.bias)
         self.eps = model.ln_f.eps
-        self.dense = model.config.attention == "dense"
-        self._views: tuple = ()  # (cache, its per-layer key views, value views): made once per cache
         c = model.config
         index = torch.arange(c.image_len)
         # App. B.1: row + column embedding of every image position, summed once (a few ops fewer per token)
@@ -68,21 +67,18 @@ class CPUDecoder:
         m, c = self.model, self.model.config
         start, index = cache.length, m._next_image_index(cache, "CPUDecoder's decode step")
         B, d, nh = token.size(0), c.d_model, c.n_heads
-        if not self._views or self._views[0] is not cache:
-            self._views = (cache, cache.k.unbind(0), cache.v.unbind(0))
-        _, k_cache, v_cache = self._views
         norm = (d,)
         with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here, not by an enclosing autocast
             x = F.embedding(token, m.image_embed.weight).float() + self.image_pos[index]  # (B, d): the fp32 residual
-            for i, ((qkv, proj, fc, fc_proj), (ln_1, ln_2)) in enumerate(zip(self.blocks, self.norms)):
+            for i, ((qkv, proj, fc, fc_proj), (ln_1, ln_2), (k_cache, v_cache)) in enumerate(
+                    zip(self.blocks, self.norms, cache.layers)):
                 q, k, v = qkv(F.layer_norm(x, norm, *ln_1, self.eps)).view(B, 3, nh, 1, d // nh).unbind(1)
-                k_cache[i].narrow(2, start, 1).copy_(k)  # 3 × (B, nh, 1, hs)
-                v_cache[i].narrow(2, start, 1).copy_(v)
-                keys, values = k_cache[i].narrow(2, 0, start + 1), v_cache[i].narrow(2, 0, start + 1)
+                k_cache.narrow(2, start, 1).copy_(k)  # 3 × (B, nh, 1, hs)
+                v_cache.narrow(2, start, 1).copy_(v)
+                keys, values = k_cache.narrow(2, 0, start + 1), v_cache.narrow(2, 0, start + 1)
                 if keys.dtype != torch.float32:  # a bf16 cache (`sample.cache_dtype`), read once and widened
                     keys, values = keys.float(), values.float()
-                mask = None if self.dense else m._mask(i, start, 1)
-                y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=m._mask(i, start, 1))
                 x = x + proj(y.view(B, d))  # type promotion: the sum is fp32
                 x = x + fc_proj(fc(F.layer_norm(x, norm, *ln_2, self.eps)))
             cache.length = start + 1

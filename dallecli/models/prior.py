@@ -30,7 +30,7 @@ biases on (GPT-2), no weight tying (App. D keeps "embeddings and unembeddings" a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -99,6 +99,10 @@ class KVCache:
     k: torch.Tensor  # (n_layers, B, nh, max_len, hs)
     v: torch.Tensor  # (n_layers, B, nh, max_len, hs)
     length: int = 0
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)  # per layer: (k, v) views
+
+    def __post_init__(self):
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # made once: a decode step indexes them
 
 
 # Under CPU autocast, attention over fewer keys than this runs in fp32: PyTorch's CPU flash kernel is ~2.5×
@@ -258,7 +262,7 @@ class PriorTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             mask = self._mask(i, start, x.size(1))
             if cache is not None:
-                x = block(x, mask, (cache.k[i], cache.v[i]), start)
+                x = block(x, mask, cache.layers[i], start)
             elif self.config.checkpoint_activations and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
