@@ -4,7 +4,7 @@ The rival's dVAE (3 down-samplings, 512 codes, hidden 64) and ours differ in arc
 at the same job: batch 16, 64 px (or 256 px) RGB → an 8×8 (32×32) grid of 512 codes. Ours is the `tiny`
 preset (4 groups of 1 resblock, widths 32…256, 3 max-pools), at its 64 px and at 256 px.
 One training step: `elbo_loss` (gumbel relaxation at τ = 1, β = 6.6), backward, fused AdamW step
-(`train.loop.adamw`), zero_grad, on channels-last activations, as `dalle train-dvae` runs it.
+(`train.schedule.adamw`), zero_grad, on channels-last activations, as `dalle train-dvae` runs it.
 Encode: `DVAE.encode` (argmax of the logits), no grad. FLOPs are counted by torch's FlopCounterMode on the
 same call; utilisation = achieved FLOP/s ÷ the fp32 GEMM rate measured just before.
 The `_bf16` variants run what `dalle train-dvae` / `dalle encode` run by default on a CPU with native bf16: the
@@ -24,7 +24,7 @@ from benchmarks.common import (RIVAL, RIVAL_NAME, TARGET_TRAIN, Result, environm
 from dallecli.hardware import default_precision
 from dallecli.models.dvae import DVAE, PRESETS, count_parameters
 from dallecli.models.dvae_objective import elbo_loss
-from dallecli.train.loop import adamw
+from dallecli.train.schedule import adamw
 
 BATCH = 16
 

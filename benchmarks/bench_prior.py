@@ -1,7 +1,7 @@
 """Prior training step (tokens/s, model-FLOPs utilisation) at the rival's `small` and `paper-stream` shapes.
 
 One step is what train/loop.py does per batch: forward, `prior_loss` (§2.2's 1/8 text + 7/8 image), backward,
-fused AdamW step over `param_groups` (`train.loop.adamw`), zero_grad. In fp32 (the rival's precision, and the CPU default where the CPU has
+fused AdamW step over `param_groups` (`train.schedule.adamw`), zero_grad. In fp32 (the rival's precision, and the CPU default where the CPU has
 no native bf16) the linear layers run through oneDNN (`dallecli.models.onednn`); the `_bf16` variants run the
 same step under bf16 autocast, what `train-prior` does by default on CPUs with native bf16.
 MFU = tokens/s × flops_per_token (6·N + 12·L·d·T, dallecli.models.prior.flops_per_token) ÷ the GEMM rate
@@ -16,7 +16,7 @@ import torch
 from benchmarks.common import (RIVAL, RIVAL_NAME, SHAPES, TARGET_TRAIN, Result, environment, fake_batch,
                                gemm_ceiling, gemm_rate, measure, median, memory_gb, ratio)
 from dallecli.models.prior import PriorTransformer, flops_per_token, num_params, param_groups, prior_loss
-from dallecli.train.loop import adamw
+from dallecli.train.schedule import adamw
 
 
 def train_step_fn(model: PriorTransformer, text: torch.Tensor, image: torch.Tensor, dtype: torch.dtype | None):

@@ -237,7 +237,7 @@ def prior_train(mode: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 heads on tensor cores (as train-prior on a GPU)
     torch.manual_seed(0)
     model = PriorTransformer(cfg).to(dev).train()
-    from dallecli.train.loop import adamw
+    from dallecli.train.schedule import adamw
 
     optimizer = adamw(param_groups(model, 0.01), lr=1e-4)  # fused, as train/loop.py builds it
     dtype = torch.float16 if mode.startswith("fp16") else torch.bfloat16

@@ -14,7 +14,8 @@ from torch import nn
 from dallecli import checkpoint
 from dallecli.console import UserError
 from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_codes
-from dallecli.train.loop import TrainConfig, cosine, ema_decay_at, learning_rate, train
+from dallecli.train.loop import TrainConfig, train
+from dallecli.train.schedule import cosine, ema_decay_at, learning_rate
 
 
 def write_shard(path, samples):

@@ -19,7 +19,9 @@ import torch
 
 from dallecli import checkpoint
 from dallecli.console import UserError
-from dallecli.train.loop import first_nonfinite, learning_rate, train
+from dallecli.train.loop import train
+from dallecli.train.schedule import learning_rate
+from dallecli.train.state import first_nonfinite
 from tests.fixtures import tasks
 from tests.fixtures.cli import losses, tensors_equal
 from tests.fixtures.runs import make_dvae_run, make_prior_run

@@ -6,16 +6,16 @@ schedule), skips non-finite steps, evaluates, logs metrics.jsonl, and saves and 
 exactly (DESIGN.md, "Checkpoints"). Accelerate provides the processes, devices and DDP wrapping;
 autocast and gradient scaling are done here so the paper's per-resblock scheme can plug in. With several
 processes, `strategy="fsdp"` shards the model instead of replicating it and `powersgd_rank` compresses
-DDP's gradient all-reduce (train/distributed.py).
+DDP's gradient all-reduce (train/distributed.py). Beside it: the optimizer and schedules (train/schedule.py),
+what a checkpoint's training state holds (train/state.py), the JSONL files (train/runfiles.py) and the stop
+signals (train/signals.py).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -27,9 +27,12 @@ from dallecli.config import to_dict, write_json_atomic
 from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.data.loader import Batch
 from dallecli.hardware import cpu_has_bf16, matmul_peak, model_flops_utilisation
-from dallecli.train import distributed
+from dallecli.train import distributed, runfiles
 from dallecli.train.precision import GlobalScaler, NoScaler
-from dallecli.train.state import config_diff, rng_snapshot, rng_state, seed_everything, set_rng_state
+from dallecli.train.schedule import adamw, ema_decay_at, learning_rate
+from dallecli.train.signals import StopSignals
+from dallecli.train.state import (Counters, config_diff, first_nonfinite, rng_snapshot, rng_state, seed_everything,
+                                  set_rng_state, update_ema)
 
 
 @dataclass(frozen=True)
@@ -96,39 +99,6 @@ class Stop(Exception):
         self.signum = signum
 
 
-# --- schedules -------------------------------------------------------------------------------------------
-
-def cosine(step: int, total: int, start: float, end: float) -> float:
-    """Cosine from `start` at step 0 to `end` at `total` (and after)."""
-    t = min(max(step, 0), total) / max(total, 1)
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
-
-
-def learning_rate(cfg: TrainConfig, step: int, halvings: int = 0) -> float:
-    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
-    if cfg.schedule == "cosine":
-        length = (cfg.decay_steps or cfg.steps) - cfg.warmup
-        return warm * cosine(step - cfg.warmup, max(1, length), cfg.lr, cfg.min_lr)
-    if cfg.schedule == "plateau":
-        return warm * cfg.lr * 0.5 ** halvings
-    return warm * cfg.lr
-
-
-def ema_decay_at(decay: float, step: int) -> float:
-    # Warm the EMA up: with decay 0.999 a 500-step run would otherwise keep 60% of the initial weights.
-    return min(decay, (1 + step) / (10 + step))
-
-
-# --- the loop ---------------------------------------------------------------------------------------------
-
-def adamw(param_groups, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-          eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW as every training command builds it: PyTorch's fused kernel, one pass over all parameters (FSDP's
-    sharded ones too), 3.4–6.6× faster per step than the multi-tensor kernel on the 2-core machine of
-    docs/benchmarks.md, where that step was a seventh of the `small` prior's training step."""
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True)
-
-
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings the loop cannot run with, at once (not after hours of training), naming the flag."""
     rules = [(cfg.steps >= 0, "--steps must be at least 0"),
@@ -149,125 +119,6 @@ def check_config(cfg: TrainConfig) -> None:
     distributed.check_options(cfg.strategy, cfg.powersgd_rank, cfg.precision)
 
 
-def _trim_jsonl(path: Path, resume_step: int) -> Path:
-    """Keep the records of a step-stamped JSONL file up to `resume_step` (the later ones will be redone).
-    A line cut off by a crash is dropped."""
-    if path.exists():
-        kept = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
-                kept.append(line)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _write_error(path, exc) from None
-    return path
-
-
-def _metrics_file(out: Path, resume_step: int) -> Path:
-    """metrics.jsonl, with any lines past the step being resumed dropped (they will be redone)."""
-    return _trim_jsonl(out / "metrics.jsonl", resume_step if resume_step > 0 else -1)
-
-
-def _write_error(path: Path, exc: OSError) -> UserError:
-    return UserError(f"cannot write {path}: {exc.strerror or exc} (disk full or not writable?); the last "
-                     "checkpoint is intact: free space and rerun the same command to resume")
-
-
-def _append(path: Path, record: dict) -> None:
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as exc:
-        raise _write_error(path, exc) from None
-
-
-def first_nonfinite(tree: Any, name: str = "") -> str | None:
-    """The name of the first floating-point tensor holding NaN or Inf in nested dicts/lists, else None."""
-    if isinstance(tree, torch.Tensor):
-        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
-    if isinstance(tree, float):
-        return name if not math.isfinite(tree) else None
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
-    for k, v in items:
-        found = first_nonfinite(v, f"{name}.{k}" if name else str(k))
-        if found:
-            return found
-    return None
-
-
-class _StopSignals:
-    """SIGTERM / SIGINT set a flag; the loop finishes the step it is on, saves it and exits (143 / 130).
-
-    A terminal's Ctrl-C or a scheduler's SIGTERM reach the whole process group, DataLoader workers
-    included. Workers ignore SIGINT (data.loader); one killed by SIGTERM must not abort the save, so
-    torch's SIGCHLD handler (which raises "DataLoader worker exited unexpectedly" wherever the main
-    process happens to be) is set aside as soon as a stop is asked for. A second Ctrl-C quits at once,
-    without saving (the previous checkpoint stays intact: saves are atomic)."""
-
-    def __init__(self):
-        self.signals: list[int] = []
-        self._old: dict[int, Any] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self.signals)
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: signals stay as they are
-            pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signals and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if not self.signals and hasattr(signal, "SIGCHLD") and signal.SIGCHLD not in self._old:
-            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        self.signals.append(signum)
-
-    def __exit__(self, *exc) -> bool:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        return False
-
-
-@dataclass
-class _Counters:
-    """Where a run stands besides its step; saved in every checkpoint's training state under these names."""
-    halvings: int = 0  # plateau schedule: times the learning rate was halved
-    best: float = math.inf  # plateau schedule: the best validation loss so far
-    bad_evals: int = 0  # evaluations since `best` last improved
-    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
-    empty: int = 0  # steps skipped for want of a readable sample
-    nonfinite_in_a_row: int = 0
-    bad_in_a_row: int = 0  # unreadable samples in a row
-
-    def updates(self, step: int) -> int:
-        """Of `step` steps, those that updated the weights: the schedules' clock."""
-        return step - self.nonfinite - self.empty
-
-    def state(self) -> dict[str, Any]:
-        return {**asdict(self), "best": self.best if math.isfinite(self.best) else None}  # no Inf in a checkpoint
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> _Counters:
-        """From a checkpoint's training state; KeyError where a field every version wrote is missing."""
-        return cls(halvings=int(state["halvings"]), bad_evals=int(state["bad_evals"]),
-                   best=math.inf if state["best"] is None else float(state["best"]),
-                   nonfinite=int(state["nonfinite"]), empty=int(state.get("empty", 0)),
-                   nonfinite_in_a_row=int(state.get("nonfinite_in_a_row", 0)),
-                   bad_in_a_row=int(state.get("bad_in_a_row", 0)))
-
-
 def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: bool = False,
           scaler: Any = None, wrap_model=None) -> TrainResult:
     """Train `task` into checkpoint folder `out`, resuming from its latest checkpoint unless `fresh`.
@@ -276,11 +127,11 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
     return a model prepared for it.
     """
     check_config(cfg)
-    with _StopSignals() as stop:  # at once: a signal during set-up stops before the first step
+    with StopSignals() as stop:  # at once: a signal during set-up stops before the first step
         return _train(task, cfg, Path(out), stop, fresh=fresh, cpu=cpu, scaler=scaler, wrap_model=wrap_model)
 
 
-def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh: bool, cpu: bool,
+def _train(task: Task, cfg: TrainConfig, out: Path, stop: StopSignals, *, fresh: bool, cpu: bool,
            scaler: Any, wrap_model) -> TrainResult:
     from accelerate import Accelerator
 
@@ -312,7 +163,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
     if scaler is None:
         scaler = GlobalScaler() if cfg.precision == "fp16" else NoScaler()
 
-    step, run = 0, _Counters()
+    step, run = 0, Counters()
     ema: dict[str, torch.Tensor] | None = None
     if main and out.is_dir():
         checkpoint.recover(out)  # a re-save cut between its two renames
@@ -335,7 +186,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
             else:
                 resume_optimizer = state["optimizer"]
             scaler.load_state_dict(state.get("scaler", {}))
-            step, run = int(state["step"]), _Counters.from_state(state)
+            step, run = int(state["step"]), Counters.from_state(state)
             set_rng_state(state["rng"])
         except KeyError as exc:
             raise UserError(f"cannot resume {ck.path}: its training state lacks the field {exc}; "
@@ -381,9 +232,9 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / "train_config.json", to_dict(cfg))
         except OSError as exc:
-            raise _write_error(out / "train_config.json", exc) from None
-        metrics_path = _metrics_file(out, step)
-        rejects_path = _trim_jsonl(out / "rejects.jsonl", step if step > 0 else -1)
+            raise runfiles.write_error(out / "train_config.json", exc) from None
+        metrics_path = runfiles.metrics_file(out, step)
+        rejects_path = runfiles.trim_jsonl(out / "rejects.jsonl", step if step > 0 else -1)
     saved: dict[str, Any] = {"step": start_step if ck is not None else None, "path": ck.path if ck else None}
 
     def save(at: int, rng: dict[str, Any] | None = None) -> Path | None:
@@ -438,7 +289,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
         if main:
             warn(f"skipping {err['shard']}:{err['key']}: {err['reason']}")
             if write:
-                _append(rejects_path, {"step": at, **err})
+                runfiles.append(rejects_path, {"step": at, **err})
 
     def synced(*flags: float) -> list[float]:
         """Per-process flags summed over the processes (one small all-reduce), so all decide alike."""
@@ -531,7 +382,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
                     parts["grad_norm"] = grad_norm
                 optimizer.step()
                 if ema is not None:
-                    _update_ema(ema, raw.state_dict(), ema_decay_at(cfg.ema_decay, updates))
+                    update_ema(ema, raw.state_dict(), ema_decay_at(cfg.ema_decay, updates))
                 run.nonfinite_in_a_row = 0
             else:  # skip the update: weights, optimizer, EMA and schedules stay as they are
                 scaler.update(False)
@@ -557,14 +408,14 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
                 speed["mfu"] = round(model_flops_utilisation(bar.rate, flops, world, peak), 4)
             bar.advance(1, rate_count=count * world, loss=loss_value, **speed)
             if main and (step % cfg.log_every == 0 or step == cfg.steps):
-                _append(metrics_path, {"step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
+                runfiles.append(metrics_path, {"step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
                                        "skipped": run.nonfinite + run.empty, "elapsed": round(elapsed, 3),
                                        f"{task.unit}_per_s": round(bar.rate, 2), **speed})
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 result = evaluate(step)
                 last_metrics.update(result)
                 if main and result:
-                    _append(metrics_path, {"step": step, "split": "val", **result})
+                    runfiles.append(metrics_path, {"step": step, "split": "val", **result})
             if step % cfg.save_every == 0 or step == cfg.steps or stopping:
                 save(step)
             if stopping:
@@ -577,7 +428,7 @@ def _train(task: Task, cfg: TrainConfig, out: Path, stop: _StopSignals, *, fresh
     return TrainResult(step, saved["path"], last_metrics, rejects=rejects)
 
 
-def _count_bad_samples(batch: Batch, run: _Counters, max_errors: int, report) -> str | None:
+def _count_bad_samples(batch: Batch, run: Counters, max_errors: int, report) -> str | None:
     """Report each unreadable sample of `batch` and count failures in a row, in sample order; the message to
     stop with once `max_errors` come in a row, else None."""
     errors = iter(batch.errors)
@@ -593,16 +444,6 @@ def _count_bad_samples(batch: Batch, run: _Counters, max_errors: int, report) ->
             return (f"{run.bad_in_a_row} bad samples in a row (last: {err['shard']}:{err['key']}: "
                     f"{err['reason']}); fix the shards or raise --max-errors")
     return None
-
-
-@torch.no_grad()
-def _update_ema(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], decay: float) -> None:
-    """ema ← decay · ema + (1 − decay) · weights, in fp32; integer buffers are copied."""
-    for k, v in weights.items():
-        if v.is_floating_point():
-            ema[k].lerp_(v.float(), 1 - decay)
-        else:
-            ema[k].copy_(v)
 
 
 def _does_not_fit(ck: checkpoint.Checkpoint, exc: Exception) -> UserError:

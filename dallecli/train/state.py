@@ -1,9 +1,12 @@
 """Training state that must survive a resume: the random generators (as plain values a `weights_only`
-checkpoint load accepts), seeding, and the model-config comparison that refuses a changed model."""
+checkpoint load accepts), seeding, the run's counters, the EMA update, the check that nothing saved holds NaN
+or Inf, and the model-config comparison that refuses a changed model."""
 from __future__ import annotations
 
 import json
+import math
 import random
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -53,3 +56,55 @@ def config_diff(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{k}: checkpoint {saved.get(k)!r} != now {current.get(k)!r}" for k in keys
             if saved.get(k) != current.get(k)]
+
+
+@dataclass
+class Counters:
+    """Where a run stands besides its step; saved in every checkpoint's training state under these names."""
+    halvings: int = 0  # plateau schedule: times the learning rate was halved
+    best: float = math.inf  # plateau schedule: the best validation loss so far
+    bad_evals: int = 0  # evaluations since `best` last improved
+    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient
+    empty: int = 0  # steps skipped for want of a readable sample
+    nonfinite_in_a_row: int = 0
+    bad_in_a_row: int = 0  # unreadable samples in a row
+
+    def updates(self, step: int) -> int:
+        """Of `step` steps, those that updated the weights: the schedules' clock."""
+        return step - self.nonfinite - self.empty
+
+    def state(self) -> dict[str, Any]:
+        return {**asdict(self), "best": self.best if math.isfinite(self.best) else None}  # no Inf in a checkpoint
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Counters:
+        """From a checkpoint's training state; KeyError where a field every version wrote is missing."""
+        return cls(halvings=int(state["halvings"]), bad_evals=int(state["bad_evals"]),
+                   best=math.inf if state["best"] is None else float(state["best"]),
+                   nonfinite=int(state["nonfinite"]), empty=int(state.get("empty", 0)),
+                   nonfinite_in_a_row=int(state.get("nonfinite_in_a_row", 0)),
+                   bad_in_a_row=int(state.get("bad_in_a_row", 0)))
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · weights, in fp32; integer buffers are copied."""
+    for k, v in weights.items():
+        if v.is_floating_point():
+            ema[k].lerp_(v.float(), 1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+def first_nonfinite(tree: Any, name: str = "") -> str | None:
+    """The name of the first floating-point tensor holding NaN or Inf in nested dicts/lists, else None."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    if isinstance(tree, float):
+        return name if not math.isfinite(tree) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for k, v in items:
+        found = first_nonfinite(v, f"{name}.{k}" if name else str(k))
+        if found:
+            return found
+    return None
