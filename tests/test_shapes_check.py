@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from dallecli.data.shapes import PALETTE, SPLITS, SUPPORTED_SIZES, render_scene, shape_mask
-from dallecli.evaluate.shapes_check import (DEGRADATIONS, NamedObject, altered_caption, category, check,
-                                            classify_pixels, degrade, label_regions, parse_caption, validate)
+from dallecli.evaluate.shapes_check import NamedObject, category, check, classify_pixels, label_regions, parse_caption
+from dallecli.evaluate.shapes_validate import DEGRADATIONS, altered_caption, degrade, validate
 
 
 def scenes(n, seed, sizes=SUPPORTED_SIZES):

@@ -119,7 +119,8 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
     from dallecli.console import UserError, summary
     from dallecli.data.images import ImageConfig
     from dallecli.data.shards import BuildConfig, build
-    from dallecli.data.sources import BUILTIN, FetchConfig, PrepareConfig, SourceSpec, detect_kind
+    from dallecli.data.fetch import FetchConfig
+    from dallecli.data.sources import BUILTIN, PrepareConfig, SourceSpec, detect_kind
 
     if source is None:
         if path is None:

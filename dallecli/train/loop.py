@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -91,14 +92,6 @@ class TrainResult:
     rejects: list[dict] = field(default_factory=list)  # bad samples skipped: {"shard", "key", "reason"}
 
 
-class Stop(Exception):
-    """A signal asked the run to stop after saving (kept for callers; `train` now reports it through
-    `TrainResult.stopped_by`)."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-
-
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings the loop cannot run with, at once (not after hours of training), naming the flag."""
     rules = [(cfg.steps >= 0, "--steps must be at least 0"),
@@ -128,304 +121,357 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
     """
     check_config(cfg)
     with StopSignals() as stop:  # at once: a signal during set-up stops before the first step
-        return _train(task, cfg, Path(out), stop, fresh=fresh, cpu=cpu, scaler=scaler, wrap_model=wrap_model)
+        return _Trainer(task, cfg, Path(out), stop, fresh=fresh, cpu=cpu, scaler=scaler,
+                        wrap_model=wrap_model).run()
 
 
-def _train(task: Task, cfg: TrainConfig, out: Path, stop: StopSignals, *, fresh: bool, cpu: bool,
-           scaler: Any, wrap_model) -> TrainResult:
-    from accelerate import Accelerator
+class _Trainer:
+    """One call of `train`. The set-up runs in __init__: devices, model, resume from the latest checkpoint,
+    sharding or DDP wrapping, the run's files. Then `run` loops over optimizer updates: `_accumulate` the
+    micro-batches' gradients, `_update` (or skip a non-finite step), `_record` (progress, metrics,
+    evaluation, checkpoints)."""
 
-    accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    if cfg.precision != "fp32" and device.type == "cpu" and not (cfg.precision == "bf16" and cpu_has_bf16()):
-        warn(f"--precision {cfg.precision} on a CPU without native {cfg.precision}: autocast is slow there; "
-             "fp32 is the CPU default")
-    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
-    if device.type == "cuda":  # the fp32 heads and logits (§2.4) on TF32 tensor cores: 13% faster at `base` (H100)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    sharded = cfg.strategy == "fsdp" and world > 1
-    if main and cfg.strategy == "fsdp" and world == 1:
-        info("--strategy fsdp with one process: nothing to shard; training the whole model here")
-    if main and cfg.powersgd_rank is not None and world == 1:
-        info("--powersgd-rank with one process: no gradients are exchanged; PowerSGD is off")
+    def __init__(self, task: Task, cfg: TrainConfig, out: Path, stop: StopSignals, *, fresh: bool, cpu: bool,
+                 scaler: Any, wrap_model):
+        from accelerate import Accelerator
 
-    def new_optimizer() -> torch.optim.Optimizer:
-        return adamw(task.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        self.task, self.cfg, self.out, self.stop = task, cfg, out, stop
+        self.accelerator = accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())
+        self.device, self.rank, self.world = accelerator.device, accelerator.process_index, accelerator.num_processes
+        self.main = main = accelerator.is_main_process
+        native = cfg.precision == "bf16" and cpu_has_bf16()
+        if cfg.precision != "fp32" and self.device.type == "cpu" and not native:
+            warn(f"--precision {cfg.precision} on a CPU without native {cfg.precision}: autocast is slow there; "
+                 "fp32 is the CPU default")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+        if self.device.type == "cuda":  # the fp32 heads and logits (§2.4) on TF32 tensor cores: 13% faster (H100)
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.sharded = cfg.strategy == "fsdp" and self.world > 1
+        if main and cfg.strategy == "fsdp" and self.world == 1:
+            info("--strategy fsdp with one process: nothing to shard; training the whole model here")
+        if main and cfg.powersgd_rank is not None and self.world == 1:
+            info("--powersgd-rank with one process: no gradients are exchanged; PowerSGD is off")
 
-    seed_everything(cfg.seed)
-    model = task.build_model()
-    if wrap_model is not None:
-        model = wrap_model(model)
-    # Sharded, the optimizer must hold the parameter shards: it is built once the model is sharded (below).
-    optimizer = None if sharded else new_optimizer()
-    resume_optimizer: dict | None = None  # sharded: the checkpoint's optimizer state, loaded after sharding
-    if scaler is None:
-        scaler = GlobalScaler() if cfg.precision == "fp16" else NoScaler()
+        seed_everything(cfg.seed)
+        self.model = task.build_model()
+        if wrap_model is not None:
+            self.model = wrap_model(self.model)
+        # Sharded, the optimizer must hold the parameter shards: it is built once the model is sharded (_place).
+        self.optimizer = None if self.sharded else self._new_optimizer()
+        self.scaler = scaler if scaler is not None else GlobalScaler() if cfg.precision == "fp16" else NoScaler()
+        self.step, self.counters = 0, Counters()
+        self.ema: dict[str, torch.Tensor] | None = None
+        self.rejects: list[dict] = []
+        self.last_metrics: dict[str, float] = {}
+        ck, resume_optimizer = self._resume(fresh)
+        self.start_step = self.step
+        self._place(ck, resume_optimizer)
+        self.metrics_path = self.rejects_path = None
+        if main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(out / "train_config.json", to_dict(cfg))
+            except OSError as exc:
+                raise runfiles.write_error(out / "train_config.json", exc) from None
+            self.metrics_path = runfiles.metrics_file(out, self.step)
+            self.rejects_path = runfiles.trim_jsonl(out / "rejects.jsonl", self.step if self.step > 0 else -1)
+        self.saved: dict[str, Any] = {"step": self.start_step if ck is not None else None,
+                                      "path": ck.path if ck else None}
 
-    step, run = 0, Counters()
-    ema: dict[str, torch.Tensor] | None = None
-    if main and out.is_dir():
-        checkpoint.recover(out)  # a re-save cut between its two renames
-    accelerator.wait_for_everyone()
-    ck = None if fresh else (checkpoint.latest(out) if out.exists() else None)
-    if fresh and main and out.exists() and checkpoint.latest(out) is not None:
-        info(f"--fresh: starting over; the checkpoints in {out} will be replaced as the new run saves")
-    if ck is not None:
-        ck = checkpoint.load(ck, task.kind)
-        diff = config_diff(ck.model_config, task.model_config())
+    # --- set-up ---------------------------------------------------------------------------------------------
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        return adamw(self.task.param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+    def _resume(self, fresh: bool) -> tuple[checkpoint.Checkpoint | None, dict | None]:
+        """Load the latest checkpoint of `out` (unless `fresh`) into the model, optimizer, scaler, counters and
+        RNG. Returns it and, sharded, its optimizer state (loaded once the model is sharded)."""
+        out, cfg, main = self.out, self.cfg, self.main
+        if main and out.is_dir():
+            checkpoint.recover(out)  # a re-save cut between its two renames
+        self.accelerator.wait_for_everyone()
+        ck = None if fresh else (checkpoint.latest(out) if out.exists() else None)
+        if fresh and main and out.exists() and checkpoint.latest(out) is not None:
+            info(f"--fresh: starting over; the checkpoints in {out} will be replaced as the new run saves")
+        if ck is None:
+            return None, None
+        ck = checkpoint.load(ck, self.task.kind)
+        diff = config_diff(ck.model_config, self.task.model_config())
         if diff:
             raise UserError(f"cannot resume {ck.path}: the model differs ({'; '.join(diff[:3])}); "
                             "use the same options, or --fresh to start over")
-        task.check_resume(ck)
+        self.task.check_resume(ck)
         state = ck.training_state()
+        resume_optimizer = None
         try:
-            model.load_state_dict(ck.weights(ema=False))  # on every process (sharding splits them later)
-            if optimizer is not None:
-                optimizer.load_state_dict(state["optimizer"])
+            self.model.load_state_dict(ck.weights(ema=False))  # on every process (sharding splits them later)
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
             else:
                 resume_optimizer = state["optimizer"]
-            scaler.load_state_dict(state.get("scaler", {}))
-            step, run = int(state["step"]), Counters.from_state(state)
+            self.scaler.load_state_dict(state.get("scaler", {}))
+            self.step, self.counters = int(state["step"]), Counters.from_state(state)
             set_rng_state(state["rng"])
         except KeyError as exc:
             raise UserError(f"cannot resume {ck.path}: its training state lacks the field {exc}; "
                             "resume from another checkpoint or use --fresh") from None
         except (RuntimeError, ValueError, TypeError) as exc:
             raise _does_not_fit(ck, exc) from None
-        ema = ck.ema_weights()
-        if step >= cfg.steps and main:
-            info(f"{out} is already at step {step} (≥ --steps {cfg.steps}); raise --steps to train further")
-    start_step = step
+        self.ema = ck.ema_weights()
+        if self.step >= cfg.steps and main:
+            info(f"{out} is already at step {self.step} (≥ --steps {cfg.steps}); raise --steps to train further")
+        return ck, resume_optimizer
 
-    model.to(device)
-    if sharded:
-        distributed.shard_model(model, device, world)
-        optimizer = new_optimizer()
-        if resume_optimizer is not None:
+    def _place(self, ck: checkpoint.Checkpoint | None, resume_optimizer: dict | None) -> None:
+        """Move the model to its device; shard it (FSDP) or wrap it for DDP; the EMA beside it; PowerSGD."""
+        cfg, device, model = self.cfg, self.device, self.model
+        model.to(device)
+        if self.sharded:
+            distributed.shard_model(model, device, self.world)
+            self.optimizer = self._new_optimizer()
+            if resume_optimizer is not None:
+                try:
+                    distributed.load_optimizer_state(model, self.optimizer, resume_optimizer)
+                except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+                    raise _does_not_fit(ck, exc) from None
+        if cfg.ema_decay is not None:
+            # Sharded, the EMA is kept in shards like the weights it follows, and gathered when saved.
+            ema = self.ema
+            self.ema = {k: (distributed.shard_like(ema[k], v) if ema is not None else v.detach())
+                        .to(device=device, dtype=torch.float32).clone() for k, v in model.state_dict().items()}
+        if self.sharded:
+            self.raw = model  # not prepared: Accelerate would wrap the sharded model in DDP
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+            self.raw = self.accelerator.unwrap_model(self.model)
+        self.powersgd = None
+        if cfg.powersgd_rank is not None and self.world > 1:
+            if not hasattr(self.model, "register_comm_hook"):
+                raise UserError("--powersgd-rank needs the DDP-wrapped model, which Accelerate did not make here")
+            start = distributed.powersgd_start(cfg.steps, cfg.warmup, self.step)
+            self.powersgd = distributed.register_powersgd(self.model, cfg.powersgd_rank, start)
+            if self.main:
+                info(f"PowerSGD rank {cfg.powersgd_rank}: exact gradient all-reduce for {start} more steps, "
+                     "then compressed")
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, task, world = self.cfg, self.task, self.world
+        data = task.loader(self.step * cfg.grad_accum, self.rank, world)
+        for err in getattr(data, "index_errors", []):
+            self.report(err, 0, write=self.start_step == 0)
+        loader = iter(data)
+        tic = time.perf_counter()
+        flops = getattr(task, "flops_per_unit", None)  # training FLOPs per counted unit (the prior: per token)
+        peak = matmul_peak(self.device) if flops else None
+        self.model.train()
+        with progress(f"train {task.kind}", total=cfg.steps, unit=f"{task.unit}", start=self.step) as bar:
+            while self.step < cfg.steps:
+                if self.stop and world == 1:  # a signal came between two steps, or during set-up
+                    if self.step > self.start_step and self.saved["step"] != self.step:
+                        self.save(self.step)
+                    return self.interrupted()
+                snapshot = rng_snapshot()  # what a save of this step's start would need
+                updates = self.counters.updates(self.step)  # skipped steps do not move the schedules
+                lr = learning_rate(cfg, updates, self.counters.halvings)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                accumulated = self._accumulate(loader, snapshot)
+                if accumulated is None:
+                    return self.interrupted()
+                loss_value, parts, stopping = self._update(*accumulated[:2], updates)
+                self.step += 1
+                self._record(bar, loss_value, parts, accumulated[2], lr, time.perf_counter() - tic, flops, peak)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps or stopping:
+                    self.save(self.step)
+                if stopping:
+                    return self.interrupted()
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            summary(f"train-{task.kind}: done", {"steps": self.step, "checkpoint": self.saved["path"],
+                                                 "metrics": self.metrics_path, "skipped samples": len(self.rejects),
+                                                 **{k: f"{v:.4g}" for k, v in self.last_metrics.items()}})
+        return TrainResult(self.step, self.saved["path"], self.last_metrics, rejects=self.rejects)
+
+    def _accumulate(self, loader, snapshot) -> tuple[list[torch.Tensor], dict[str, float], int] | None:
+        """Forward and backward over one step's micro-batches: (their losses, the loss parts averaged over
+        them, the units counted). None where a signal took the data workers (the last finished step saved)."""
+        cfg, model, step, world = self.cfg, self.model, self.step, self.world
+        losses, parts, count = [], {}, 0
+        for micro in range(cfg.grad_accum):
             try:
-                distributed.load_optimizer_state(model, optimizer, resume_optimizer)
-            except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
-                raise _does_not_fit(ck, exc) from None
-    if cfg.ema_decay is not None:
-        # Sharded, the EMA is kept in shards like the weights it follows, and gathered when saved.
-        ema = {k: (distributed.shard_like(ema[k], v) if ema is not None else v.detach())
-               .to(device=device, dtype=torch.float32).clone() for k, v in model.state_dict().items()}
-    if sharded:
-        raw = model  # not prepared: Accelerate would wrap the sharded model in DDP
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-        raw = accelerator.unwrap_model(model)
-    powersgd = None
-    if cfg.powersgd_rank is not None and world > 1:
-        if not hasattr(model, "register_comm_hook"):
-            raise UserError("--powersgd-rank needs the DDP-wrapped model, which Accelerate did not make here")
-        start = distributed.powersgd_start(cfg.steps, cfg.warmup, step)
-        powersgd = distributed.register_powersgd(model, cfg.powersgd_rank, start)
-        if main:
-            info(f"PowerSGD rank {cfg.powersgd_rank}: exact gradient all-reduce for {start} more steps, "
-                 "then compressed")
+                batch = next(loader)
+            except Exception:
+                if not self.stop or world > 1:
+                    raise
+                # The signal also took the data workers with it: drop this unfinished step and
+                # save the last finished one, with the random state it ended with.
+                self.optimizer.zero_grad(set_to_none=True)
+                if step > self.start_step and self.saved["step"] != step:
+                    self.save(step, snapshot)
+                return None
+            abort = _count_bad_samples(batch, self.counters, cfg.max_errors, lambda err: self.report(err, step + 1))
+            no_data, aborting = self.synced(float(batch.data is None), float(abort is not None))
+            if aborting:
+                raise UserError(abort or "another process met too many bad samples in a row; see its "
+                                         "messages, fix the shards or raise --max-errors")
+            if no_data:  # some process has nothing readable in this micro-batch: all skip it together
+                if world > 1 and batch.data is not None and self.main:
+                    warn(f"step {step + 1}: another process had no readable sample; micro-batch skipped")
+                continue
+            count += self.task.count(batch)
+            sync = micro == cfg.grad_accum - 1
+            if self.sharded:
+                distributed.set_gradient_sync(model, sync)
+            with (self.accelerator.no_sync(model) if not sync and world > 1 and not self.sharded else nullcontext()):
+                with _autocast(self.device, self.autocast_dtype):
+                    loss, part = self.task.loss(model, batch.data, step)
+                self.accelerator.backward(self.scaler.scale(loss / cfg.grad_accum))
+            losses.append(loss.detach())
+            for k, v in part.items():
+                parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
+        return losses, parts, count
 
-    metrics_path = rejects_path = None
-    if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(out / "train_config.json", to_dict(cfg))
-        except OSError as exc:
-            raise runfiles.write_error(out / "train_config.json", exc) from None
-        metrics_path = runfiles.metrics_file(out, step)
-        rejects_path = runfiles.trim_jsonl(out / "rejects.jsonl", step if step > 0 else -1)
-    saved: dict[str, Any] = {"step": start_step if ck is not None else None, "path": ck.path if ck else None}
+    def _update(self, losses: list[torch.Tensor], parts: dict[str, float],
+                updates: int) -> tuple[float, dict[str, float], bool]:
+        """The optimizer step, or its skip where the loss or a gradient is not finite (on any process).
+        Returns (the loss logged, its parts, whether a signal asks to stop after this step)."""
+        cfg, scaler, counters, step, world = self.cfg, self.scaler, self.counters, self.step, self.world
+        loss_value = float(torch.stack(losses).mean()) if losses else math.nan
+        if losses:
+            scaler.unscale_(self.optimizer)
+        finite = not losses or (math.isfinite(loss_value) and scaler.finite(self.raw))
+        # One all-reduce for the verdicts and the numbers logged: with several processes the loss and
+        # its parts logged are the means over the processes (each one's is over its own micro-batches).
+        shared = self.synced(float(not finite), float(bool(self.stop)), loss_value, *parts.values())
+        not_finite, stopping = shared[:2]
+        finite = not_finite == 0
+        if world > 1:
+            loss_value = shared[2] / world
+            parts = {k: v / world for k, v in zip(parts, shared[3:])}
+        if not losses:  # no readable sample in this step (on every process alike): nothing to update
+            counters.empty += 1
+        elif finite:
+            scaler.update(True)
+            if cfg.grad_clip:
+                if self.sharded:
+                    grad_norm = distributed.clip_grad_norm(self.model.parameters(), cfg.grad_clip)
+                else:
+                    grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                parts["grad_norm"] = grad_norm
+            self.optimizer.step()
+            if self.ema is not None:
+                update_ema(self.ema, self.raw.state_dict(), ema_decay_at(cfg.ema_decay, updates))
+            counters.nonfinite_in_a_row = 0
+        else:  # skip the update: weights, optimizer, EMA and schedules stay as they are
+            scaler.update(False)
+            if self.powersgd is not None:
+                distributed.reset_powersgd(self.powersgd)
+            counters.nonfinite += 1
+            counters.nonfinite_in_a_row += 1
+            if self.main:
+                warn(f"step {step + 1}: non-finite loss or gradients; update skipped "
+                     f"({counters.nonfinite_in_a_row} in a row, {counters.nonfinite} in all)")
+            if counters.nonfinite_in_a_row >= cfg.max_nonfinite:
+                raise UserError(f"{counters.nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; "
+                                f"lower --lr or use --precision fp32/bf16; the last checkpoint "
+                                f"({self.saved['path']}) is intact")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.powersgd is not None and (ratio := distributed.powersgd_ratio(self.powersgd)) is not None:
+            parts["powersgd_ratio"] = round(ratio, 2)  # gradient numbers sent: this many times fewer
+        return loss_value, parts, bool(stopping)
 
-    def save(at: int, rng: dict[str, Any] | None = None) -> Path | None:
-        if sharded:  # every process sends its shards; the main process gets the whole tensors
+    def _record(self, bar, loss_value: float, parts: dict[str, float], count: int, lr: float, elapsed: float,
+                flops: float | None, peak: float | None) -> None:
+        """After step `self.step`: the progress bar, metrics.jsonl, and the validation run when due."""
+        cfg, step = self.cfg, self.step
+        self.last_metrics = {"loss": loss_value, **parts}
+        speed = {}
+        if peak:  # on a GPU: the model FLOPs utilisation so far (the rate is the mean since the bar started)
+            speed["mfu"] = round(model_flops_utilisation(bar.rate, flops, self.world, peak), 4)
+        bar.advance(1, rate_count=count * self.world, loss=loss_value, **speed)
+        if self.main and (step % cfg.log_every == 0 or step == cfg.steps):
+            runfiles.append(self.metrics_path, {
+                "step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
+                "skipped": self.counters.nonfinite + self.counters.empty, "elapsed": round(elapsed, 3),
+                f"{self.task.unit}_per_s": round(bar.rate, 2), **speed})
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            result = self.evaluate(step)
+            self.last_metrics.update(result)
+            if self.main and result:
+                runfiles.append(self.metrics_path, {"step": step, "split": "val", **result})
+
+    # --- checkpoints, evaluation, bad samples ---------------------------------------------------------------
+
+    def save(self, at: int, rng: dict[str, Any] | None = None) -> Path | None:
+        model, main, ema = self.model, self.main, self.ema
+        if self.sharded:  # every process sends its shards; the main process gets the whole tensors
             weights = distributed.full_model_state(model)
-            opt_state = distributed.full_optimizer_state(model, optimizer)
+            opt_state = distributed.full_optimizer_state(model, self.optimizer)
             ema_full = distributed.gather(ema, main) if ema is not None else None
         if not main:
             return None
-        if not sharded:
-            weights, opt_state, ema_full = raw.state_dict(), optimizer.state_dict(), ema
+        if not self.sharded:
+            weights, opt_state, ema_full = self.raw.state_dict(), self.optimizer.state_dict(), ema
         bad = (first_nonfinite(weights, "weights") or first_nonfinite(ema_full or {}, "ema")
                or first_nonfinite(opt_state.get("state", {}), "optimizer"))
         if bad:
             raise UserError(f"refusing to save step {at}: {bad} holds NaN or Inf; the last checkpoint "
-                            f"({saved['path']}) is intact; lower --lr or use --precision fp32/bf16")
-        state = {"optimizer": opt_state, "scaler": scaler.state_dict(), "step": at, **run.state(),
-                 "rng": rng_state(rng), "data_position": at * cfg.grad_accum}
-        path = checkpoint.save(out, at, kind=task.kind, model_config=task.model_config(), weights=weights,
-                               ema=ema_full, training_state=state, meta=task.meta())
-        checkpoint.remove_after(out, at)  # what is left of an earlier run (--fresh): never "latest" again
-        checkpoint.prune(out, cfg.keep)
-        saved.update(step=at, path=path)
+                            f"({self.saved['path']}) is intact; lower --lr or use --precision fp32/bf16")
+        state = {"optimizer": opt_state, "scaler": self.scaler.state_dict(), "step": at, **self.counters.state(),
+                 "rng": rng_state(rng), "data_position": at * self.cfg.grad_accum}
+        path = checkpoint.save(self.out, at, kind=self.task.kind, model_config=self.task.model_config(),
+                               weights=weights, ema=ema_full, training_state=state, meta=self.task.meta())
+        checkpoint.remove_after(self.out, at)  # what is left of an earlier run (--fresh): never "latest" again
+        checkpoint.prune(self.out, self.cfg.keep)
+        self.saved.update(step=at, path=path)
         return path
 
-    def evaluate(at: int) -> dict[str, float]:
+    def evaluate(self, at: int) -> dict[str, float]:
+        cfg, device, raw, ema, counters = self.cfg, self.device, self.raw, self.ema, self.counters
         # Evaluation must not disturb the training RNG (a resumed run would diverge otherwise).
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             if ema is not None:
                 backup = {k: v.detach().clone() for k, v in raw.state_dict().items()}
                 raw.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema.items()})
             raw.eval()
-            with torch.no_grad(), _autocast(device, autocast_dtype):
-                result = task.evaluate(raw, at)
+            with torch.no_grad(), _autocast(device, self.autocast_dtype):
+                result = self.task.evaluate(raw, at)
             raw.train()
             if ema is not None:
                 raw.load_state_dict(backup)
         val = result.get("val_loss")
         if cfg.schedule == "plateau" and val is not None:
-            if val < run.best - 1e-4:
-                run.best, run.bad_evals = val, 0
+            if val < counters.best - 1e-4:
+                counters.best, counters.bad_evals = val, 0
             else:
-                run.bad_evals += 1
-                if run.bad_evals >= cfg.plateau_patience and run.halvings < cfg.plateau_halvings:
-                    run.halvings, run.bad_evals = run.halvings + 1, 0
+                counters.bad_evals += 1
+                if counters.bad_evals >= cfg.plateau_patience and counters.halvings < cfg.plateau_halvings:
+                    counters.halvings, counters.bad_evals = counters.halvings + 1, 0
         return result
 
-    rejects: list[dict] = []
-
-    def report(err: dict, at: int, write: bool = True) -> None:
-        rejects.append(err)
-        if main:
+    def report(self, err: dict, at: int, write: bool = True) -> None:
+        self.rejects.append(err)
+        if self.main:
             warn(f"skipping {err['shard']}:{err['key']}: {err['reason']}")
             if write:
-                runfiles.append(rejects_path, {"step": at, **err})
+                runfiles.append(self.rejects_path, {"step": at, **err})
 
-    def synced(*flags: float) -> list[float]:
+    def synced(self, *flags: float) -> list[float]:
         """Per-process flags summed over the processes (one small all-reduce), so all decide alike."""
-        if world == 1:
+        if self.world == 1:
             return list(flags)
-        t = torch.tensor(flags, dtype=torch.float32, device=device)
-        return accelerator.reduce(t, reduction="sum").tolist()
+        t = torch.tensor(flags, dtype=torch.float32, device=self.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
 
-    def interrupted() -> TrainResult:
-        if main:
-            info(f"stopped by signal {stop.signals[0]} after step {step}; checkpoint: {saved['path']}")
-        accelerator.wait_for_everyone()
-        return TrainResult(step, saved["path"], last_metrics, stopped_by=signal.Signals(stop.signals[0]).name,
-                           rejects=rejects)
-
-    data = task.loader(step * cfg.grad_accum, rank, world)
-    for err in getattr(data, "index_errors", []):
-        report(err, 0, write=start_step == 0)
-    loader = iter(data)
-    last_metrics: dict[str, float] = {}
-    tic = time.perf_counter()
-    flops = getattr(task, "flops_per_unit", None)  # training FLOPs per counted unit (the prior: per token)
-    peak = matmul_peak(device) if flops else None
-    model.train()
-    with progress(f"train {task.kind}", total=cfg.steps, unit=f"{task.unit}", start=step) as bar:
-        while step < cfg.steps:
-            if stop and world == 1:  # a signal came between two steps, or during set-up
-                if step > start_step and saved["step"] != step:
-                    save(step)
-                return interrupted()
-            snapshot = rng_snapshot()  # what a save of this step's start would need
-            updates = run.updates(step)  # skipped steps do not move the schedules
-            lr = learning_rate(cfg, updates, run.halvings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            losses, parts, count = [], {}, 0
-            for micro in range(cfg.grad_accum):
-                try:
-                    batch = next(loader)
-                except Exception:
-                    if not stop or world > 1:
-                        raise
-                    # The signal also took the data workers with it: drop this unfinished step and
-                    # save the last finished one, with the random state it ended with.
-                    optimizer.zero_grad(set_to_none=True)
-                    if step > start_step and saved["step"] != step:
-                        save(step, snapshot)
-                    return interrupted()
-                abort = _count_bad_samples(batch, run, cfg.max_errors, lambda err: report(err, step + 1))
-                no_data, aborting = synced(float(batch.data is None), float(abort is not None))
-                if aborting:
-                    raise UserError(abort or "another process met too many bad samples in a row; see its "
-                                             "messages, fix the shards or raise --max-errors")
-                if no_data:  # some process has nothing readable in this micro-batch: all skip it together
-                    if world > 1 and batch.data is not None and main:
-                        warn(f"step {step + 1}: another process had no readable sample; micro-batch skipped")
-                    continue
-                count += task.count(batch)
-                sync = micro == cfg.grad_accum - 1
-                if sharded:
-                    distributed.set_gradient_sync(model, sync)
-                with (accelerator.no_sync(model) if not sync and world > 1 and not sharded else _null()):
-                    with _autocast(device, autocast_dtype):
-                        loss, part = task.loss(model, batch.data, step)
-                    accelerator.backward(scaler.scale(loss / cfg.grad_accum))
-                losses.append(loss.detach())
-                for k, v in part.items():
-                    parts[k] = parts.get(k, 0.0) + float(v) / cfg.grad_accum
-            loss_value = float(torch.stack(losses).mean()) if losses else math.nan
-            if losses:
-                scaler.unscale_(optimizer)
-            finite = not losses or (math.isfinite(loss_value) and scaler.finite(raw))
-            # One all-reduce for the verdicts and the numbers logged: with several processes the loss and
-            # its parts logged are the means over the processes (each one's is over its own micro-batches).
-            shared = synced(float(not finite), float(bool(stop)), loss_value, *parts.values())
-            not_finite, stopping = shared[:2]
-            finite = not_finite == 0
-            if world > 1:
-                loss_value = shared[2] / world
-                parts = {k: v / world for k, v in zip(parts, shared[3:])}
-            if not losses:  # no readable sample in this step (on every process alike): nothing to update
-                run.empty += 1
-            elif finite:
-                scaler.update(True)
-                if cfg.grad_clip:
-                    if sharded:
-                        grad_norm = distributed.clip_grad_norm(model.parameters(), cfg.grad_clip)
-                    else:
-                        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                    parts["grad_norm"] = grad_norm
-                optimizer.step()
-                if ema is not None:
-                    update_ema(ema, raw.state_dict(), ema_decay_at(cfg.ema_decay, updates))
-                run.nonfinite_in_a_row = 0
-            else:  # skip the update: weights, optimizer, EMA and schedules stay as they are
-                scaler.update(False)
-                if powersgd is not None:
-                    distributed.reset_powersgd(powersgd)
-                run.nonfinite += 1
-                run.nonfinite_in_a_row += 1
-                if main:
-                    warn(f"step {step + 1}: non-finite loss or gradients; update skipped "
-                         f"({run.nonfinite_in_a_row} in a row, {run.nonfinite} in all)")
-                if run.nonfinite_in_a_row >= cfg.max_nonfinite:
-                    raise UserError(f"{run.nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; "
-                                    f"lower --lr or use --precision fp32/bf16; the last checkpoint "
-                                    f"({saved['path']}) is intact")
-            optimizer.zero_grad(set_to_none=True)
-            if powersgd is not None and (ratio := distributed.powersgd_ratio(powersgd)) is not None:
-                parts["powersgd_ratio"] = round(ratio, 2)  # gradient numbers sent: this many times fewer
-            step += 1
-            elapsed = time.perf_counter() - tic
-            last_metrics = {"loss": loss_value, **parts}
-            speed = {}
-            if peak:  # on a GPU: the model FLOPs utilisation so far (the rate is the mean since the bar started)
-                speed["mfu"] = round(model_flops_utilisation(bar.rate, flops, world, peak), 4)
-            bar.advance(1, rate_count=count * world, loss=loss_value, **speed)
-            if main and (step % cfg.log_every == 0 or step == cfg.steps):
-                runfiles.append(metrics_path, {"step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
-                                       "skipped": run.nonfinite + run.empty, "elapsed": round(elapsed, 3),
-                                       f"{task.unit}_per_s": round(bar.rate, 2), **speed})
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                result = evaluate(step)
-                last_metrics.update(result)
-                if main and result:
-                    runfiles.append(metrics_path, {"step": step, "split": "val", **result})
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-                save(step)
-            if stopping:
-                return interrupted()
-    accelerator.wait_for_everyone()
-    if main:
-        summary(f"train-{task.kind}: done", {"steps": step, "checkpoint": saved["path"],
-                                             "metrics": metrics_path, "skipped samples": len(rejects),
-                                             **{k: f"{v:.4g}" for k, v in last_metrics.items()}})
-    return TrainResult(step, saved["path"], last_metrics, rejects=rejects)
+    def interrupted(self) -> TrainResult:
+        if self.main:
+            info(f"stopped by signal {self.stop.signals[0]} after step {self.step}; checkpoint: {self.saved['path']}")
+        self.accelerator.wait_for_everyone()
+        return TrainResult(self.step, self.saved["path"], self.last_metrics,
+                           stopped_by=signal.Signals(self.stop.signals[0]).name, rejects=self.rejects)
 
 
 def _count_bad_samples(batch: Batch, run: Counters, max_errors: int, report) -> str | None:
@@ -452,17 +498,9 @@ def _does_not_fit(ck: checkpoint.Checkpoint, exc: Exception) -> UserError:
                      f"({first}); resume from another checkpoint or use --fresh")
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
-        return _null()
+        return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
