@@ -224,14 +224,18 @@ def test_cpu_decoder_equals_full_forward(attention, dtype, atol):
         decoder.step(cache, image[:, -1])
 
 
-def test_cpu_decoder_reads_a_bf16_cache_exactly():
+def test_cpu_decoder_reads_a_bf16_cache_exactly(monkeypatch):
     """bf16 products write keys and values that bf16 holds exactly: with a bf16 cache (`sample.cache_dtype`,
-    long streams on a CPU) the decoder's logits are those of an fp32 cache, bit for bit."""
+    long streams on a CPU) the decoder's logits are those of an fp32 cache, bit for bit, where both attend
+    through the same kernel (the compiled one differs from SDPA by summation order: the next test)."""
+    from dallecli.models import cpu_decode
     from dallecli.models.cpu_decode import CPUDecoder
     from dallecli.models.onednn import packed_linear_available
 
     if not packed_linear_available():
         pytest.skip("this torch has no oneDNN packed linear")
+    monkeypatch.setattr(cpu_decode, "wide_attention", lambda q, k, v, mask: F.scaled_dot_product_attention(
+        q, k.float(), v.float(), attn_mask=mask))
     c = dataclasses.replace(MICRO, attention="paper")
     model = model_of(c)
     text, image = batch(c, B=2)
@@ -244,6 +248,65 @@ def test_cpu_decoder_reads_a_bf16_cache_exactly():
             logits[dtype] = torch.stack([decoder.step(cache, image[:, j]) for j in range(2, c.image_len - 1)])
         assert cache.k.dtype == dtype
     assert torch.equal(logits[torch.float32], logits[torch.bfloat16])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_wide_attention_equals_sdpa_on_the_widened_cache(masked):
+    """The decoder's attention over a bf16 cache (compiled where torch.compile runs) equals fp32 SDPA on the
+    widened keys and values to float rounding, for every cache length (one graph, dynamic in the length)."""
+    from dallecli.models import cpu_decode
+
+    torch.manual_seed(0)
+    B, nh, hs = 2, 3, 16
+    q = torch.randn(B, nh, 1, hs)
+    for T in (5, 37, 600):
+        k, v = torch.randn(B, nh, T, hs).bfloat16(), torch.randn(B, nh, T, hs).bfloat16()
+        mask = (torch.rand(1, T) > 0.4) | (torch.arange(T) == 0) if masked else None
+        want = F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask)
+        got = cpu_decode.wide_attention(q, k, v, mask)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-5), T
+        for b in range(B):  # each image's rows alone (batch 1), bit for bit: an image regenerates by itself
+            alone = cpu_decode.wide_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask)
+            assert torch.equal(alone, got[b:b + 1]), (T, b)
+    one = cpu_decode.wide_attention(q[:1, :1], k[:1, :1], v[:1, :1], mask)  # a single row
+    assert torch.equal(one, got[:1, :1])
+
+
+def test_long_streams_sample_on_a_bf16_cache_and_regenerate_alone():
+    """End to end on a stream long enough for the bf16 cache (`sample.cache_dtype`): the sampler's codes
+    repeat, and an image drawn alone is the one drawn in its batch."""
+    from dallecli.models.onednn import packed_linear_available
+    from dallecli.sample import SamplingConfig, cache_dtype, generate_codes
+
+    if not packed_linear_available():
+        pytest.skip("this torch has no oneDNN packed linear")
+    c = PriorConfig(text_vocab=40, text_len=5, image_vocab=24, grid=23, d_model=16, n_layers=1, n_heads=2)
+    assert cache_dtype(c, torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+    model = model_of(c)
+    text, _ = batch(c, B=3)
+    cfg = SamplingConfig()
+    a, _ = generate_codes(model, text, [5, 6, 7], cfg, precision="bf16")
+    assert torch.equal(a, generate_codes(model, text, [5, 6, 7], cfg, precision="bf16")[0])
+    alone, _ = generate_codes(model, text[1:2], [6], cfg, precision="bf16")
+    assert torch.equal(alone[0], a[1])
+
+
+def test_wide_attention_falls_back_to_sdpa_when_compiling_fails(monkeypatch, capsys):
+    from dallecli.models import cpu_decode
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    monkeypatch.setattr(cpu_decode, "_compiled", [broken])
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 9, 8).bfloat16(), torch.randn(1, 2, 9, 8).bfloat16()
+    want = F.scaled_dot_product_attention(q, k.float(), v.float())
+    assert torch.equal(cpu_decode.wide_attention(q, k, v, None), want)
+    assert cpu_decode._compiled == [None]  # not tried again
+    message = capsys.readouterr().err
+    assert "no C++ compiler" in message and "second line" not in message
+    assert torch.equal(cpu_decode.wide_attention(q, k, v, None), want)
+    assert capsys.readouterr().err == ""  # warned once
 
 
 def test_cache_dtype_on_a_cpu_is_bf16_only_for_long_streams_with_bf16_products():

@@ -9,7 +9,8 @@ call; a call decodes grid² − 1 steps.
 Numerics follow the autocast the prior trains with: the residual stream and the layer norms in fp32, the
 block's matrix products in `dtype` (bf16 or fp32), attention in fp32 (PyTorch's CPU attention kernels are
 several times slower in bf16 at one query) over the cache, which is fp32, or bf16 for long streams
-(`sample.cache_dtype`) and then widened as it is read, and the image head in fp32 (§2.4: logits in fp32).
+(`sample.cache_dtype`) and then widened as it is read (`wide_attention`: compiled where torch.compile runs),
+and the image head in fp32 (§2.4: logits in fp32).
 With dtype fp32 the logits equal `decode_step`'s to float rounding.
 
     decoder = CPUDecoder.create(model, torch.bfloat16, rows=B)  # None where oneDNN's linear is missing
@@ -17,9 +18,12 @@ With dtype fp32 the logits equal `decode_step`'s to float rounding.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
+from dallecli.console import info, warn
 from dallecli.models.onednn import PackedLinear, packed_linear_available
 from dallecli.models.prior import KVCache, PriorTransformer
 
@@ -76,10 +80,59 @@ class CPUDecoder:
                 k_cache.narrow(2, start, 1).copy_(k)  # 3 × (B, nh, 1, hs)
                 v_cache.narrow(2, start, 1).copy_(v)
                 keys, values = k_cache.narrow(2, 0, start + 1), v_cache.narrow(2, 0, start + 1)
-                if keys.dtype != torch.float32:  # a bf16 cache (`sample.cache_dtype`), read once and widened
-                    keys, values = keys.float(), values.float()
-                y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=m._mask(i, start, 1))
+                if keys.dtype == torch.float32:
+                    y = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=m._mask(i, start, 1))
+                else:  # a bf16 cache (`sample.cache_dtype`)
+                    y = wide_attention(q.float(), keys, values, m._mask(i, start, 1))
                 x = x + proj(y.view(B, d))  # type promotion: the sum is fp32
                 x = x + fc_proj(fc(F.layer_norm(x, norm, *ln_2, self.eps)))
             cache.length = start + 1
             return self.head(F.layer_norm(x, norm, *self.final_norm, self.eps))
+
+
+def _wide_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q·kᵀ/√hs)·v in fp32 for one query per row: q (R, 1, hs) fp32; keys, values (R, T, hs) in bf16,
+    widened to fp32 as they are read; mask (1, T) bool or None → (R, 1, hs) fp32. Compiled, it is one pass
+    over the bf16 cache; eager, it would make fp32 copies (`wide_attention` uses SDPA then)."""
+    scores = (q * keys.float()).sum(-1, keepdim=True) * q.size(-1) ** -0.5  # (R, T, 1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(1, -1, 1), float("-inf"))
+    return (torch.softmax(scores, dim=-2) * values.float()).sum(-2, keepdim=True)
+
+
+_compiled: list = []  # [the compiled `_wide_attention`], or [None] once compiling it failed
+
+
+def wide_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+    """Single-query attention over a bf16 K/V cache, computed in fp32 (as `_wide_attention` defines it).
+
+    PyTorch's CPU attention is several times slower in bf16 than in fp32 at one query, and widening the cache
+    first (`.float()`) writes and reads it again at twice the size: a `paper-stream` decode step spent half its
+    time there. `_wide_attention` compiled by inductor (once per process, dynamic in the cache length; a few
+    seconds, then cached on disk by inductor) reads each bf16 key and value once, in one fused loop. Where
+    torch.compile cannot run (no C++ compiler, TorchDynamo disabled), widen and call SDPA."""
+    if not _compiled:
+        # torch's C++ toolchain probe warns about CUDA_HOME on CUDA-less machines that have a CUDA folder
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        _compiled.append(torch.compile(_wide_attention, dynamic=True, fullgraph=True)
+                         if torch._dynamo.is_dynamo_supported() else None)
+        if _compiled[0] is not None:
+            info("compiling the decoder's attention over a bf16 cache (once per process, a few seconds)")
+    B, nh, T, hs = keys.shape
+    if _compiled[0] is not None:
+        # Rows = (image, head) pairs, each computed whole by one thread: a row's result does not depend on
+        # the batch it is in (an image regenerates alone). One row would be a graph of its own (size-1
+        # dimensions are specialised), so a lone row is paired with a copy of itself.
+        rows = [q.reshape(B * nh, 1, hs), keys.reshape(B * nh, T, hs), values.reshape(B * nh, T, hs)]
+        if B * nh == 1:
+            rows = [torch.cat([t, t]) for t in rows]
+        try:
+            return _compiled[0](*rows, mask)[:B * nh].view(B, nh, 1, hs)
+        except Exception as exc:  # e.g. inductor finds no C++ compiler: decode on without it
+            _compiled[0] = None
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            warn(f"torch.compile failed for the decoder's attention ({type(exc).__name__}: {first}); "
+                 "sampling goes on without it, slower on long streams")
+    return F.scaled_dot_product_attention(q, keys.float(), values.float(), attn_mask=mask)
