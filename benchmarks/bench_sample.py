@@ -148,5 +148,5 @@ BENCHMARKS = {
     "sample_uncached_small": lambda: sample("small", False, reps=3, budget_s=20),
     "sample_cached_small": lambda: sample("small", True, reps=5, budget_s=15),
     "sample_uncached_paper_stream": lambda: sample_uncached_extrapolated("paper-stream"),
-    "sample_cached_paper_stream": lambda: sample("paper-stream", True, reps=2, budget_s=30),
+    "sample_cached_paper_stream": lambda: sample("paper-stream", True, reps=3, budget_s=30),
 }
