@@ -135,25 +135,7 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
         if len(prompts) < 2:
             raise UserError(f"--captions {cfg.captions} holds {len(prompts)} caption(s); at least 2 are needed")
     n_draw = max((*cfg.rerank_sizes, cfg.rerank or 1))
-
-    # Samples: given, or generated (FID prompts; shapes world: test-split prompts too).
-    comp_groups: list[list[Candidate]] = []
-    if cfg.samples is not None:
-        samples_path = Path(cfg.samples)
-        comp_path = cfg.composition_samples
-    else:
-        samples_path = _generate(rd.root, prompts, out / "samples", cfg, n_draw, state)
-        comp_path = None
-        if seed_world is not None and cfg.composition_count:
-            from dallecli.data.shapes import iter_scenes
-
-            test = [cap for split in ("test-seen", "test-zeroshot")  # captions do not depend on the size
-                    for _, _, cap, _ in iter_scenes(split, cfg.composition_count, seed_world, 32)]
-            comp_path = _generate(rd.root, test, out / "samples-composition", cfg, n_draw, state)
-    groups, listing = read_samples(samples_path, cfg.max_missing)
-    if comp_path is not None:
-        comp_groups, comp_listing = read_samples(Path(comp_path), cfg.max_missing, uid_start=10**9)
-        listing = {k: listing[k] + comp_listing[k] for k in listing}
+    samples_path, comp_path, groups, comp_groups, listing = _samples(rd, prompts, out, cfg, n_draw, seed_world, state)
     if len(groups) < 2:
         raise UserError(f"{samples_path} holds {len(groups)} usable sample(s); FID needs at least 2")
     have = min(len(g) for g in groups)
@@ -202,23 +184,11 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
         return F_.over_batches(ImageSet([c.image for c in cands], size, radius),
                                lambda x, i: features.extract(x), description=f"{what} r={radius:g}", **run_opts)
 
-    # Blur-0 features of every candidate that any selection may use; the CLIP embeddings likewise.
+    # Blur-0 features of every candidate that any selection may use; their CLIP scores likewise.
     pool_feats, pool_logits = fake(pool, 0, "samples")
     row = {c.uid: j for j, c in enumerate(pool)}
-    emb, text_emb = {}, None
-    if scorer is not None:
-        everyone = pool + comp_pool
-        if features.name == "clip":
-            emb.update({c.uid: pool_feats[j] for j, c in enumerate(pool)})
-            everyone = comp_pool
-        if everyone:
-            e, = F_.over_batches(ImageSet([c.image for c in everyone], size, 0),
-                                 lambda x, i: (F_.image_embeddings(scorer, x),), description="CLIP", **run_opts)
-            emb.update({c.uid: e[j] for j, c in enumerate(everyone)})
-        text_emb = _text_embeddings(scorer, sorted({c.prompt for c in pool + comp_pool}))
-    prompt_of = {c.uid: c.prompt for c in pool + comp_pool}
-    our_score = {uid: float((100 * (v @ text_emb[prompt_of[uid]])).clamp_min(0))
-                 for uid, v in emb.items()} if scorer is not None else None
+    our_score = None if scorer is None else _clip_scores(scorer, features, pool, pool_feats, comp_pool, size,
+                                                          run_opts)
     file_scores = all(c.score is not None for c in pool + comp_pool)
     rank_score = {c.uid: c.score for c in pool + comp_pool} if file_scores else our_score
 
@@ -308,6 +278,48 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
 
 
 # --- pieces --------------------------------------------------------------------------------------------------
+
+def _samples(rd: RunDir, prompts: list[str], out: Path, cfg: EvalConfig, n_draw: int, seed_world: int | None,
+             state) -> tuple[Path, Path | None, list[list[Candidate]], list[list[Candidate]], dict]:
+    """The samples to measure: given (`--samples`, `--composition-samples`), or drawn here, n_draw per prompt
+    (shapes world: the test splits' captions too, for the composition table). Returns (samples.jsonl,
+    the composition samples.jsonl or None, their candidates grouped per prompt, the listing counts)."""
+    if cfg.samples is not None:
+        samples_path, comp_path = Path(cfg.samples), cfg.composition_samples
+    else:
+        samples_path = _generate(rd.root, prompts, out / "samples", cfg, n_draw, state)
+        comp_path = None
+        if seed_world is not None and cfg.composition_count:
+            from dallecli.data.shapes import iter_scenes
+
+            test = [cap for split in ("test-seen", "test-zeroshot")  # captions do not depend on the size
+                    for _, _, cap, _ in iter_scenes(split, cfg.composition_count, seed_world, 32)]
+            comp_path = _generate(rd.root, test, out / "samples-composition", cfg, n_draw, state)
+    groups, listing = read_samples(samples_path, cfg.max_missing)
+    comp_groups: list[list[Candidate]] = []
+    if comp_path is not None:
+        comp_groups, comp_listing = read_samples(Path(comp_path), cfg.max_missing, uid_start=10**9)
+        listing = {k: listing[k] + comp_listing[k] for k in listing}
+    return samples_path, comp_path, groups, comp_groups, listing
+
+
+def _clip_scores(scorer, features, pool: list[Candidate], pool_feats: torch.Tensor, comp_pool: list[Candidate],
+                 size: int, run_opts: dict) -> dict[int, float]:
+    """Each candidate's CLIP score, max(100·cos(image, its prompt), 0), by uid. With CLIP as the FID
+    features, the pool's features are its embeddings already."""
+    emb = {}
+    everyone = pool + comp_pool
+    if features.name == "clip":
+        emb.update({c.uid: pool_feats[j] for j, c in enumerate(pool)})
+        everyone = comp_pool
+    if everyone:
+        e, = F_.over_batches(ImageSet([c.image for c in everyone], size, 0),
+                             lambda x, i: (F_.image_embeddings(scorer, x),), description="CLIP", **run_opts)
+        emb.update({c.uid: e[j] for j, c in enumerate(everyone)})
+    text_emb = _text_embeddings(scorer, sorted({c.prompt for c in pool + comp_pool}))
+    prompt_of = {c.uid: c.prompt for c in pool + comp_pool}
+    return {uid: float((100 * (v @ text_emb[prompt_of[uid]])).clamp_min(0)) for uid, v in emb.items()}
+
 
 def _key(radius: float) -> str:
     return str(int(radius)) if float(radius).is_integer() else str(radius)
