@@ -93,9 +93,9 @@ class CPUDecoder:
 def _wide_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     mask: torch.Tensor | None) -> torch.Tensor:
     """softmax(q·kᵀ/√hs)·v in fp32 for one query per row: q (R, 1, hs) fp32; keys, values (R, T, hs) in bf16,
-    widened to fp32 as they are read; mask (1, T) bool or None → (R, 1, hs) fp32. Compiled, it is one pass
-    over the bf16 cache; eager, it would make fp32 copies (`wide_attention` uses SDPA then). The softmax is
-    written out so that its normalisation divides each output once, not every weight."""
+    widened to fp32 as they are read; mask (1, T) bool or None → (R, 1, hs) fp32. Compiled, it reads each
+    bf16 key and value once; eager, it would make fp32 copies (`wide_attention` uses SDPA then). The softmax
+    is written out so that its normalisation divides each output once, not every weight."""
     scores = (q * keys.float()).sum(-1, keepdim=True) * q.size(-1) ** -0.5  # (R, T, 1)
     if mask is not None:  # the query's own position is always visible: no row is all -inf
         scores = scores.masked_fill(~mask.view(1, -1, 1), float("-inf"))
