@@ -312,7 +312,7 @@ class _Trainer:
                 if step > self.start_step and self.saved["step"] != step:
                     self.save(step, snapshot)
                 return None
-            abort = _count_bad_samples(batch, self.counters, cfg.max_errors, lambda err: self.report(err, step + 1))
+            abort = self.counters.count_bad_samples(batch, cfg.max_errors, lambda err: self.report(err, step + 1))
             no_data, aborting = self.synced(float(batch.data is None), float(abort is not None))
             if aborting:
                 raise UserError(abort or "another process met too many bad samples in a row; see its "
@@ -472,24 +472,6 @@ class _Trainer:
         self.accelerator.wait_for_everyone()
         return TrainResult(self.step, self.saved["path"], self.last_metrics,
                            stopped_by=signal.Signals(self.stop.signals[0]).name, rejects=self.rejects)
-
-
-def _count_bad_samples(batch: Batch, run: Counters, max_errors: int, report) -> str | None:
-    """Report each unreadable sample of `batch` and count failures in a row, in sample order; the message to
-    stop with once `max_errors` come in a row, else None."""
-    errors = iter(batch.errors)
-    order = batch.ok if batch.ok is not None else [False] * len(batch.errors) + [True] * len(batch.keys)
-    for ok in order:
-        if ok:
-            run.bad_in_a_row = 0
-            continue
-        err = next(errors)
-        run.bad_in_a_row += 1
-        report(err)
-        if run.bad_in_a_row >= max_errors:
-            return (f"{run.bad_in_a_row} bad samples in a row (last: {err['shard']}:{err['key']}: "
-                    f"{err['reason']}); fix the shards or raise --max-errors")
-    return None
 
 
 def _does_not_fit(ck: checkpoint.Checkpoint, exc: Exception) -> UserError:

@@ -7,7 +7,7 @@ import json
 import math
 import random
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -75,6 +75,23 @@ class Counters:
 
     def state(self) -> dict[str, Any]:
         return {**asdict(self), "best": self.best if math.isfinite(self.best) else None}  # no Inf in a checkpoint
+
+    def count_bad_samples(self, batch, max_errors: int, report: Callable[[dict], None]) -> str | None:
+        """Report each unreadable sample of `batch` (a data.loader.Batch) and count failures in a row, in
+        sample order; the message to stop with once `max_errors` come in a row, else None."""
+        errors = iter(batch.errors)
+        order = batch.ok if batch.ok is not None else [False] * len(batch.errors) + [True] * len(batch.keys)
+        for ok in order:
+            if ok:
+                self.bad_in_a_row = 0
+                continue
+            err = next(errors)
+            self.bad_in_a_row += 1
+            report(err)
+            if self.bad_in_a_row >= max_errors:
+                return (f"{self.bad_in_a_row} bad samples in a row (last: {err['shard']}:{err['key']}: "
+                        f"{err['reason']}); fix the shards or raise --max-errors")
+        return None
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Counters:
