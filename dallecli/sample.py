@@ -151,7 +151,7 @@ def generate_codes(model: PriorTransformer, text: torch.Tensor, seeds: list[int]
         cache, step = model.init_cache(text.size(0), device=device, dtype=dtype), None
     with autocast, _decode_attention():
         prefix = torch.cat([prompt, prompt]) if guided else prompt
-        logits = model.prefill(cache, text, prefix)[:, -1]
+        logits = (cpu_decoder or model).prefill(cache, text, prefix)[:, -1]
         pos = torch.tensor(cache.length, device=device) if step is not None else None
         for i in range(n0, c.image_len):
             tok, lp = _draw(combine(logits), cfg, uniforms[:, i])

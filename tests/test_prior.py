@@ -213,7 +213,15 @@ def test_cpu_decoder_equals_full_forward(attention, dtype, atol):
     _, full = model(text, image)
     cache = model.init_cache(batch=3)
     decoder = CPUDecoder.create(model, dtype, rows=3)
-    model.prefill(cache, text, image[:, :2])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # as generate_codes
+        first = decoder.prefill(cache, text, image[:, :2])
+    assert first.dtype == torch.float32 and cache.length == c.text_len + 3
+    assert torch.allclose(first, full[:, :3], atol=atol)
+    reference = model.init_cache(batch=3)
+    model.prefill(reference, text, image[:, :2])
+    assert torch.allclose(cache.k, reference.k, atol=atol) and torch.allclose(cache.v, reference.v, atol=atol)
+    with pytest.raises(ValueError, match="leaves nothing to generate"):
+        decoder.prefill(model.init_cache(batch=3), text, image)
     for j in range(2, c.image_len - 1):
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the sampler's context: the decoder sets its own
             logits = decoder.step(cache, image[:, j])

@@ -1,4 +1,4 @@
-"""`PriorTransformer.decode_step` for CPUs: each linear layer through oneDNN with its weight packed once.
+"""`PriorTransformer.prefill` and `decode_step` for CPUs: each linear layer through oneDNN with its weight packed once.
 
 A decode step multiplies a handful of rows (the batch) by every weight. PyTorch's default CPU path for that
 (`F.linear` → the BLAS) is slow at so few rows: on the 2-core AVX-512 machine of docs/benchmarks.md, a
@@ -14,6 +14,7 @@ and the image head in fp32 (§2.4: logits in fp32).
 With dtype fp32 the logits equal `decode_step`'s to float rounding.
 
     decoder = CPUDecoder.create(model, torch.bfloat16, rows=B)  # None where oneDNN's linear is missing
+    logits = decoder.prefill(cache, text)         # like model.prefill(cache, text)
     logits = decoder.step(cache, token)           # like model.decode_step(cache, token)
 """
 from __future__ import annotations
@@ -25,11 +26,12 @@ import torch.nn.functional as F
 
 from dallecli.console import info, warn
 from dallecli.models.onednn import PackedLinear, packed_linear_available
-from dallecli.models.prior import KVCache, PriorTransformer
+from dallecli.models.prior import KVCache, PriorTransformer, attend
 
 
 class CPUDecoder:
-    """One image token per call, as `PriorTransformer.decode_step`, with packed weights (module docstring)."""
+    """The prompt, then one image token per call, as `PriorTransformer.prefill` and `decode_step`, with packed
+    weights (module docstring)."""
 
     def __init__(self, model: PriorTransformer, dtype: torch.dtype, rows: int):
         self.model, self.dtype = model, dtype
@@ -64,6 +66,34 @@ class CPUDecoder:
             return None
         model.__dict__["_cpu_decoder"] = (key, decoder)
         return decoder
+
+    @torch.no_grad()
+    def prefill(self, cache: KVCache, text: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """`PriorTransformer.prefill` with the packed weights: text (B, text_len), image (B, n) or None →
+        fp32 logits (B, n + 1, image_vocab). Attention as the model's under the sampler's autocast (`attend`);
+        the products through oneDNN, without autocast's per-call weight casts (at the `small` shape those
+        took half of a prefill's 4 ms, a tenth of a batch)."""
+        m, c = self.model, self.model.config
+        x = m.prefill_stream(cache, text, image).float()  # (B, t, d): the fp32 residual
+        B, t, d = x.shape
+        nh, norm = c.n_heads, (d,)
+        bf16 = self.dtype == torch.bfloat16
+        x = x.reshape(B * t, d)
+        with torch.autocast("cpu", enabled=False):
+            for i, ((qkv, proj, fc, fc_proj), (ln_1, ln_2), (k_cache, v_cache)) in enumerate(
+                    zip(self.blocks, self.norms, cache.layers)):
+                q, k, v = qkv(F.layer_norm(x, norm, *ln_1, self.eps)).view(B, t, 3, nh, d // nh).permute(
+                    2, 0, 3, 1, 4)  # 3 × (B, nh, t, hs)
+                k_cache.narrow(2, 0, t).copy_(k)
+                v_cache.narrow(2, 0, t).copy_(v)
+                keys, values = k_cache.narrow(2, 0, t), v_cache.narrow(2, 0, t)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # as the model under the sampler
+                    y = attend(q.to(keys.dtype), keys, values, m._mask(i, 0, t), 0.0)
+                x = x + proj(y.transpose(1, 2).reshape(B * t, d))
+                x = x + fc_proj(fc(F.layer_norm(x, norm, *ln_2, self.eps)))
+            cache.length = t
+            h = F.layer_norm(x.view(B, t, d)[:, c.text_len:].reshape(-1, d), norm, *self.final_norm, self.eps)
+            return self.head(h).view(B, t - c.text_len, -1)
 
     @torch.no_grad()
     def step(self, cache: KVCache, token: torch.Tensor) -> torch.Tensor:

@@ -298,6 +298,14 @@ class PriorTransformer(nn.Module):
         """Run text + BOS (+ the first n image tokens, an image prompt) from position 0 into `cache`.
         text (B, text_len), image (B, n) or None → image logits (B, n + 1, image_vocab) fp32 for image
         tokens 0..n; the last row is the distribution of the first token to generate."""
+        x = self.prefill_stream(cache, text, image)
+        h = self.run_blocks(x, 0, cache)
+        cache.length = x.size(1)
+        return self._logits(self.image_head, h[:, self.config.text_len:])
+
+    def prefill_stream(self, cache: KVCache, text, image=None):
+        """The embedded stream a prefill runs (B, text_len + 1 + n, d), after checking the inputs and the
+        cache's room for it."""
         c = self.config
         image = text.new_zeros(text.size(0), 0) if image is None else image
         self._check_shapes(text, image, image.size(1))
@@ -306,9 +314,7 @@ class PriorTransformer(nn.Module):
                              f"(the image has {c.image_len})")
         x = self.embed_start(text, image)
         self._check_room(cache, 0, x.size(1))
-        h = self.run_blocks(x, 0, cache)
-        cache.length = x.size(1)
-        return self._logits(self.image_head, h[:, c.text_len:])
+        return x
 
     @torch.no_grad()
     def decode_step(self, cache: KVCache, token):
