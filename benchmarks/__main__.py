@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     names = select(args.names, list(benchmarks))
     import torch
 
+    from dallecli.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as every `dalle` command starts
+
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import torch
 
+from dallecli.allocator import keep_freed_memory
 from dallecli.models.prior import PRESETS, PriorConfig
 
 # --- the rival: DALLE-pytorch 1.6.6 -----------------------------------------------------------------------------
@@ -227,7 +228,8 @@ def environment() -> dict[str, Any]:
     load = os.getloadavg()
     return {"loadavg_1m": round(load[0], 2), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"), "noisy": load[0] > 2}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active)"),
+            "malloc_keeps_freed_memory": keep_freed_memory(), "noisy": load[0] > 2}
 
 
 def memory_gb() -> dict[str, float]:

@@ -28,8 +28,11 @@ class TrainPrecision(str, Enum):
 
 
 def start(quiet: bool = False, debug: bool = False) -> None:
-    """Apply --quiet / --debug for this process."""
+    """Apply --quiet / --debug for this process, and keep freed memory for reuse (`allocator.keep_freed_memory`)."""
     from dallecli.console import settings
+    from dallecli.allocator import keep_freed_memory
+
+    keep_freed_memory()
 
     settings.quiet = settings.quiet or quiet
     settings.debug = settings.debug or debug
