@@ -230,3 +230,16 @@ def test_the_training_loop_protocol():
     scaler.update(True)
     scaler.load_state_dict({})  # a checkpoint without scaler state keeps the current scales
     assert scaler.steps == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_finds_every_kind_of_bad_value(dtype, bad):
+    from dallecli.train.precision import nonfinite
+
+    clean = [torch.randn(7, 5, dtype=dtype), torch.zeros(0, dtype=dtype), torch.randn(3, dtype=dtype) * 1e4]
+    assert not bool(nonfinite(clean)) and not bool(nonfinite([])) and not bool(nonfinite([torch.zeros(0)]))
+    for position in range(35):  # anywhere in a tensor, among others
+        tensors = [t.clone() for t in clean]
+        tensors[0].view(-1)[position] = bad
+        assert bool(nonfinite(tensors)), position
