@@ -25,10 +25,10 @@ def keep_freed_memory() -> bool:
     kernel. A training step frees and reallocates the same activations every step, so each step faulted their
     pages in again, zero-filled by the kernel: 7,800 page faults (31 MB) per `tiny-vq` dVAE step, ~17% of its
     time on the 2-core benchmark machine, 22% of the fp32 `tiny` step's, and more where tensors exceed 32 MB
-    (the fp32 `paper-stream` prior trains 27% faster without them; docs/benchmarks.md). Here every block comes from the heap (no
-    mmap) and the heap is trimmed only above 2 GB free at its top: the process keeps its peak heap, as PyTorch's
-    caching allocator does on a GPU. Left alone where the user tunes malloc through the environment, and on
-    other C libraries."""
+    (the fp32 `paper-stream` prior trains 27% faster without them; docs/benchmarks.md). Here every block comes
+    from the heap (no mmap) and the heap is trimmed only above 2 GB free at its top: the process keeps its peak
+    heap, as PyTorch's caching allocator does on a GPU. Left alone where the user tunes malloc through the
+    environment, and on other C libraries."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     if any(name in os.environ for name in _MALLOC_ENV):

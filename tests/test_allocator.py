@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-# Frees and reallocates 82 MB of tensors per round (one of them above glibc's largest mmap threshold), as a training step frees and reallocates its activations;
+# Frees and reallocates 82 MB of tensors per round (one above glibc's largest mmap threshold), as a training
+# step frees and reallocates its activations;
 # prints the page faults per round once the heap has grown.
 SCRIPT = """
 import resource, sys, torch

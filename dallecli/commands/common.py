@@ -29,8 +29,8 @@ class TrainPrecision(str, Enum):
 
 def start(quiet: bool = False, debug: bool = False) -> None:
     """Apply --quiet / --debug for this process, and keep freed memory for reuse (`allocator.keep_freed_memory`)."""
-    from dallecli.console import settings
     from dallecli.allocator import keep_freed_memory
+    from dallecli.console import settings
 
     keep_freed_memory()
 
