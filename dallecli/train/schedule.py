@@ -1,19 +1,14 @@
 """The optimizer every training command steps, and the schedules of its learning rate and of the EMA."""
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
+from dallecli.models.dvae_objective import cosine  # the one cosine of every schedule (App. A.2)
+
 if TYPE_CHECKING:
     from dallecli.train.loop import TrainConfig
-
-
-def cosine(step: int, total: int, start: float, end: float) -> float:
-    """Cosine from `start` at step 0 to `end` at `total` (and after)."""
-    t = min(max(step, 0), total) / max(total, 1)
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
 
 
 def learning_rate(cfg: TrainConfig, step: int, halvings: int = 0) -> float:
