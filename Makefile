@@ -7,7 +7,7 @@ DATA ?= emoji
 RUN ?= runs/demo-$(DATA)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all setup font bench clean
+.PHONY: demo test test-all setup font bench rival-env bench-rival clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,5 +37,20 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+# The rival (DALLE-pytorch 1.6.6) for `python -m benchmarks --rival`: its own venv on top of ours (same torch).
+RIVAL_VENV := .venv-rival
+$(RIVAL_VENV)/.installed: $(STAMP) benchmarks/rival-requirements.txt
+	test -x $(RIVAL_VENV)/bin/python || $(BIN)/python -m venv $(RIVAL_VENV)
+	echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(RIVAL_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/dallecli-venv.pth"
+	$(RIVAL_VENV)/bin/python -m pip install -q --no-deps -r benchmarks/rival-requirements.txt
+	$(RIVAL_VENV)/bin/python -c "import warnings; warnings.simplefilter('ignore'); import dalle_pytorch, dallecli"
+	touch $@
+
+rival-env: $(RIVAL_VENV)/.installed
+
+bench-rival: rival-env
+	$(RIVAL_VENV)/bin/python -m benchmarks --rival
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(RIVAL_VENV) runs .pytest_cache

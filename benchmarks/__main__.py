@@ -1,4 +1,4 @@
-"""python -m benchmarks [NAME ...] [--json] [--list] [--threads N] [--omp-passive] | --markdown RESULTS.jsonl
+"""python -m benchmarks [NAME ...] [--json] [--list] [--threads N] [--omp-passive] [--rival] | --markdown RESULTS.jsonl
 
 Runs the named benchmarks (exact names, shell patterns like 'sample_*', or a prefix like 'prior'), or the
 whole suite, in one process. Each prints one line: its figure and the ratio to its reference; with --json, one JSON
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omp-passive", action="store_true",
                         help="set OMP_WAIT_POLICY=PASSIVE before torch loads: on a shared, oversubscribed machine "
                              "spinning OpenMP threads wait for descheduled peers (up to 10x slower small ops)")
+    parser.add_argument("--rival", action="store_true",
+                        help="measure DALLE-pytorch 1.6.6 just before and after each benchmark that compares with "
+                             "it, at the same shape, and use that as the reference (needs `make rival-env`)")
     parser.add_argument("--markdown", metavar="JSONL", default=None,
                         help="print the results saved from a --json run as a Markdown table, and exit")
     args = parser.parse_args(argv)
@@ -79,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(benchmarks))
         return 0
     names = select(args.names, list(benchmarks))
+    bracket = None
+    if args.rival:
+        from benchmarks import rival
+
+        if (why := rival.available()) is not None:
+            print(f"benchmarks: --rival: {why}", file=sys.stderr)
+            return 2
+        bracket = rival.Bracket()
     import torch
 
     from dallecli.allocator import keep_freed_memory
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         try:
             with contextlib.redirect_stdout(sys.stderr):  # library summaries must not mix with the results
-                result = benchmarks[name]()
+                result = bracket.run(name, benchmarks[name]) if bracket else benchmarks[name]()
         except Exception as exc:  # noqa: BLE001  (one broken benchmark must not stop the suite)
             failed.append(name)
             print(f"{name}: FAILED ({type(exc).__name__}: {exc})", file=sys.stderr)

@@ -55,3 +55,43 @@ def test_result_json_is_strict():
     data = json.loads(r.to_json())
     assert data["value"] == pytest.approx(1234.6) and data["config"]["nan"] is None
     assert data["shape"]["batch"] == [4, 2]
+
+
+def test_rival_bracket_measures_around_each_comparison():
+    """`--rival`: the rival's figure just before and after a benchmark becomes its reference (geometric mean);
+    an "after" serves as the next benchmark's "before" only for the same (shape, figure)."""
+    from benchmarks import registry
+    from benchmarks.common import RIVAL, Result
+    from benchmarks.rival import MEASURED, Bracket
+
+    known = registry()
+    for name, (key, field, _) in MEASURED.items():
+        assert name in known and field in RIVAL[key]
+    figures = iter([100.0, 400.0, 900.0, 50.0, 60.0])
+    calls = []
+    bracket = Bracket(now=lambda key, field: calls.append((key, field)) or next(figures))
+
+    def ours(name, value):
+        return lambda: Result(name, value, "tok/s", RIVAL["small"]["train_tok_s"], 1.0, {},
+                              {"meets_target": False})
+
+    a = bracket.run("prior_train_small", ours("prior_train_small", 1000.0))
+    assert a.reference == pytest.approx(200.0) and a.ratio == pytest.approx(5.0)  # √(100 · 400)
+    assert a.config["rival_before"] == 100.0 and a.config["rival_after"] == 400.0
+    assert a.config["rival_recorded"] == RIVAL["small"]["train_tok_s"] and a.config["meets_target"] is True
+    b = bracket.run("prior_train_small_bf16", ours("prior_train_small_bf16", 1200.0))  # same figure: reuses 400
+    assert b.reference == pytest.approx(600.0) and b.config["meets_target"] is True  # √(400 · 900)
+    untouched = bracket.run("matmul", ours("matmul", 7.0))
+    assert untouched.reference == RIVAL["small"]["train_tok_s"] and "rival_before" not in untouched.config
+    c = bracket.run("sample_cached_small", ours("sample_cached_small", 200.0))  # measured afresh after another
+    assert c.ratio == pytest.approx(200.0 / (50.0 * 60.0) ** 0.5) and c.config["meets_target"] is False
+    assert calls == [("small", "train_tok_s")] * 3 + [("small", "sample_cached_tok_s")] * 2
+
+
+def test_rival_missing_is_one_clear_line(monkeypatch):
+    from benchmarks import rival
+    from benchmarks.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "dalle_pytorch", None)  # import fails as where it is not installed
+    assert "make rival-env" in rival.available()
+    assert main(["matmul_small", "--rival"]) == 2
