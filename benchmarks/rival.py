@@ -81,8 +81,7 @@ def _dalle(shape_key: str):
 def _train_fn(shape_key: str) -> tuple[Callable[[], None], int]:
     shape = SHAPES[shape_key]
     model = _dalle(shape_key).train()
-    text, image = fake_batch(shape.prior, shape.train_batch)
-    text = text.clamp(min=1)  # its padding is token 0, remapped to a learned token per position
+    text, image = fake_batch(shape.prior, shape.train_batch)  # padding is token 0 for both (its own convention)
     optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-4)
 
     def step():
