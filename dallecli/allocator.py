@@ -30,11 +30,11 @@ def keep_freed_memory() -> bool:
     from the heap (no mmap) and the heap is trimmed only above 2 GB free at its top: the process keeps its peak
     heap, as PyTorch's caching allocator does on a GPU.
 
-    Fastbins are off (M_MXFAST 0). They hold freed blocks of up to 160 bytes unmerged, and glibc merges them all
+    Fastbins are off (M_MXFAST 0). They hold freed blocks of up to 128 bytes unmerged, and glibc merges them all
     (malloc_consolidate) before serving any request of 1 kB or more: in a decode step, where every op frees small
     C++ objects and allocates a tensor of a few kB, that took ~3% of the main thread. Without them small blocks
     go to the per-thread cache (tcache) as before, and the overflow is merged as it is freed: `small` cached
-    sampling +2–5% on the benchmark machine, the other benchmarks unchanged.
+    sampling +2–4% on the benchmark machine, the other benchmarks unchanged.
 
     Left alone where the user tunes malloc through the environment, and on other C libraries."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
