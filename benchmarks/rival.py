@@ -177,11 +177,19 @@ def rebase(result: Result, before: float, after: float, target: float | None) ->
 
 class Bracket:
     """Measures the rival around each benchmark that has a counterpart; a figure measured right after one
-    benchmark serves as the next one's "before" when it is of the same (shape, field)."""
+    benchmark serves as the next one's "before" when it is of the same (shape, field). Where the rival fails
+    (e.g. out of memory at `paper-stream`), our figure stays against the recorded constant, with the reason in
+    `config.rival_error`."""
 
     def __init__(self, budget_s: float = 20.0, now: Callable[[str, str], float] | None = None):
         self.now = now or (lambda key, field: rate(key, field, budget_s))
         self.last: tuple[tuple[str, str], float] | None = None
+
+    def _measure(self, key: str, field: str) -> tuple[float | None, str | None]:
+        try:
+            return self.now(key, field), None
+        except Exception as exc:  # noqa: BLE001  (the rival's failure must not cost us our own figure)
+            return None, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
     def run(self, name: str, bench: Callable[[], Result]) -> Result:
         if name not in MEASURED:
@@ -189,12 +197,18 @@ class Bracket:
             return bench()
         key, field, target = MEASURED[name]
         t0 = time.perf_counter()
-        before = self.last[1] if self.last and self.last[0] == (key, field) else self.now(key, field)
+        if self.last and self.last[0] == (key, field):
+            before, error = self.last[1], None
+        else:
+            before, error = self._measure(key, field)
         t1 = time.perf_counter()
         result = bench()
         t2 = time.perf_counter()
-        after = self.now(key, field)
-        self.last = ((key, field), after)
+        after, error_after = self._measure(key, field) if error is None else (None, error)
+        self.last = ((key, field), after) if after is not None else None
+        if before is None or after is None:
+            result.config["rival_error"] = error or error_after
+            return result
         result = rebase(result, before, after, target)
         result.config["rival_s"] = round(t1 - t0 + time.perf_counter() - t2, 1)
         return result

@@ -88,6 +88,19 @@ def test_rival_bracket_measures_around_each_comparison():
     assert calls == [("small", "train_tok_s")] * 3 + [("small", "sample_cached_tok_s")] * 2
 
 
+def test_rival_failure_keeps_our_figure():
+    from benchmarks.common import RIVAL, Result
+    from benchmarks.rival import Bracket
+
+    def broken(key, field):
+        raise MemoryError("rival ran out of memory")
+
+    result = Bracket(now=broken).run("sample_cached_small", lambda: Result(
+        "sample_cached_small", 6000.0, "img tok/s", RIVAL["small"]["sample_cached_tok_s"], 4.86, {}, {}))
+    assert result.value == 6000.0 and result.reference == RIVAL["small"]["sample_cached_tok_s"]
+    assert result.config["rival_error"] == "MemoryError: rival ran out of memory"
+
+
 def test_rival_missing_is_one_clear_line(monkeypatch):
     from benchmarks import rival
     from benchmarks.__main__ import main
