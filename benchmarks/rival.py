@@ -204,10 +204,10 @@ class Bracket:
         t1 = time.perf_counter()
         result = bench()
         t2 = time.perf_counter()
-        after, error_after = self._measure(key, field) if error is None else (None, error)
-        self.last = ((key, field), after) if after is not None else None
-        if before is None or after is None:
-            result.config["rival_error"] = error or error_after
+        after, error = self._measure(key, field) if error is None else (None, error)
+        self.last = None if error else ((key, field), after)
+        if error:
+            result.config["rival_error"] = error
             return result
         result = rebase(result, before, after, target)
         result.config["rival_s"] = round(t1 - t0 + time.perf_counter() - t2, 1)
