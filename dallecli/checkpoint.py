@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dallecli.config import read_json, write_json_atomic
+from dallecli.config import fsync_dir, read_json, write_json_atomic
 from dallecli.console import UserError
 
 FORMAT = 1
@@ -62,19 +62,6 @@ def latest(root: Path) -> Path | None:
     """The highest step with a completion marker (never chosen by modification time)."""
     steps = complete_steps(root)
     return steps[-1][1] if steps else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -155,7 +142,7 @@ def save(
         })
         (tmp / "DONE").touch()
         _fsync_file(tmp / "DONE")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a re-save of the same step: move the old one aside first (`recover` undoes
             old = root / f".old-{final.name}-{os.getpid()}"  # a crash between the two renames)
             os.replace(final, old)
@@ -163,7 +150,7 @@ def save(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = _io_reason(exc)
@@ -310,7 +297,9 @@ def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"checkpoint file is corrupt or truncated: {path} ({exc})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"checkpoint file is corrupt or truncated: {path} ({first}); delete that step folder "
+                        f"({path.parent}) to fall back to the one before it, or pass another checkpoint") from None
 
 
 def load_torch_state(path: Path) -> dict[str, Any]:

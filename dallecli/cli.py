@@ -69,19 +69,45 @@ _register()
 
 
 def main() -> None:
-    """Entry point: user errors become one red line and exit code 2; Ctrl-C exits with 130."""
+    """Entry point: user errors, bad flags included, become one red line and exit code 2; Ctrl-C exits with 130."""
     from dallecli.console import UserError, print_error, settings
 
     try:
-        app()
+        code = _run()
     except UserError as exc:
         if settings.debug:
             raise
         print_error(str(exc))
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print_error("interrupted")
         sys.exit(130)
+    except Exception as exc:
+        if not _is_click_error(exc):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `dalle` alone: the help, as before
+            exc.show()
+        else:  # an unknown flag, a value of the wrong type or out of range
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print_error(exc.format_message().rstrip(".") + where)
+        sys.exit(exc.exit_code)
+    if isinstance(code, int) and code:  # typer.Exit(code) under standalone_mode=False returns the code
+        sys.exit(code)
+
+
+def _run():
+    from dallecli.train.launch import close_process_group
+
+    try:
+        return app(prog_name="dalle", standalone_mode=False)  # click's usage errors come here, not as a box
+    finally:
+        close_process_group()  # a launched worker's gloo / NCCL group, before the interpreter's exit
+
+
+def _is_click_error(exc: Exception) -> bool:
+    """click's ClickException, from click itself or the copy typer carries (typer._click): by its interface."""
+    return hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int) and hasattr(exc, "show")
 
 
 if __name__ == "__main__":

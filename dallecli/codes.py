@@ -4,12 +4,25 @@ Code shards mirror the image shards one for one (`train-000000.tar` → `train-0
 holding `KEY.codes` (the argmax codes of the EMA encoder, uint16 little-endian, row-major, §2.1),
 `KEY.txt` and `KEY.json`. The manifest names the dVAE that made them by its content fingerprint:
 stage 2 refuses codes from any other dVAE (DESIGN.md, "The data flow").
+
+    OUT/manifest.json   the commit point: OUT holds a complete code set exactly when it is there
+    OUT/train-000000.tar …  OUT/rejects.jsonl
+    OUT/.parts/         one record per finished shard (fingerprint, count, sha256): a rerun skips those
+    OUT/.stage/         a code set being written (the first one, or one that replaces OUT's)
+
+A new code set, or codes of another dVAE, are written into OUT/.stage and moved into OUT only when
+complete (as `dalle build-shards` does), so an interrupted or failed encode never leaves OUT half
+replaced; a rerun resumes in the stage. Codes of the same dVAE are completed in place. Codes that the
+run's prior was trained on are replaced only with --overwrite.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,12 +31,15 @@ from dallecli import checkpoint
 from dallecli.config import read_json, write_json_atomic
 from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.data.loader import BadSample, read_caption, read_image, read_meta
-from dallecli.data.records import ShardError, iter_records, list_shards, write_tar
+from dallecli.data.records import SHARD_RE, ShardError, iter_records, list_shards, write_tar
 from dallecli.hardware import default_precision
 from dallecli.imageutil import center_square, grid, to_pil, to_tensor
 from dallecli.train.dvae_task import load_dvae
 
 MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+PARTS = ".parts"
+STAGE = ".stage"
 
 
 def codes_to_bytes(codes: torch.Tensor) -> bytes:
@@ -47,36 +63,66 @@ def _sha256(path: Path) -> str:
 
 
 def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, device: str = "cpu",
-                  rank: int = 0, world: int = 1, max_errors: int = 100, precision: str | None = None) -> dict:
-    """Encode every train and val shard; resumable (complete code shards made by the same dVAE are kept).
+                  rank: int = 0, world: int = 1, max_errors: int = 100, precision: str | None = None,
+                  overwrite: bool = False, prior: Path | None = None,
+                  barrier: Callable[[], None] = lambda: None) -> dict:
+    """Encode every train and val shard into `result["work"]` (OUT itself, or OUT/.stage: see the module
+    docstring); `write_manifest` and `install` finish the job once every process is done. Everything is
+    checked before anything is written: the dVAE, the shards, their image size, and OUT (a file; image
+    shards; codes that `prior` was trained on, refused unless `overwrite`). `barrier` waits for the other
+    processes. Resumable: complete code shards made by the same dVAE are kept.
     The encoder runs channels-last, under bf16 autocast where `precision` (default `hardware.default_precision`) is
     bf16; the nearest-code search stays fp32. A 64 px tiny-vq encodes 4× faster that way on a native-bf16 CPU,
     the paper preset 1.24× faster than NCHW on an H100, with the same reconstruction PSNR."""
+    out = Path(out)
     model, ck = load_dvae(dvae, device)
     cfg = model.config
+    jobs = [(split, p) for split in ("train", "val") for p in list_shards(shards, split)]
+    if not jobs:
+        raise UserError(f"no shards in {shards}; make them with `dalle build-shards`")
+    check_image_size(shards, [p for _, p in jobs], cfg.image_size, ck.path)
+    if rank == 0 and (out / STAGE / MANIFEST).is_file():
+        install(out)  # a crash cut an install short: finish it first
+    barrier()
+    work, note = _plan(out, shards, ck, prior, overwrite)
+    barrier()  # every process has decided before the first one changes anything
+    made_out = not out.exists()
+    if rank == 0:
+        if note:
+            note()
+        _prepare(out, work, overwrite)
+        resumed = len(_finished_parts(work, ck.fingerprint)) if work != out else 0
+        if resumed:
+            info(f"resuming the unfinished encode in {work}: {resumed} of {len(jobs)} shard(s) already done")
+    barrier()
     on_gpu = torch.device(device).type == "cuda"
     precision = precision or default_precision(on_gpu)
     model = model.to(memory_format=torch.channels_last)
     if on_gpu:  # cuDNN's fastest algorithms for these fixed shapes
         torch.backends.cudnn.benchmark = True
-    out.mkdir(parents=True, exist_ok=True)
-    parts = out / ".parts"
-    parts.mkdir(exist_ok=True)
-    old = out / MANIFEST
-    if old.exists() and read_json(old, "code manifest").get("dvae", {}).get("fingerprint") != ck.fingerprint:
-        info(f"{out} holds codes of another dVAE: encoding again with {ck.path}")
-        for p in list(parts.iterdir()) + [old]:
-            p.unlink()
-    jobs = [(split, p) for split in ("train", "val") for p in list_shards(shards, split)]
-    if not jobs:
-        raise UserError(f"no shards in {shards}; make them with `dalle build-shards`")
+    parts = work / PARTS
     mine = jobs[rank::world]
+    try:
+        done_images = _encode_jobs(model, ck, mine, work, parts, batch_size, device, max_errors, precision)
+    except BaseException:
+        if world == 1 and work != out and not _finished_parts(work, ck.fingerprint):
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave nothing behind
+            if made_out:
+                _rmdir_if_empty(out)
+        raise
+    return {"checkpoint": ck, "images": done_images, "jobs": jobs, "config": cfg, "precision": precision,
+            "work": work}
+
+
+def _encode_jobs(model, ck, mine, work: Path, parts: Path, batch_size: int, device: str, max_errors: int,
+                 precision: str) -> int:
+    cfg = model.config
     done_images = 0
     with progress("encode", total=len(mine), unit="img") as bar:
         for split, path in mine:
             part = parts / f"{path.name}.json"
             if part.exists() and json.loads(part.read_text()).get("fingerprint") == ck.fingerprint \
-                    and (out / path.name).exists():
+                    and (work / path.name).exists():
                 bar.advance(1, rate_count=0)
                 continue
             records, rejects = [], []
@@ -119,18 +165,146 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
             rejects += [{"shard": e.shard, "key": e.key, "reason": e.reason} for e in shard_errors]
             for r in rejects:
                 warn(f"skipping {r['shard']}:{r['key']}: {r['reason']}")
-            write_tar(out / path.name, records)
+            write_tar(work / path.name, records)
             done_images += len(records)
             write_json_atomic(part, {"fingerprint": ck.fingerprint, "split": split, "count": len(records),
-                                     "sha256": _sha256(out / path.name), "rejects": rejects})
-    return {"checkpoint": ck, "images": done_images, "jobs": jobs, "config": cfg, "precision": precision}
+                                     "sha256": _sha256(work / path.name), "rejects": rejects})
+    return done_images
+
+
+def check_image_size(shards: Path, paths: list[Path], size: int, dvae: Path) -> None:
+    """Refuse shards whose images are not the dVAE's size (`dalle train-dvae` refuses them too): encoding
+    would silently rescale every image. The first readable image stands for the shards (their --size)."""
+    for path in paths:
+        for rec in iter_records(path, []):
+            try:
+                found = min(read_image(rec.members).size)
+            except BadSample:
+                continue
+            if found != size:
+                raise UserError(f"the images in {shards} are {found} px but the dVAE {dvae} expects {size} px; "
+                                f"rebuild the shards with `dalle build-shards --size {size}`, or use a dVAE "
+                                f"trained at {found} px (--dvae)")
+            return
+
+
+def prior_trained_with(prior: Path | None, key: str, fingerprint: str | None) -> checkpoint.Checkpoint | None:
+    """The latest prior checkpoint under `prior` if its meta records `key` == `fingerprint` (the codes'
+    dVAE or the tokenizer it was trained with): what replacing those would leave without its inputs."""
+    if prior is None or fingerprint is None:
+        return None
+    try:
+        ck = checkpoint.load(prior, "prior")
+    except UserError:  # no prior there (or none readable): nothing to protect
+        return None
+    return ck if ck.meta.get(key) == fingerprint else None
+
+
+def _code_manifest_or_none(folder: Path) -> dict | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and manifest.get("kind") == "codes" and isinstance(manifest.get("dvae"), dict)
+    return manifest if ok else None
+
+
+def _plan(out: Path, shards: Path, ck: checkpoint.Checkpoint, prior: Path | None,
+          overwrite: bool) -> tuple[Path, Callable[[], None] | None]:
+    """Where to write (OUT to complete codes of this dVAE in place, else OUT/.stage), and a message to
+    show; refuse what would lose something. Reads only."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; pass --out with a folder for the code shards "
+                        "(it is made if missing)")
+    if out.resolve() == Path(shards).resolve():
+        raise UserError(f"the output folder {out} is the image shards folder; pass --out DIR to write the "
+                        "codes elsewhere")
+    stage = out / STAGE
+    old = _code_manifest_or_none(out)
+    if old is None:
+        if out.is_dir() and not overwrite and not (out / PARTS).is_dir():
+            foreign = sorted(p.name for p in out.iterdir() if SHARD_RE.match(p.name) or p.name == MANIFEST)
+            if foreign:
+                raise UserError(f"{out} already holds {foreign[0]}, not made by `dalle encode`; pass --out DIR "
+                                "to write the codes elsewhere, or --overwrite to replace it")
+        return stage, None
+    made_by = old["dvae"].get("fingerprint")
+    if made_by == ck.fingerprint:
+        return (stage, None) if overwrite else (out, None)
+    theirs = f"dVAE {made_by} ({old['dvae'].get('checkpoint')})"
+    ours = f"dVAE {ck.fingerprint} ({ck.path})"
+    trained = prior_trained_with(prior, "dvae_fingerprint", made_by)
+    if trained is not None and not overwrite:
+        raise UserError(f"{out} holds the codes of {theirs} that the prior {trained.path} was trained on; "
+                        f"encoding with {ours} would replace them: pass --out DIR to write the new codes "
+                        "elsewhere, or --overwrite to replace them (then train the prior again with --fresh)")
+    if trained is not None:
+        return stage, lambda: warn(f"replacing the codes of {theirs} in {out} with codes of {ours}; the prior "
+                                   f"{trained.path} was trained on the old ones: train it again with --fresh")
+    return stage, lambda: info(f"{out} holds the codes of {theirs}: replacing them with codes of {ours} "
+                               "(the old ones stay until the new set is complete)")
+
+
+def _prepare(out: Path, work: Path, overwrite: bool) -> None:
+    """Make the folders; start the stage afresh unless it holds this dVAE's unfinished work (then resume)."""
+    stage = out / STAGE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot make the code folder {out}: {exc.strerror or exc}; pass --out with a folder "
+                        "you can write") from None
+    if work != stage or overwrite:
+        shutil.rmtree(stage, ignore_errors=True)  # another dVAE's unfinished replacement, or --overwrite
+    work.mkdir(exist_ok=True)
+    (work / PARTS).mkdir(exist_ok=True)
+
+
+def _finished_parts(work: Path, fingerprint: str) -> list[Path]:
+    parts = work / PARTS
+    if not parts.is_dir():
+        return []
+    found = []
+    for p in parts.glob("*.json"):
+        try:
+            if json.loads(p.read_text()).get("fingerprint") == fingerprint:
+                found.append(p)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _rmdir_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def install(out: Path) -> None:
+    """Move the complete code set in OUT/.stage into OUT, replacing the codes there. The staged
+    manifest.json is the commit point: until it has moved, a rerun calls this again and carries on."""
+    stage = out / STAGE
+    manifest = read_json(stage / MANIFEST, "code manifest")
+    new = {s["name"] for s in manifest["shards"]} | ({REJECTS} if manifest.get("rejects") else set())
+    (out / MANIFEST).unlink(missing_ok=True)  # from here on OUT is not a complete code set until the new one lands
+    for p in out.iterdir():
+        if (SHARD_RE.match(p.name) or p.name == REJECTS) and p.name not in new and p.is_file():
+            p.unlink()
+    for name in sorted(new):
+        if (stage / name).exists():  # not there: moved before a crash
+            os.replace(stage / name, out / name)
+    if (stage / PARTS).is_dir():
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+        os.replace(stage / PARTS, out / PARTS)
+    os.replace(stage / MANIFEST, out / MANIFEST)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_manifest(out: Path, ck: checkpoint.Checkpoint, cfg, jobs, precision: str = "fp32") -> dict:
     """Merge the per-shard records into manifest.json (after every process has finished)."""
     shards, counts, rejects = [], {"train": 0, "val": 0}, []
     for split, path in jobs:
-        part = json.loads((out / ".parts" / f"{path.name}.json").read_text())
+        part = json.loads((out / PARTS / f"{path.name}.json").read_text())
         shards.append({"name": path.name, "split": split, "count": part["count"], "sha256": part["sha256"]})
         counts[split] += part["count"]
         rejects += part["rejects"]
@@ -143,9 +317,11 @@ def write_manifest(out: Path, ck: checkpoint.Checkpoint, cfg, jobs, precision: s
         "rejects": len(rejects),
         "shards": shards,
     }
-    write_json_atomic(out / MANIFEST, manifest)
     if rejects:
-        (out / "rejects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rejects))
+        (out / REJECTS).write_text("".join(json.dumps(r) + "\n" for r in rejects))
+    else:
+        (out / REJECTS).unlink(missing_ok=True)  # an earlier run's
+    write_json_atomic(out / MANIFEST, manifest)  # last: the commit point
     return manifest
 
 
@@ -171,11 +347,16 @@ def check_codes_match(codes: Path, dvae_fingerprint: str, where: str) -> dict:
 
 def preview(dvae: Path, shards: Path, out: Path, n: int, device: str = "cpu") -> Path:
     """N val images: originals and reconstructions as PNGs, preview.jsonl and a grid (originals above)."""
-    model, _ = load_dvae(dvae, device)
+    if n < 1:
+        raise UserError(f"--preview must be a number of images, at least 1 (got {n})")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; move it away to write the preview there")
+    model, ck = load_dvae(dvae, device)
     size = model.config.image_size
     paths = list_shards(shards, "val") or list_shards(shards, "train")
     if not paths:
         raise UserError(f"no shards in {shards}; make them with `dalle build-shards`")
+    check_image_size(shards, paths, size, ck.path)
     images, captions = [], []
     for path in paths:
         for rec in iter_records(path, []):

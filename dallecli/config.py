@@ -84,6 +84,20 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames, new files) durable; a no-op where the system cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def read_json(path: Path, what: str = "file") -> Any:
     """Read a JSON file; a missing or corrupt one is a UserError that names it."""
     path = Path(path)

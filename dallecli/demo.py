@@ -75,7 +75,7 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
             eval_every=max(1, budget.prior_steps // 4), quiet=quiet, **device_flags)),
         ("train-clip", 0.15, lambda: train_clip.command(run=run, steps=budget.clip_steps, quiet=quiet, **device_flags)),
         ("sample", 0.05, lambda: sample.command(prompts=prompts, run=run, n=8, rerank=2, name="demo", guidance=DEMO_GUIDANCE,
-                                                quiet=quiet, **device_flags)),
+                                                overwrite=True, quiet=quiet, **device_flags)),
         ("eval", 0.05, lambda: _evaluate(data, run, quiet, eval_cmd, device_flags)),
     ]
 

@@ -85,6 +85,45 @@ def folder_samples(folder: Path, prompt: str) -> list[dict[str, Any]]:
     return [{"prompt": prompt, "image": p.name, "index": i} for i, p in enumerate(files)]
 
 
+# --- which CLIP ---------------------------------------------------------------------------------------------
+
+def check_clip_model(spec: str | None, model: str | None, run: Path) -> None:
+    """Refuse a --clip-model that the CLIP `spec` would ignore. It names the architecture of a bare weights
+    file only: our checkpoints (a folder, a file inside one, the run's own) and NAME:TAG / local-dir: /
+    hf-hub: specs carry their own, so a different name there is an error naming both."""
+    if model is None:
+        return
+    from dallecli import checkpoint
+    from dallecli.config import RunDir
+
+    if spec is None:
+        folder = RunDir(Path(run)).clip
+    elif spec.startswith(("local-dir:", "hf-hub:")):
+        raise UserError(f"--clip {spec} carries its own architecture; --clip-model {model} applies only to a bare "
+                        "weights file: drop --clip-model")
+    elif Path(spec).is_dir():
+        folder = Path(spec)
+    elif Path(spec).is_file():
+        folder = Path(spec).parent
+        if not ((folder / "config.json").is_file() and (folder / "DONE").is_file()):
+            return  # a bare weights file: --clip-model is its architecture
+    elif ":" in spec and not spec.startswith(("/", ".", "~")):
+        if spec.split(":", 1)[0] != model:
+            raise UserError(f"--clip {spec} is the architecture {spec.split(':', 1)[0]}, but --clip-model says "
+                            f"{model}: drop --clip-model (it names the architecture of a bare weights file only)")
+        return
+    else:
+        return  # not a CLIP at all: load_clip says what is wrong
+    try:
+        own = checkpoint.load(folder, "clip").model_config.get("name")
+    except UserError:
+        return  # not a readable CLIP checkpoint: load_clip says what is wrong
+    if own != model:
+        where = "the run's CLIP " + str(folder) if spec is None else f"--clip {spec}"
+        raise UserError(f"{where} is a {own} checkpoint (its config.json says so), but --clip-model says "
+                        f"{model}: drop --clip-model (it names the architecture of a bare weights file only)")
+
+
 # --- scoring and ranking ------------------------------------------------------------------------------------
 
 def _open(path: Path) -> Image.Image | None:

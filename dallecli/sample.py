@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -267,7 +268,7 @@ def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None
         model = model.to(torch.bfloat16)
     dmodel, dck = load_dvae(dvae or rd.dvae, device)
     tok = Tokenizer.load(tokenizer or rd.tokenizer)
-    check_prior_meta(pck, dck.fingerprint, tok.fingerprint)
+    check_prior_meta(pck, dck.fingerprint, tok.fingerprint, training=False)
     if dmodel.config.vocab_size != model.config.image_vocab or dmodel.config.grid != model.config.grid:
         raise UserError(f"the dVAE {dck.path} (grid {dmodel.config.grid}, {dmodel.config.vocab_size} codes) does not "
                         f"match the prior {pck.path} (grid {model.config.grid}, {model.config.image_vocab} codes)")
@@ -336,11 +337,19 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     if rerank is not None and not 1 <= rerank <= n:
         raise UserError(f"--rerank {rerank} must be between 1 and --n ({n}): it keeps the best K of the N drawn")
     if (image_prompt is None) != (prompt_rows is None):
-        raise UserError("--image-prompt and --prompt-rows go together")
+        raise UserError("--image-prompt and --prompt-rows go together: pass both, e.g. --image-prompt IMG "
+                        "--prompt-rows 4 (rows of the image's code grid to keep, 1 to grid − 1)")
     out = Path(out) if out else Path(run) / "samples" / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the samples")
     if precision not in (None, "bf16", "fp32"):
         raise UserError(f"--precision must be bf16 or fp32 (got {precision!r})")
     pipe = load_pipeline(run, prior, dvae, device=device, precision=precision)
+    scorer = None
+    if rerank is not None and rank == 0:  # before drawing anything: a bad --clip fails in seconds, not at the end
+        from dallecli.models.clip import load_clip
+
+        scorer = load_clip(clip, Path(run), pipe.device)
     if compiled and pipe.device.type == "cpu" and rank == 0:
         warn("--compile on a CPU: the default decoder (oneDNN with packed weights) is several times faster here "
              "(4× at the `small` benchmark shape); --compile pays off on a GPU")
@@ -369,7 +378,45 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     _write_jsonl(part, records)
     if world > 1:
         return part
-    return finish_folder(out, prompts, n, rerank, clip, run, pipe, quiet)
+    return finish_folder(out, prompts, n, rerank, clip, run, pipe, quiet, scorer=scorer)
+
+
+class ReplacedFolder:
+    """The samples folder a command writes, and what was there before. An existing folder with files in it is
+    refused unless `overwrite`; with it, the old folder waits in a hidden sibling while the new one is written,
+    is deleted once the command succeeds and comes back if it fails: a failed command loses nothing.
+    `active` False (a worker process of a launched run) does nothing: the launching process does it."""
+
+    def __init__(self, folder: Path, overwrite: bool, active: bool = True):
+        self.folder, self.overwrite, self.active = Path(folder), overwrite, active
+        self.aside = self.folder.with_name(f".{self.folder.name}.replaced")
+        self.moved = False
+
+    def __enter__(self) -> ReplacedFolder:
+        folder = self.folder
+        if not self.active:
+            return self
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file, not a folder; give another --name or --out for the samples")
+        if self.aside.exists():
+            raise UserError(f"an earlier --overwrite of {folder} was interrupted and its previous samples are in "
+                            f"{self.aside}: move them back or delete that folder, then rerun")
+        if folder.is_dir() and any(folder.iterdir()):
+            if not self.overwrite:
+                raise UserError(f"samples folder {folder} already exists; choose another --name (or --out), or pass "
+                                "--overwrite to replace it")
+            folder.rename(self.aside)
+            self.moved = True
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if self.moved:
+            if kind is None or (kind is SystemExit and exc.code in (0, None)):  # a launcher exits with the workers' code
+                shutil.rmtree(self.aside, ignore_errors=True)
+            else:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.aside.rename(self.folder)
+        return False
 
 
 def merge_parts(out: Path, world: int) -> None:
@@ -384,14 +431,16 @@ def merge_parts(out: Path, world: int) -> None:
 
 
 def finish_folder(out: Path, prompts: list[str], n: int, rerank: int | None, clip: str | None, run: Path,
-                  pipe: Pipeline | None = None, quiet: bool = False) -> Path:
-    """Rerank (optionally), then write grid.png and index.html beside samples.jsonl."""
+                  pipe: Pipeline | None = None, quiet: bool = False, scorer=None) -> Path:
+    """Rerank (optionally; with `scorer`, or the CLIP `clip` names), then write grid.png and index.html beside
+    samples.jsonl."""
     path = out / "samples.jsonl"
     if rerank is not None:
         from dallecli.models.clip import load_clip
         from dallecli.rerank import rerank_samples
 
-        scorer = load_clip(clip, Path(run), pipe.device if pipe else "cpu")
+        if scorer is None:
+            scorer = load_clip(clip, Path(run), pipe.device if pipe else "cpu")
         rerank_samples(path, scorer, keep=rerank)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     write_gallery(out, rows)

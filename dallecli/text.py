@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -188,14 +190,36 @@ class Tokenizer:
         }
 
     def save(self, folder: Path) -> Path:
-        """Write folder/tokenizer.json, then folder/config.json (last, so a complete config means a
-        complete folder; its fingerprint is checked against tokenizer.json on load)."""
+        """Write folder/tokenizer.json and folder/config.json (its fingerprint is checked against
+        tokenizer.json on load) into a hidden folder beside it, then swap that in for `folder`, as
+        checkpoints are saved: a crash never leaves the new tokenizer.json beside the old config.json."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".tokenizer.json.tmp"
-        tmp.write_text(self._json, encoding="utf-8")
-        tmp.replace(folder / "tokenizer.json")
-        write_json_atomic(folder / "config.json", self.config())
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file, not a folder; move it away to save the tokenizer there")
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            (tmp / "tokenizer.json").write_text(self._json, encoding="utf-8")
+            write_json_atomic(tmp / "config.json", self.config())
+            if folder.exists():
+                os.replace(folder, old)
+                try:
+                    os.replace(tmp, folder)
+                except OSError:
+                    os.replace(old, folder)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
+        except OSError as exc:
+            kept = "the previous one is intact" if (folder / "config.json").is_file() else "nothing was saved"
+            raise UserError(f"cannot write the tokenizer to {folder}: {exc.strerror or exc}; {kept}; "
+                            "free space (or fix permissions) and rerun") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     @classmethod

@@ -74,6 +74,18 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def files(folder: Path) -> dict[str, bytes]:
+    """The files directly in `folder` (what readers see), by name; the staged build is a folder."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def one_line(result) -> str:
+    """The error of a failed command, which must fit on one line."""
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
 def rejects(folder: Path) -> dict[str, str]:
     lines = [json.loads(line) for line in (folder / "rejects.jsonl").read_text().splitlines()]
     return {line["key"]: line["reason"] for line in lines}
@@ -223,7 +235,10 @@ def test_too_many_failures_stop_the_run(tmp_path):
     assert result.exit_code == 2
     assert "--max-error-rate" in result.output and "not-an-image" in result.output
     assert not (tmp_path / "out" / "manifest.json").exists()
-    assert len((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()) >= 20
+    assert not list_shards(tmp_path / "out", "train")            # nothing a reader could take for shards
+    staged = tmp_path / "out" / ".unfinished"
+    assert f"see {staged / 'rejects.jsonl'}" in one_line(result)
+    assert len((staged / "rejects.jsonl").read_text().splitlines()) >= 20
     # after reading rejects.jsonl, the same command with a generous limit finishes the job
     ok(src, "--out", tmp_path / "out", "--workers", "1", "--max-error-rate", "1")
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"] == {
@@ -343,6 +358,18 @@ def test_tsv_and_jsonl_manifests_with_named_columns(tmp_path):
 
     result = cli(tmp_path / "m.tsv", "--out", tmp_path / "c", "--caption-column", "nope")
     assert result.exit_code == 2 and "no caption column 'nope'" in result.output and "description" in result.output
+
+
+@pytest.mark.parametrize("name,content", [("m.csv", ""), ("m.tsv", "\n\n"), ("m.jsonl", "\n")])
+def test_empty_manifest_is_named_as_empty(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    result = cli(tmp_path / name, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"manifest {tmp_path / name} is empty" in one_line(result) and "no columns" not in result.output
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "h.csv").write_text("image,caption\n")
+    result = cli(tmp_path / "h.csv", "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "holds a header but no rows" in one_line(result)
 
 
 # ---- webdataset input ---------------------------------------------------------------------------
@@ -487,6 +514,89 @@ def test_rerun_is_a_no_op_different_arguments_are_refused(tmp_path):
     assert result.exit_code == 2 and "--overwrite" in result.output
 
 
+def _bad_manifest(tmp_path: Path, problem: str) -> Path:
+    """Six rows, none usable: captions the filters reject ("filtered") or images that are not there ("missing")."""
+    for i in range(6):
+        (tmp_path / f"m{i}.png").write_bytes(image_bytes(i))
+    rows = [{"image": f"m{i}.png" if problem == "filtered" else f"gone{i}.png",
+             "caption": "x" if problem == "filtered" else f"picture {i}"} for i in range(6)]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "bad.jsonl"
+
+
+@pytest.mark.parametrize("problem,message", [("filtered", "no sample passed the filters"),
+                                             ("missing", "6 of 6 inputs failed")])
+def test_a_failed_overwrite_keeps_the_old_shards(tmp_path, problem, message):
+    src, out = good_folder(tmp_path / "photos", 6), tmp_path / "out"
+    ok(src, "--out", out, "--size", "32", "--per-shard", "2")
+    before = files(out)
+    result = cli(_bad_manifest(tmp_path, problem), "--out", out, "--size", "32", "--overwrite")
+    assert result.exit_code == 2
+    line = one_line(result)
+    staged = out / ".unfinished" / "rejects.jsonl"
+    assert message in line and f"see {staged}" in line and f"the shards in {out} are untouched" in line
+    assert len(staged.read_text().splitlines()) == 6
+    assert files(out) == before                                    # same files, same bytes
+    assert "already complete" in ok(src, "--out", out, "--size", "32", "--per-shard", "2").output
+    if problem == "missing":   # the failed build stays resumable (see the next test), and is not lost silently
+        result = cli(tmp_path / "bad.jsonl", "--out", out, "--size", "48")
+        assert result.exit_code == 2 and "holds an unfinished build with different arguments" in one_line(result)
+    else:                      # nothing to resume: only rejects.jsonl was kept, the next build starts afresh
+        assert sorted(p.name for p in (out / ".unfinished").iterdir()) == ["rejects.jsonl"]
+        result = cli(tmp_path / "bad.jsonl", "--out", out, "--size", "32")
+        assert result.exit_code == 2 and "was built with different arguments" in one_line(result)
+    assert files(out) == before
+
+
+def test_a_failed_error_rate_overwrite_resumes_and_then_replaces(tmp_path):
+    src, out = good_folder(tmp_path / "photos", 6), tmp_path / "out"
+    ok(src, "--out", out, "--size", "32")
+    manifest = _bad_manifest(tmp_path, "filtered")
+    with manifest.open("a") as f:
+        f.write(json.dumps({"image": "gone.png", "caption": "picture"}) + "\n")
+    args = ["--out", out, "--size", "32", "--min-caption-chars", "1"]
+    assert cli(manifest, *args, "--overwrite", "--max-error-rate", "0.1").exit_code == 2
+    assert json.loads((out / "manifest.json").read_text())["arguments"]["source"]["kind"] == "folder"
+    ok(manifest, *args, "--max-error-rate", "0.5")                 # the same build, resumed, now installed
+    assert json.loads((out / "manifest.json").read_text())["counts"]["inputs"] == 7
+    assert not (out / ".unfinished").exists()
+    assert {r.key for s in ("train", "val") for r in records(out, s)} == {f"{i:09d}" for i in range(6)}
+
+
+def test_overwrite_replaces_the_shards_and_leaves_no_working_folder(tmp_path):
+    src, out = good_folder(tmp_path / "photos", 12), tmp_path / "out"
+    ok(src, "--out", out, "--size", "32", "--per-shard", "2", "--val-fraction", "0")
+    assert "train-000005.tar" in files(out)
+    (out / "notes.txt").write_text("mine")                          # not ours: left alone
+    ok(src, "--out", out, "--size", "48", "--per-shard", "5", "--val-fraction", "0", "--overwrite")
+    ok(src, "--out", tmp_path / "fresh", "--size", "48", "--per-shard", "5", "--val-fraction", "0")
+    assert files(out) == {**files(tmp_path / "fresh"), "notes.txt": b"mine"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(files(out))      # no .unfinished, no stray file
+
+
+@pytest.mark.parametrize("at", ["first", "manifest"])
+def test_a_crash_while_installing_is_finished_by_the_next_run(tmp_path, monkeypatch, at):
+    src, out = good_folder(tmp_path / "photos", 8), tmp_path / "out"
+    args = ["--size", "32", "--per-shard", "3", "--val-fraction", "0"]
+    ok(src, "--out", out, *args)
+    ok(src, "--out", tmp_path / "ref", *args, "--dedup")
+    real = os.replace
+
+    def replace(a, b):
+        if Path(a).parent.name == ".unfinished" and Path(b).parent == out and (at == "first" or
+                                                                               Path(b).name == "manifest.json"):
+            raise Crash()
+        return real(a, b)
+
+    with monkeypatch.context() as m:
+        m.setattr(shards_mod.os, "replace", replace)
+        assert isinstance(cli(src, "--out", out, *args, "--dedup", "--overwrite").exception, Crash)
+    assert not (out / "manifest.json").exists()                    # never a manifest over a mix of shards
+    result = ok(src, "--out", out, *args, "--dedup")
+    assert "already complete" in result.output
+    assert files(out) == files(tmp_path / "ref") and not (out / ".unfinished").exists()
+
+
 # ---- resume -------------------------------------------------------------------------------------
 
 class Crash(Exception):
@@ -560,7 +670,7 @@ def test_resume_does_not_redo_complete_shards(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         _crash_in_consume(m, 15)
         assert isinstance(cli(src, "--out", tmp_path / "out", *args).exception, Crash)
-    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("train-*.tar")}
+    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / ".unfinished").glob("train-*.tar")}
     assert sorted(done) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     seen = []
     original = shards_mod.prepare_batch
@@ -581,7 +691,7 @@ def test_kill_9_and_resume(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", code, *args, "--out", str(out)], start_new_session=True)
     deadline = time.time() + 60
-    while not (out / "train-000002.tar").exists() and time.time() < deadline:
+    while not (out / ".unfinished" / "train-000002.tar").exists() and time.time() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

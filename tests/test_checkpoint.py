@@ -114,8 +114,9 @@ def test_zero_byte_and_truncated_weights(tmp_path):
     path = _save(tmp_path, 1)
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="corrupt or truncated"):
+    with pytest.raises(UserError, match="corrupt or truncated") as err:
         checkpoint.load(tmp_path, "dvae").weights(ema=False)
+    assert "delete that step folder" in str(err.value) and "\n" not in str(err.value)  # one line, with the fix
     (path / "model.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match="empty"):
         checkpoint.load(tmp_path, "dvae").weights(ema=False)

@@ -286,3 +286,17 @@ def test_powersgd_start():
     assert powersgd_start(steps=100_000, warmup=0, resumed_at=0) == 1000  # at most PowerSGDState's default
     assert powersgd_start(steps=3000, warmup=100, resumed_at=200) == 100  # counted from the checkpoint
     assert powersgd_start(steps=3000, warmup=100, resumed_at=2000) == 2
+
+
+def test_close_process_group_tears_down_what_the_process_made(tmp_path):
+    """`dalle` closes a launched worker's process group before exiting (left to the interpreter's exit, a gloo
+    group could abort the process after its work was done); with none made, it does nothing."""
+    import torch.distributed as dist
+
+    from dallecli.train.launch import close_process_group
+
+    close_process_group()  # nothing to close: no error
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()

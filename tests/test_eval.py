@@ -446,6 +446,8 @@ state = PartialState(cpu=True)
 cfg = EvalConfig(name=sys.argv[3], samples=Path(sys.argv[2]), features=sys.argv[4], blur=(0, 2), reconstruction=False)
 result = evaluate(Path(sys.argv[1]), cfg, state)
 Path(sys.argv[1], f"rank{state.process_index}").write_text(f"{state.num_processes} {result is not None}")
+from dallecli.train.launch import close_process_group
+close_process_group()  # as `dalle` does at the end of every command
 """
 
 
@@ -476,3 +478,118 @@ def test_two_gloo_processes_give_the_one_process_numbers(tmp_path, net_file, no_
     for r in ("0", "2"):
         assert two["blur"][r]["fid"] == pytest.approx(one["blur"][r]["fid"], rel=1e-4)
         assert two["blur"][r]["is"] == pytest.approx(one["blur"][r]["is"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ early checks
+
+def fake_sampler(calls: list):
+    """A stand-in for sample_to_folder: noisy val renders, one call recorded per folder drawn."""
+    def draw(run, prompts, out, *, n=1, rerank=None, seed=0, **kw):
+        calls.append(Path(out))
+        rows = [(p, noisy(render_scene(0, i, 64, "val")[0], 0.05, i * n + j),
+                 {"index": j, "prompt_index": i, "kept": True}) for i, p in enumerate(prompts) for j in range(n)]
+        return write_samples(Path(out), rows)
+
+    return draw
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    from dallecli import sample
+
+    def refuse(*a, **kw):
+        raise AssertionError("sampled before the inputs were checked")
+
+    monkeypatch.setattr(sample, "sample_to_folder", refuse)
+
+
+@pytest.mark.parametrize("case", ["unknown features", "missing torchscript", "not torchscript", "weights not torch",
+                                  "weights of something else", "no cached inception", "bad clip"])
+def test_bad_networks_fail_before_any_sampling(tmp_path, monkeypatch, net_file, no_sampling, no_clip, case):
+    """P7: --features, --inception-weights and --clip are checked before hundreds of images are drawn."""
+    run = make_run(tmp_path / "run", n=6)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no cached Inception weights
+    kw = dict(composition_count=3)
+    if case == "unknown features":
+        kw["features"], pattern = "nosuch", "unknown --features 'nosuch'"
+    elif case == "missing torchscript":
+        kw["features"], pattern = str(tmp_path / "gone.pt"), "no such TorchScript file"
+    elif case == "not torchscript":
+        torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.pt")
+        kw["features"], pattern = str(tmp_path / "pickle.pt"), "is not a TorchScript module"
+    elif case == "weights not torch":
+        (tmp_path / "notimg.txt").write_text("hello\n")
+        kw["inception_weights"], pattern = tmp_path / "notimg.txt", "is not a PyTorch state dict"
+    elif case == "weights of something else":
+        torch.save({"w": torch.zeros(2)}, tmp_path / "other.pth")
+        kw["inception_weights"], pattern = tmp_path / "other.pth", "does not hold the FID Inception weights"
+    elif case == "no cached inception":
+        pattern = "FID Inception weights not found"
+    else:
+        kw.update(clip="RUN/nosuch", features=str(net_file))
+        pattern = "no CLIP for --features clip / --clip"
+    with pytest.raises(UserError, match=pattern) as err:
+        evaluate(run, quick(**kw))
+    assert "\n" not in str(err.value)
+    assert not (run / "eval" / "t").exists()
+
+
+def test_names_and_files_are_checked_by_validate(tmp_path, monkeypatch):
+    """The cheap part of P7 runs in validate(), before `--gpus N` starts N processes."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(UserError, match="unknown --features 'nosuch'"):
+        quick(features="nosuch").validate()
+    with pytest.raises(UserError, match="Inception weights not found"):
+        quick().validate()
+    with pytest.raises(UserError, match="--inception-weights .* is not a file"):
+        quick(inception_weights=tmp_path / "none.pth").validate()
+    quick(features="clip").validate()
+
+
+def test_inception_weights_that_are_not_a_state_dict_say_what_they_should_be(tmp_path):
+    """P8d: not '(101)', but the expected format and where to get the file."""
+    (tmp_path / "notimg.txt").write_text("hello, not weights\n")
+    with pytest.raises(UserError) as err:
+        F_.load_inception(tmp_path / "notimg.txt", "cpu")
+    text = str(err.value)
+    assert "(101)" not in text and "\n" not in text
+    assert "--inception-weights" in text and F_.INCEPTION_FILE in text and F_.INCEPTION_URL in text
+
+
+def test_rerank_sizes_error_gives_a_rerank_sizes_example(tmp_path):
+    """P8f: the example is one of --rerank-sizes, not --blur's radii."""
+    from dallecli.commands.eval import command
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)
+    bad = CliRunner().invoke(app, ["command", "--run", str(tmp_path), "--rerank-sizes", "1,x"])
+    assert isinstance(bad.exception, UserError)
+    text = str(bad.exception)
+    assert "--rerank-sizes 1,2,4,8" in text and "0,1,2,4,8" not in text and "'1,x'" in text
+
+
+def test_a_failed_eval_leaves_an_earlier_one_of_its_name_alone(tmp_path, net_file, no_clip, monkeypatch):
+    """Re-running under one name replaces the folder only when it succeeds: a bad --features caught after the
+    first check neither redraws the samples nor touches metrics.json."""
+    from dallecli import sample
+
+    calls = []
+    monkeypatch.setattr(sample, "sample_to_folder", fake_sampler(calls))
+    run = make_run(tmp_path / "run", n=6)
+    folder, _ = evaluate(run, quick(features=str(net_file), composition_count=2))
+    assert len(calls) == 2
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.pt")
+    with pytest.raises(UserError, match="is not a TorchScript module"):
+        evaluate(run, quick(features=str(tmp_path / "pickle.pt"), composition_count=2))
+    assert len(calls) == 2
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()} == before
+
+    def late(*a, **kw):  # a failure during sampling itself: metrics.json is only ever replaced whole, at the end
+        raise UserError("the sampler failed")
+
+    monkeypatch.setattr(sample, "sample_to_folder", late)
+    with pytest.raises(UserError, match="the sampler failed"):
+        evaluate(run, quick(features=str(net_file), composition_count=2))
+    assert (folder / "metrics.json").read_bytes() == before[folder / "metrics.json"][0]

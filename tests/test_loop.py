@@ -214,3 +214,19 @@ def test_mfu_is_reported_only_where_a_peak_is_measured():
     from dallecli.train.prior_task import PriorTask
 
     assert PriorTask.flops_per_unit.fget(type("T", (), {"config": PRESETS["base"]})()) == flops_per_token(PRESETS["base"])
+
+
+@pytest.mark.parametrize("args", [["train-dvae", "--steps", "0"], ["train-dvae", "--batch-size", "0"],
+                                  ["train-dvae", "--lr", "0"], ["train-prior", "--batch-size", "0"],
+                                  ["train-prior", "--steps", "0"], ["train-prior", "--global-batch", "0"],
+                                  ["train-clip", "--lr", "0"]])
+def test_zero_is_refused_not_read_as_the_default(args, tmp_path):
+    """`--steps 0` once trained a preset's full 2,000 steps: a 0 was taken for "not given"."""
+    from typer.testing import CliRunner
+
+    from dallecli.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "run"), "-q"])
+    assert isinstance(result.exception, UserError), result.output
+    assert f"{args[1]} must be greater than 0" in str(result.exception)
+    assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -136,3 +136,25 @@ def test_error_is_one_line_when_piped(capfd):
 
     print_error("dvae_fingerprint mismatch: " + "a long explanation " * 10)
     assert len(capfd.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--fresh"], "No such option: --fresh (see 'dalle sample --help')"),
+    (["train-dvae", "--steps", "abc"], "Invalid value for '--steps'"),
+    (["build-shards", "--count", "0"], "Invalid value for '--count'"),
+    (["no-such-command"], "No such command 'no-such-command' (see 'dalle --help')"),
+])
+def test_bad_flags_are_one_line_errors(args, message, capfd):
+    """click's usage errors, through the entry point: one `error:` line naming the command's --help, exit 2."""
+    result = cli.run_inprocess(args, capfd)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_help_and_version_still_exit_0(capfd):
+    assert cli.run_inprocess(["--version"], capfd).returncode == 0
+    shown = cli.run_inprocess(["sample", "--help"], capfd)
+    assert shown.returncode == 0 and "--overwrite" in shown.stdout
+    bare = cli.run_inprocess([], capfd)  # `dalle` alone: the help, exit 2 as before
+    assert bare.returncode == 2 and "train-prior" in bare.stdout + bare.stderr

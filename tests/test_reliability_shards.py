@@ -21,9 +21,10 @@ from tests.fixtures.runs import make_prior_run
 BUILD = ["build-shards", "--source", "shapes", "--count", 300, "--per-shard", 50, "--quiet"]
 
 
-def outputs(run):
-    """Every file build-shards leaves in RUN/shards, by name (its hidden working files excluded)."""
-    folder = run / "shards"
+def outputs(run, folder="shards"):
+    """Every file build-shards leaves in RUN/shards (or its build in progress, RUN/shards/.unfinished), by
+    name (its hidden working files excluded)."""
+    folder = run / folder
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
 
 
@@ -44,6 +45,7 @@ def kill_then_rerun(tmp_path, **hook):
     assert not (run / "shards" / "manifest.json").exists()
     rerun = cli.run(BUILD + ["--run", run])
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not (run / "shards" / ".unfinished").exists()
     return outputs(run)
 
 
@@ -67,7 +69,7 @@ def test_killed_from_outside_at_a_random_time_and_rerun_gives_identical_bytes(re
     run = tmp_path / "run"
     proc = cli.start(BUILD + ["--run", run])
     try:
-        cli.wait_for(lambda: any((run / "shards").glob("*.partial")) if (run / "shards").exists() else False,
+        cli.wait_for(lambda: any((run / "shards" / ".unfinished").glob("*.partial")),
                      proc, poll=0.005)
         time.sleep(random.Random(0).uniform(0, 0.3))
         cli.kill_group(proc)
@@ -84,7 +86,8 @@ def test_disk_full_during_build_keeps_finished_shards_and_the_rerun_completes(re
     run = tmp_path / "run"
     failed = cli.run(BUILD + ["--run", run], DALLE_TEST_SHARD_ENOSPC_AFTER=120)
     assert failed.returncode != 0 and "No space left on device" in failed.stderr
-    finished = {name: data for name, data in outputs(run).items() if name.endswith(".tar")}
+    assert not records.list_shards(run / "shards", "train")           # no reader takes half a build for shards
+    finished = {name: data for name, data in outputs(run, "shards/.unfinished").items() if name.endswith(".tar")}
     assert len(finished) == 2 and all(data == reference[name] for name, data in finished.items())
     rerun = cli.run(BUILD + ["--run", run])
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -190,3 +190,61 @@ def test_rerank_with_a_real_tiny_clip(tmp_path):
     for prompt in ("a red square", "a blue square"):
         mine = [(r["rank"], r["clip_score"]) for r in rows if r["prompt"] == prompt]
         assert [s for _, s in sorted(mine)] == sorted((s for _, s in mine), reverse=True)
+
+
+@pytest.fixture
+def tiny_clip_run(tmp_path):
+    """A run whose RUN/clip holds one complete dalle-tiny checkpoint (random weights)."""
+    from dallecli import checkpoint
+    from dallecli.models.clip import architecture, default_preprocess, model_from_config
+
+    cfg = architecture("dalle-tiny")
+    torch.manual_seed(0)
+    step = checkpoint.save(tmp_path / "run" / "clip", 1, kind="clip", weights=model_from_config(cfg).state_dict(),
+                           model_config={"name": "dalle-tiny", "model_cfg": cfg, "preprocess_cfg": default_preprocess(cfg)})
+    return tmp_path / "run", step
+
+
+@pytest.mark.parametrize("which", ["weights file", "step folder", "run's own"])
+def test_clip_model_that_the_checkpoint_contradicts_is_refused(tiny_clip_run, stub_clip, which):
+    """P12: a file inside one of our checkpoint folders (or the folder) carries its own architecture; a different
+    --clip-model is an error naming both, before any CLIP is loaded."""
+    from typer.testing import CliRunner
+
+    run, step = tiny_clip_run
+    path = make_samples(run / "samples" / "a")
+    clip = {"weights file": ["--clip", str(step / "model.safetensors")], "step folder": ["--clip", str(step)],
+            "run's own": []}[which]
+    result = CliRunner().invoke(_app(), ["rerank", str(path), "--run", str(run), *clip, "--clip-model", "ViT-B-32", "-q"])
+    assert result.exit_code != 0 and isinstance(result.exception, UserError)
+    text = str(result.exception)
+    assert "dalle-tiny" in text and "ViT-B-32" in text and "--clip-model" in text and "\n" not in text
+    assert stub_clip == {} and "rank" not in read_samples(path)[0]
+    same = CliRunner().invoke(_app(), ["rerank", str(path), "--run", str(run), *clip, "--clip-model", "dalle-tiny", "-q"])
+    assert same.exit_code == 0, same.output  # agreeing with the checkpoint is fine
+
+
+def test_clip_model_is_checked_against_named_clips(tmp_path):
+    from dallecli.rerank import check_clip_model
+
+    check_clip_model(None, None, tmp_path)
+    check_clip_model(str(tmp_path / "bare.safetensors"), "ViT-B-32", tmp_path)  # missing: load_clip says so
+    (tmp_path / "bare.safetensors").write_bytes(b"")
+    check_clip_model(str(tmp_path / "bare.safetensors"), "ViT-B-32", tmp_path)  # a bare file: its architecture
+    check_clip_model("ViT-B-32:openai", "ViT-B-32", tmp_path)
+    with pytest.raises(UserError, match="ViT-B-32:openai is the architecture ViT-B-32, but --clip-model says RN50"):
+        check_clip_model("ViT-B-32:openai", "RN50", tmp_path)
+    with pytest.raises(UserError, match="carries its own architecture"):
+        check_clip_model("hf-hub:org/repo", "RN50", tmp_path)
+
+
+def test_rerank_with_the_checkpoint_file_and_its_own_architecture_loads_it(tiny_clip_run):
+    """The real loader, end to end: --clip FILE-in-checkpoint --clip-model (its own name) ranks the samples."""
+    from typer.testing import CliRunner
+
+    run, step = tiny_clip_run
+    path = make_samples(run / "samples" / "a")
+    result = CliRunner().invoke(_app(), ["rerank", str(path), "--run", str(run), "--clip",
+                                         str(step / "model.safetensors"), "--clip-model", "dalle-tiny", "--cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert all(r["clip"].endswith("(dalle-tiny)") for r in read_samples(path))

@@ -224,3 +224,69 @@ def test_mismatched_dvae_is_refused(tiny_run, tmp_path):
     checkpoint.save(other / "dvae2", 1, kind="dvae", model_config=ck.model_config, weights=weights)
     with pytest.raises(UserError, match="dvae_fingerprint mismatch"):
         load_pipeline(tiny_run, dvae=other / "dvae2", device="cpu")
+    # Sampling suggests the flags it has (no --fresh there).
+    with pytest.raises(UserError, match="--dvae") as err:
+        load_pipeline(tiny_run, dvae=other / "dvae2", device="cpu")
+    assert "--fresh to start over" not in str(err.value)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_existing_samples_folder_is_kept_unless_overwrite(tiny_run):
+    runner = CliRunner()
+    base = ["sample", "--run", str(tiny_run), "--n", "2", "--name", "s1", "-q"]
+    assert runner.invoke(app, [*base[:1], "a red circle", *base[1:]]).exit_code == 0
+    folder = tiny_run / "samples" / "s1"
+    before = _files(folder)
+    # The same name again: refused, nothing touched.
+    again = runner.invoke(app, [*base[:1], "a green cross", *base[1:]])
+    assert isinstance(again.exception, UserError) and "--overwrite" in str(again.exception)
+    assert _files(folder) == before
+    # --overwrite, but the command fails (a CLIP that does not exist): checked before drawing, old folder intact.
+    bad = runner.invoke(app, [*base[:1], "a green cross", *base[1:], "--overwrite", "--rerank", "1",
+                              "--clip", str(tiny_run / "no-such-clip")])
+    assert isinstance(bad.exception, UserError) and "no-such-clip" in str(bad.exception)
+    assert _files(folder) == before and not (tiny_run / "samples" / ".s1.replaced").exists()
+    fresh = runner.invoke(app, ["sample", "a green cross", "--run", str(tiny_run), "--name", "s2", "--rerank", "1",
+                                "--clip", str(tiny_run / "no-such-clip"), "-q"])
+    assert isinstance(fresh.exception, UserError) and not (tiny_run / "samples" / "s2").exists()  # nothing drawn
+    # --overwrite that succeeds replaces the folder whole: no image of the old run is left behind.
+    ok = runner.invoke(app, [*base[:1], "a green cross", *base[1:], "--n", "1", "--overwrite"])
+    assert ok.exit_code == 0, ok.output
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a green cross"]
+    assert sorted(p.name for p in folder.glob("*.png") if p.name != "grid.png") == ["000-000.png"]
+    assert not (tiny_run / "samples" / ".s1.replaced").exists()
+
+
+def test_a_failed_overwrite_puts_the_old_folder_back(tmp_path):
+    from dallecli.sample import ReplacedFolder
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with ReplacedFolder(folder, overwrite=True):
+            folder.mkdir()
+            (folder / "b.png").write_bytes(b"new, partial")
+            raise RuntimeError("interrupted")
+    assert _files(folder) == {"a.png": b"old"}
+    with pytest.raises(SystemExit):  # a launcher exiting with its workers' non-zero code
+        with ReplacedFolder(folder, overwrite=True):
+            raise SystemExit(3)
+    assert _files(folder) == {"a.png": b"old"}
+
+
+def test_bad_prompt_and_output_paths(tiny_run, tmp_path):
+    runner = CliRunner()
+    as_dir = runner.invoke(app, ["sample", "--prompts", str(tmp_path), "--run", str(tiny_run), "-q"])
+    assert isinstance(as_dir.exception, UserError) and "is a folder" in str(as_dir.exception)
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("keep me")
+    as_file = runner.invoke(app, ["sample", "a red circle", "--out", str(a_file), "--run", str(tiny_run), "-q"])
+    assert isinstance(as_file.exception, UserError) and "is a file" in str(as_file.exception)
+    assert a_file.read_text() == "keep me"
+    with pytest.raises(UserError, match="--prompt-rows 4"):
+        sample_to_folder(tiny_run, ["a red circle"], device="cpu", quiet=True, image_prompt=a_file)

@@ -36,3 +36,14 @@ def start(quiet: bool = False, debug: bool = False) -> None:
 
     settings.quiet = settings.quiet or quiet
     settings.debug = settings.debug or debug
+
+
+def refuse_nonpositive(**flags: float | None) -> None:
+    """One line for a count, size or rate flag given as 0 or less (None: not given, the default applies). A 0
+    is refused rather than read as "the default": `--steps 0` must not train a preset's full schedule."""
+    from dallecli.console import UserError
+
+    for name, value in flags.items():
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be greater than 0 (got {value}); leave it out for "
+                            "the default")

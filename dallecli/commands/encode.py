@@ -15,7 +15,8 @@ def command(
     shards: Annotated[Optional[Path], typer.Option(help="Image shards (default RUN/shards).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Code shards folder (default RUN/codes).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 64,
-    preview: Annotated[int, typer.Option(help="Instead of encoding, write N val originals and reconstructions to RUN/dvae/preview.")] = 0,
+    preview: Annotated[int, typer.Option(help="Instead of encoding, write N val originals and reconstructions to RUN/dvae/preview (0: encode).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the codes in OUT even when RUN/prior was trained on them (default: refuse), and encode codes of the same dVAE again instead of keeping them.")] = False,
     gpus: Annotated[int, typer.Option(help="Processes (one per GPU), each encoding its share of the shards.")] = 1,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
     precision: Annotated[Optional[Precision], typer.Option(help="The encoder's arithmetic: bf16 autocast (default on a GPU and on CPUs with native bf16) or fp32; the nearest-code search is fp32 either way.")] = None,
@@ -27,13 +28,15 @@ def command(
     start(quiet, debug)
     import torch
 
-    from dallecli.codes import encode_shards, preview as write_preview, write_manifest
+    from dallecli.codes import encode_shards, install, preview as write_preview, write_manifest
     from dallecli.config import RunDir
     from dallecli.console import UserError, summary
     from dallecli.train.launch import maybe_relaunch
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    if preview < 0:
+        raise UserError(f"--preview must be a number of images, at least 1 (got {preview}); 0, the default, encodes")
     rd = RunDir(run)
     dvae, shards = dvae or rd.dvae, shards or rd.shards
     if preview:
@@ -47,10 +50,14 @@ def command(
     out = out or rd.codes
     result = encode_shards(dvae, shards, out, batch_size=batch_size, device=state.device,
                            rank=state.process_index, world=state.num_processes,
-                           precision=precision.value if precision else None)
+                           precision=precision.value if precision else None, overwrite=overwrite,
+                           prior=rd.prior, barrier=state.wait_for_everyone)
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = write_manifest(out, result["checkpoint"], result["config"], result["jobs"], result["precision"])
+        manifest = write_manifest(result["work"], result["checkpoint"], result["config"], result["jobs"],
+                                  result["precision"])
+        if result["work"] != out:
+            install(out)  # the new code set replaces OUT's only now that it is complete
         summary("encode: done", {"codes": out, "train": manifest["counts"]["train"], "val": manifest["counts"]["val"],
                                  "rejected": manifest["rejects"], "grid": f"{manifest['dvae']['grid']}²",
                                  "dvae": f"{result['checkpoint'].path} ({manifest['dvae']['fingerprint']})"})

@@ -9,13 +9,14 @@ import typer
 from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
 
 
-def _numbers(text: str, flag: str, cast=float) -> tuple:
+def _numbers(text: str, flag: str, example: str, cast=float) -> tuple:
     from dallecli.console import UserError
 
     try:
         return tuple(cast(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers (e.g. 0,1,2,4,8), got {text!r}") from None
+        kind = "whole numbers" if cast is int else "numbers"
+        raise UserError(f"{flag} takes comma-separated {kind} (e.g. {flag} {example}), got {text!r}") from None
 
 
 def command(
@@ -61,9 +62,9 @@ def command(
     from dallecli.train.launch import maybe_relaunch
 
     cfg = EvalConfig(name=name, count=count, captions=captions, samples=samples,
-                     composition_samples=composition_samples, blur=_numbers(blur, "--blur"), features=features,
-                     inception_weights=inception_weights, clip=clip, rerank=rerank,
-                     rerank_sizes=_numbers(rerank_sizes, "--rerank-sizes", int) if rerank_sizes else (),
+                     composition_samples=composition_samples, blur=_numbers(blur, "--blur", "0,1,2,4,8"),
+                     features=features, inception_weights=inception_weights, clip=clip, rerank=rerank,
+                     rerank_sizes=_numbers(rerank_sizes, "--rerank-sizes", "1,2,4,8", int) if rerank_sizes else (),
                      composition_count=composition_count, size=size, batch_size=batch_size, workers=workers,
                      seed=seed, max_missing=max_missing, shards=shards, prior=prior, dvae=dvae,
                      reconstruction=not no_reconstruction, temperature=temperature, top_k=top_k, top_p=top_p,

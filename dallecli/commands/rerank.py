@@ -45,10 +45,11 @@ def command(
     from dallecli.config import RunDir
     from dallecli.console import UserError, info, summary
     from dallecli.models.clip import load_clip
-    from dallecli.rerank import folder_samples, ranked_grid, rerank_samples
+    from dallecli.rerank import check_clip_model, folder_samples, ranked_grid, rerank_samples
 
     if cols < 1 or batch_size < 1 or not 0.0 <= max_missing <= 1.0:
         raise UserError("--cols and --batch-size must be at least 1, --max-missing between 0 and 1")
+    check_clip_model(clip, clip_model, run)  # a --clip-model that the --clip would ignore is an error
     rows = None
     if images is not None or prompt is not None:
         if images is None or prompt is None or samples is not None:

@@ -26,6 +26,8 @@ def command(
     prompt_rows: Annotated[Optional[int], typer.Option(help="How many rows of --image-prompt's codes to keep.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Output folder name under RUN/samples (default: date and time).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (overrides RUN/samples/NAME).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing samples folder of that name (the "
+                                                               "old one is kept until the new one is complete).")] = False,
     prior: Annotated[Optional[Path], typer.Option(help="Prior checkpoint (default RUN/prior, latest).")] = None,
     dvae: Annotated[Optional[Path], typer.Option(help="dVAE checkpoint (default RUN/dvae, latest).")] = None,
     gpus: Annotated[int, typer.Option(help="Processes (one per GPU); prompts are split between them.")] = 1,
@@ -45,7 +47,7 @@ def command(
     from datetime import datetime
 
     from dallecli.console import UserError
-    from dallecli.train.launch import maybe_relaunch
+    from dallecli.train.launch import launched, maybe_relaunch
 
     texts = list(prompts or [])
     if prompts_file is not None:
@@ -53,29 +55,37 @@ def command(
             texts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except FileNotFoundError:
             raise UserError(f"prompts file not found: {prompts_file}") from None
+        except IsADirectoryError:
+            raise UserError(f"--prompts {prompts_file} is a folder; give a text file with one caption per line") from None
         except UnicodeDecodeError:
             raise UserError(f"prompts file {prompts_file} is not UTF-8 text") from None
+        except OSError as exc:
+            raise UserError(f"cannot read prompts file {prompts_file}: {exc.strerror or exc}") from None
     if not texts:
         raise UserError('no prompts: give captions as arguments (dalle sample "a red circle") or --prompts FILE')
     # One name for every process, so that the parts land in one folder.
     name = name or datetime.now().strftime("%Y%m%d-%H%M%S")
     if gpus > 1 and "--name" not in __import__("sys").argv:
         __import__("sys").argv += ["--name", name]
-    maybe_relaunch(gpus, cpu=cpu)
-    import torch
-    from accelerate import PartialState
-
-    from dallecli.sample import finish_folder, merge_parts, sample_to_folder
-
-    state = PartialState(cpu=cpu or not torch.cuda.is_available())
     folder = out or run / "samples" / name
-    sample_to_folder(run, texts, folder, n=n, rerank=rerank, seed=seed, batch_size=batch_size, prior=prior, dvae=dvae,
-                     clip=clip, temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance,
-                     image_prompt=image_prompt, prompt_rows=prompt_rows, device=state.device,
-                     rank=state.process_index, world=state.num_processes, compiled=compile,
-                     precision=precision.value if precision else None)
-    if state.num_processes > 1:
-        state.wait_for_everyone()
-        if state.is_main_process:
-            merge_parts(folder, state.num_processes)
-            finish_folder(folder, texts, n, rerank, clip, run)
+    # The launching process (or the only one) sets an existing folder aside, and puts it back if sampling fails.
+    from dallecli.sample import ReplacedFolder
+
+    with ReplacedFolder(folder, overwrite, active=not launched()):
+        maybe_relaunch(gpus, cpu=cpu)
+        import torch
+        from accelerate import PartialState
+
+        from dallecli.sample import finish_folder, merge_parts, sample_to_folder
+
+        state = PartialState(cpu=cpu or not torch.cuda.is_available())
+        sample_to_folder(run, texts, folder, n=n, rerank=rerank, seed=seed, batch_size=batch_size, prior=prior,
+                         dvae=dvae, clip=clip, temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance,
+                         image_prompt=image_prompt, prompt_rows=prompt_rows, device=state.device,
+                         rank=state.process_index, world=state.num_processes, compiled=compile,
+                         precision=precision.value if precision else None)
+        if state.num_processes > 1:
+            state.wait_for_everyone()
+            if state.is_main_process:
+                merge_parts(folder, state.num_processes)
+                finish_folder(folder, texts, n, rerank, clip, run)

@@ -22,6 +22,9 @@ def command(
         "--max-len", min=1, help="Text positions of the prior (§2.2: 256); longer captions are truncated.")] = 256,
     min_frequency: Annotated[int, typer.Option(
         "--min-frequency", min=1, help="A pair must occur this often to become a merge.")] = 2,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a different tokenizer even when RUN/prior was trained with it "
+        "(default: refuse).")] = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -31,12 +34,14 @@ def command(
     start(quiet, debug)
     from dallecli.console import run_guarded
 
-    run_guarded(tokenize, run, shards, vocab_size, max_len, min_frequency)
+    run_guarded(tokenize, run, shards, vocab_size, max_len, min_frequency, overwrite)
 
 
-def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_frequency: int) -> None:
+def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_frequency: int,
+             overwrite: bool = False) -> None:
     import random
 
+    from dallecli.codes import prior_trained_with
     from dallecli.config import RunDir
     from dallecli.console import UserError, info, progress, summary, warn
     from dallecli.data.records import ShardError, iter_records, list_shards
@@ -86,10 +91,20 @@ def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_
 
     out = rundir.tokenizer
     old = _old_fingerprint(out)
+    replaced = old is not None and old != tok.fingerprint
+    # The rule of `dalle encode` for codes: never orphan the run's prior without --overwrite.
+    trained = prior_trained_with(rundir.prior, "tokenizer_fingerprint", old) if replaced else None
+    if trained is not None and not overwrite:
+        raise UserError(f"{out} holds tokenizer {old} that the prior {trained.path} was trained with; the new one "
+                        f"({tok.fingerprint}, vocabulary {tok.vocab_size}) differs and would replace it: keep the "
+                        "old one (rerun with its arguments), use another --run, or pass --overwrite to replace it "
+                        "(then train the prior again with --fresh)")
     tok.save(out)
-    if old is not None and old != tok.fingerprint:
-        warn(f"replaced the tokenizer in {out} (fingerprint {old} -> {tok.fingerprint}); "
-             "priors trained with the old one will no longer load with it")
+    if trained is not None:
+        warn(f"replaced the tokenizer in {out} (fingerprint {old} -> {tok.fingerprint}); the prior {trained.path} "
+             "was trained with the old one: train it again with --fresh")
+    elif replaced:
+        info(f"replaced the tokenizer in {out} (fingerprint {old} -> {tok.fingerprint})")
     info(f"computing statistics on {len(sample):,} captions")
     stats = caption_stats(tok, sample, max_len)
     sampled = "" if len(sample) == counts["seen"] else f" (sample of {len(sample):,})"

@@ -44,7 +44,7 @@ def command(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    from dallecli.commands.common import start
+    from dallecli.commands.common import refuse_nonpositive, start
     from dallecli.hardware import default_precision
 
     start(quiet, debug)
@@ -57,6 +57,7 @@ def command(
 
     if (steps is not None and steps < 1) or (batch_size is not None and batch_size < 2):
         raise UserError("--steps must be at least 1 and --batch-size at least 2 (a contrastive batch needs negatives)")
+    refuse_nonpositive(lr=lr)
     maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
     import torch
 
@@ -78,10 +79,11 @@ def command(
     if size != want and not launched():
         info(f"the shard images are {size} px and {model} takes {want} px: they are resized as they are read")
     default_steps, default_batch, default_lr = DEFAULTS.get(model, OTHER)
-    steps = steps or default_steps
+    steps = default_steps if steps is None else steps
     on_gpu = torch.cuda.is_available() and not cpu
     cfg = TrainConfig(
-        steps=steps, batch_size=batch_size or default_batch, lr=lr or default_lr, min_lr=0.0,
+        steps=steps, batch_size=default_batch if batch_size is None else batch_size,
+        lr=default_lr if lr is None else lr, min_lr=0.0,
         warmup=max(1, min(2000, steps // 20)), schedule="cosine",
         betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay,  # open_clip's AdamW settings for ViTs
         grad_clip=None, ema_decay=None,  # no EMA: model.safetensors is what open_clip's local-dir loads

@@ -54,7 +54,7 @@ def command(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    from dallecli.commands.common import start
+    from dallecli.commands.common import refuse_nonpositive, start
 
     start(quiet, debug)
     import sys
@@ -68,6 +68,9 @@ def command(
 
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown dVAE preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    refuse_nonpositive(steps=steps, batch_size=batch_size, lr=lr)
+    if min(beta_steps or 0, tau_steps or 0) < 0:
+        raise UserError(f"--beta-steps and --tau-steps must be at least 0 (got {beta_steps}, {tau_steps})")
     maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
     rd = RunDir(run)
     shards = shards or rd.shards
@@ -81,13 +84,13 @@ def command(
     config = PRESETS[preset]
     check_image_size(config, shards, preset)
     default_steps, default_batch, default_lr = DEFAULTS.get(preset, (10_000, 32, 1e-4))
-    steps = steps or default_steps
-    lr = lr or default_lr
+    steps = default_steps if steps is None else steps
+    lr = default_lr if lr is None else lr
     import torch
 
     on_gpu = torch.cuda.is_available() and not cpu
     cfg = TrainConfig(
-        steps=steps, batch_size=batch_size or default_batch, lr=lr, min_lr=1.25e-6 * lr / 1e-4,
+        steps=steps, batch_size=default_batch if batch_size is None else batch_size, lr=lr, min_lr=1.25e-6 * lr / 1e-4,
         decay_steps=min(1_200_000, steps), schedule="cosine",
         betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4,  # App. A.2
         ema_decay=0.999, precision=(precision.value if precision else default_precision(on_gpu)),

@@ -70,7 +70,7 @@ def command(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    from dallecli.commands.common import start
+    from dallecli.commands.common import refuse_nonpositive, start
     from dallecli.hardware import default_precision
 
     start(quiet, debug)
@@ -92,6 +92,7 @@ def command(
         raise UserError(f"unknown prior preset '{preset}'; choose one of {', '.join(PRESETS)}")
     if not 0 <= bpe_dropout < 1 or not 0 <= cond_drop < 1:
         raise UserError("--bpe-dropout and --cond-drop must be in [0, 1)")
+    refuse_nonpositive(steps=steps, batch_size=batch_size, lr=lr, global_batch=global_batch)
     on_gpu = torch.cuda.is_available() and not cpu
     precision_name = precision.value if precision else default_precision(on_gpu)
     check_options(strategy, powersgd_rank, precision_name)  # here, not once in every relaunched process
@@ -109,16 +110,17 @@ def command(
         changes["attention"] = attention.value
     config = dataclasses.replace(PRESETS[preset], **changes)
     d_steps, d_batch, d_lr, d_warm = DEFAULTS[preset]
-    batch = batch_size or d_batch
+    batch = d_batch if batch_size is None else batch_size
     world = gpus * nodes
     accum = 1
-    if global_batch:
+    if global_batch is not None:
         if global_batch % (batch * world):
             raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size × processes "
                             f"({batch} × {world})")
         accum = global_batch // (batch * world)
     cfg = TrainConfig(
-        steps=steps or d_steps, batch_size=batch, lr=lr or d_lr, warmup=d_warm if warmup is None else warmup,
+        steps=d_steps if steps is None else steps, batch_size=batch, lr=d_lr if lr is None else lr,
+        warmup=d_warm if warmup is None else warmup,
         schedule=schedule.value if schedule else ("cosine" if preset in SHORT_RUN_PRESETS else "plateau"),
         betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2, grad_clip=4.0,  # App. B
         ema_decay=ema_decay, precision=precision_name,

@@ -11,6 +11,12 @@ continue (inputs consumed, the other split's partial-shard length, rejects.jsonl
 only then is it renamed to `SPLIT-NNNNNN.tar`. A rerun of the same command truncates the partial files
 and rejects.jsonl back to the recorded lengths and continues with the next input, so the final shards
 are byte-identical to an uninterrupted run. manifest.json is written last; its presence means "done".
+
+Staging: all of this happens in OUT/.unfinished/, never among the shards that OUT may already hold, so a
+build that fails or is killed leaves those exactly as they were (and no reader mistakes half a build for
+shards: readers list OUT's own files only). Once the staged manifest.json exists, `_install` moves the
+new files into OUT, the old manifest.json out first and the new one in last; a crash part-way is
+finished by the next run (`_open_folder`), as checkpoint.recover finishes an interrupted re-save.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import tarfile
 import time
@@ -31,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from dallecli.config import read_json, to_dict, write_json_atomic
+from dallecli.config import fsync_dir, read_json, to_dict, write_json_atomic
 from dallecli.console import UserError, progress
 from dallecli.data.records import SHARD_RE, shard_name
 from dallecli.data.sources import Item, Prepared, PrepareConfig, SourceSpec, open_source, prepare_batch
@@ -42,6 +49,7 @@ REJECTS = "rejects.jsonl"
 STATE = ".build-state.json"
 DEDUP = ".build-dedup"          # "sha256 key" per accepted image, while --dedup builds are in progress
 PARTIAL = ".partial"
+STAGE = ".unfinished"           # the build in progress, inside OUT; moved into OUT once complete
 MIN_INPUTS_FOR_RATE = 20        # --max-error-rate is judged only after this many inputs (and at the end)
 _RECORD = tarfile.RECORDSIZE
 # A file name that is not UTF-8 (os.walk gives it as lone surrogates) is written as a \udcXX JSON escape.
@@ -183,40 +191,69 @@ def _comparable(args: Any) -> dict[str, Any]:
     return {k: v for k, v in _flatten(args or {}).items() if k.rsplit(".", 1)[-1] not in _POLICY}
 
 
-def _refuse_different(out: Path, old: Any, new: dict[str, Any]) -> UserError:
+def _differences(old: Any, new: dict[str, Any]) -> str:
     a, b = _comparable(old), _comparable(new)
     diffs = [f"{k.split('.')[-1]}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return UserError(f"{out} was built with different arguments ({'; '.join(diffs[:4])}); pass --overwrite "
+    return "; ".join(diffs[:4])
+
+
+def _refuse_different(out: Path, old: Any, new: dict[str, Any]) -> UserError:
+    return UserError(f"{out} was built with different arguments ({_differences(old, new)}); pass --overwrite "
                      "to replace it, or --out DIR to write elsewhere")
+
+
+def _install(out: Path) -> None:
+    """Move the complete build in OUT/STAGE into OUT, replacing the shards there. The staged manifest.json
+    is the commit point: until it has moved, a rerun calls this again and carries on where it stopped."""
+    stage = out / STAGE
+    manifest = read_json(stage / MANIFEST, "shard manifest")
+    new = {e["name"] for e in manifest["shards"]} | {REJECTS}
+    (out / MANIFEST).unlink(missing_ok=True)    # from here on OUT is not a complete build until the new one lands
+    for p in out.iterdir():
+        if _is_ours(p.name) and p.name not in new and p.is_file():
+            p.unlink()
+    for name in sorted(new):
+        if (stage / name).exists():             # not there: moved before a crash
+            os.replace(stage / name, out / name)
+    os.replace(stage / MANIFEST, out / MANIFEST)
+    fsync_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _open_folder(out: Path, args: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """Decide what to do with the output folder. Returns the finished manifest when the same build is
-    already complete, None when there is work to do (fresh or resumed)."""
+    already complete in OUT, None when there is work to do in OUT/STAGE (fresh or resumed)."""
     out.mkdir(parents=True, exist_ok=True)
-    ours = sorted(p for p in out.iterdir() if _is_ours(p.name))
-    if overwrite:
-        for p in ours:
-            p.unlink()
+    stage = out / STAGE
+    if (stage / MANIFEST).exists():             # a crash cut an install short: finish it
+        _install(out)
+    complete = read_json(out / MANIFEST, "shard manifest") if (out / MANIFEST).exists() else None
+    if overwrite:                               # start again in the stage; OUT stays as it is until the end
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
         return None
-    if (out / MANIFEST).exists():
-        manifest = read_json(out / MANIFEST, "shard manifest")
-        if _comparable(manifest.get("arguments")) != _comparable(args):
-            raise _refuse_different(out, manifest.get("arguments"), args)
-        missing = [s["name"] for s in manifest["shards"] if not (out / s["name"]).is_file()]
+    if complete is not None and _comparable(complete.get("arguments")) == _comparable(args):
+        missing = [s["name"] for s in complete["shards"] if not (out / s["name"]).is_file()]
         if missing:
             raise UserError(f"{out} is complete but {missing[0]} is missing; rebuild with --overwrite")
         for stale in (STATE, DEDUP):
             (out / stale).unlink(missing_ok=True)
-        return manifest
-    if (out / STATE).exists():
-        state = read_json(out / STATE, "build state")
+        return complete
+    if (stage / STATE).exists():                # an unfinished build (a first one, or an --overwrite): resume it
+        state = read_json(stage / STATE, "build state")
         if _comparable(state.get("arguments")) != _comparable(args):
-            raise _refuse_different(out, state.get("arguments"), args)
+            raise UserError(f"{stage} holds an unfinished build with different arguments "
+                            f"({_differences(state.get('arguments'), args)}); rerun that command to finish it, "
+                            "or pass --overwrite to start this one instead")
         return None
+    if complete is not None:
+        raise _refuse_different(out, complete.get("arguments"), args)
+    ours = sorted(p.name for p in out.iterdir() if _is_ours(p.name))
     if ours:
-        raise UserError(f"{out} already holds {ours[0].name} from another build; pass --overwrite to replace "
+        raise UserError(f"{out} already holds {ours[0]} from another build; pass --overwrite to replace "
                         "it, or --out DIR to write elsewhere")
+    shutil.rmtree(stage, ignore_errors=True)    # what a failed build left: its rejects.jsonl at most
+    stage.mkdir()
     return None
 
 
@@ -237,8 +274,10 @@ class Stats:
 class _Build:
     """The mutable side of one build: writers, logs, counts, checkpoints."""
 
-    def __init__(self, out: Path, config: BuildConfig, args: dict[str, Any]):
-        self.out, self.config, self.args = out, config, args
+    def __init__(self, final: Path, config: BuildConfig, args: dict[str, Any]):
+        self.final, self.out = final, final / STAGE     # OUT, and the stage this build writes in
+        self.config, self.args = config, args
+        out = self.out
         state = read_json(out / STATE, "build state") if (out / STATE).exists() else None
         state = state or {"next_input": 0, "writers": {}, "shards": [], "rejects_offset": 0,
                           "dedup_offset": 0, "stats": {}}
@@ -318,18 +357,26 @@ class _Build:
         self.checkpoint(next_input)
         os.replace(partial, self.out / entry["name"])
 
+    def _untouched(self) -> str:
+        return f"; the shards in {self.final} are untouched" if (self.final / MANIFEST).exists() else ""
+
     def check_error_rate(self, final: bool) -> None:
         s, limit = self.stats, self.config.max_error_rate
         if s.inputs and (final or s.inputs >= MIN_INPUTS_FOR_RATE) and s.errors / s.inputs > limit:
             raise UserError(f"{s.errors} of {s.inputs} inputs failed ({s.errors / s.inputs:.0%} > "
-                            f"--max-error-rate {limit:g}): {s.summary_line()}; see {self.out / REJECTS}")
+                            f"--max-error-rate {limit:g}): {s.summary_line()}; see {self.out / REJECTS}, then "
+                            f"fix the inputs or rerun with a higher --max-error-rate to go on{self._untouched()}")
 
     def finish(self) -> dict[str, Any]:
         for writer in self.writers.values():
             if writer.count:
                 self._finish_shard(writer, self.next_input)
         if not any(self.stats.kept.values()):
-            raise UserError(f"no sample passed the filters ({self.stats.summary_line()}); see {self.out / REJECTS}")
+            self.close()        # nothing to resume: keep only rejects.jsonl, for the message to point to
+            for name in (STATE, DEDUP):
+                (self.out / name).unlink(missing_ok=True)
+            raise UserError(f"no sample passed the filters ({self.stats.summary_line()}); see "
+                            f"{self.out / REJECTS}{self._untouched()}")
         shards = sorted(self.shards, key=lambda e: (SPLITS.index(e["split"]), e["name"]))
         manifest = {
             "format": "dalle-shards/1", "created_by": "dalle build-shards",
@@ -343,6 +390,7 @@ class _Build:
         self.close()
         (self.out / STATE).unlink(missing_ok=True)
         (self.out / DEDUP).unlink(missing_ok=True)
+        _install(self.final)
         return manifest
 
     def close(self) -> None:

@@ -293,7 +293,12 @@ def _manifest_columns(path: Path) -> list[str]:
     delimiter = MANIFEST_SUFFIXES[path.suffix.lower()]
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if delimiter is not None:
-            return next(csv.reader(f, delimiter=delimiter), [])
+            header = next(csv.reader(f, delimiter=delimiter), [])
+            if not any(name.strip() for name in header) and not f.read().strip():
+                header_row = "image,caption" if delimiter == "," else "image<TAB>caption"
+                raise UserError(f"manifest {path} is empty: write a header row naming the columns (e.g. "
+                                f"{header_row}), then one row per image")
+            return header
         for line in f:
             if line.strip():
                 try:
@@ -302,7 +307,8 @@ def _manifest_columns(path: Path) -> list[str]:
                     raise UserError(f"{path}: the first line is not JSON; a .jsonl manifest holds one "
                                     "JSON object per line") from None
                 return list(row) if isinstance(row, dict) else []
-    return []
+    raise UserError(f"manifest {path} is empty: write one JSON object per line, e.g. "
+                    '{"image": "cat.jpg", "caption": "a cat"}')
 
 
 def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
@@ -326,6 +332,9 @@ def manifest_source(path: Path, image_column: str | None, caption_column: str | 
     image_col = _pick_column(columns, image_column, IMAGE_COLUMNS, "image", "--image-column", path)
     caption_col = _pick_column(columns, caption_column, CAPTION_COLUMNS, "caption", "--caption-column", path)
     total = sum(1 for _ in _manifest_rows(path))
+    if not total:
+        raise UserError(f"manifest {path} holds a header but no rows: add one row per image "
+                        f"({image_col}, {caption_col})")
     base = path.parent
 
     def items() -> Iterator[Item]:

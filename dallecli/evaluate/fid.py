@@ -40,6 +40,7 @@ INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_
 KID_SUBSETS = 100      # torch-fidelity's and torchmetrics' default
 KID_SUBSET_SIZE = 1000  # idem; smaller sets use half their size (a subset of all of it has no spread)
 IS_SPLITS = 10          # Salimans et al. 2016
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit")
 
 
 # --- the blur of §3.1 ------------------------------------------------------------------------------------
@@ -134,8 +135,12 @@ def load_inception(weights: Path | None, device) -> tuple[nn.Module, str]:
     path = inception_weights_path(weights)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling, truncation: never run code from the file
-        raise UserError(f"{path} is not a plain weights file ({str(exc).splitlines()[0][:120]})") from None
+    except Exception:  # not torch.save's format, truncated, or code to unpickle: never run code from the file
+        what = f"--inception-weights {path}" if weights is not None else str(path)
+        raise UserError(f"{what} is not a PyTorch state dict (torch.save format, like pytorch-fid's "
+                        f"{INCEPTION_FILE}); download that file from {INCEPTION_URL}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict; download {INCEPTION_URL}")
     model = fid_inception()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -195,16 +200,28 @@ def load_features(spec: str, *, device, run: Path | None = None, inception_weigh
         return Features("clip", scorer_fingerprint(scorer), size if isinstance(size, int) else None,
                         lambda x: (image_embeddings(scorer, x), None),
                         "CLIP embeddings are not class logits: IS needs a classifier (use --features inception)")
+    check_features(spec)
+    return _torchscript_features(Path(spec), device)
+
+
+def check_features(spec: str, inception_weights: Path | None = None) -> None:
+    """What can be checked of a --features spec without loading a network: a known name, an existing
+    TorchScript file, the Inception weights where they are needed."""
+    if spec == "inception":
+        inception_weights_path(inception_weights)
+        return
+    if spec == "clip":
+        return
     path = Path(spec)
-    if path.suffix in (".pt", ".pth", ".ts", ".jit") or path.is_file():
-        return _torchscript_features(path, device)
+    if path.is_file():
+        return
+    if path.suffix in TORCHSCRIPT_SUFFIXES:
+        raise UserError(f"--features {path}: no such TorchScript file")
     raise UserError(f"unknown --features {spec!r}: expected inception, clip or the path of a TorchScript "
                     "file (.pt)")
 
 
 def _torchscript_features(path: Path, device) -> Features:
-    if not path.is_file():
-        raise UserError(f"--features {path}: no such TorchScript file")
     try:
         with warnings.catch_warnings():  # torch ≥ 2.9 calls TorchScript deprecated; it still loads it
             warnings.simplefilter("ignore", FutureWarning)

@@ -76,6 +76,7 @@ class EvalConfig:
                            ("--composition-samples", self.composition_samples)):
             if path is not None and not Path(path).is_file():
                 raise UserError(f"{flag} {path}: no such file")
+        F_.check_features(self.features, self.inception_weights)  # names and files; evaluate() loads them
 
 
 def _generate(run: Path, prompts: list[str], out: Path, cfg: EvalConfig, n: int, state) -> Path:
@@ -134,6 +135,11 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
         prompts = [ln.strip() for ln in Path(cfg.captions).read_text().splitlines() if ln.strip()][: cfg.count]
         if len(prompts) < 2:
             raise UserError(f"--captions {cfg.captions} holds {len(prompts)} caption(s); at least 2 are needed")
+    # The networks before any sampling: a bad --features, --inception-weights or --clip fails in seconds,
+    # before hundreds of images are drawn into `out`.
+    scorer, clip_note = _scorer(cfg, rd.root, device)
+    features = F_.load_features(cfg.features, device=device, run=rd.root, inception_weights=cfg.inception_weights,
+                                clip=cfg.clip, scorer=scorer if cfg.features == "clip" else None)
     n_draw = max((*cfg.rerank_sizes, cfg.rerank or 1))
     samples_path, comp_path, groups, comp_groups, listing = _samples(rd, prompts, out, cfg, n_draw, seed_world, state)
     if len(groups) < 2:
@@ -153,9 +159,6 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     size = cfg.size or min(sample_sides.most_common(1)[0][0], refs.sides.most_common(1)[0][0])
     comp_pool = [c for g in comp_groups for c in (g if main_k is None else g[:k_max])]
 
-    scorer, clip_note = _scorer(cfg, rd.root, device)
-    features = F_.load_features(cfg.features, device=device, run=rd.root, inception_weights=cfg.inception_weights,
-                                clip=cfg.clip, scorer=scorer if cfg.features == "clip" else None)
     run_opts = dict(batch_size=cfg.batch_size, workers=cfg.workers, state=state)
     base = {"features": features.fingerprint, "feature_net": features.name, "size": size, "data": refs.identity}
 

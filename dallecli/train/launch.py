@@ -19,6 +19,20 @@ def launched() -> bool:
     return os.environ.get("DALLE_LAUNCHED") == "1"
 
 
+def close_process_group() -> None:
+    """Tear down torch.distributed's process group, if this process made one, before the interpreter exits:
+    left to the exit, a gloo group's threads can be destroyed while still joinable and the process aborts
+    ("terminate called without an active exception", SIGABRT) after its work is done, which the launcher
+    reports as a failed run. Imports nothing that is not loaded already."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # a peer already gone: nothing left to close cleanly
+        pass
+
+
 def strip_flags(argv: list[str]) -> list[str]:
     """Drop the launcher's own flags from a command line (both `--flag V` and `--flag=V`)."""
     out, skip = [], False

@@ -120,6 +120,8 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
     return a model prepared for it.
     """
     check_config(cfg)
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the checkpoints")
     with StopSignals() as stop:  # at once: a signal during set-up stops before the first step
         return _Trainer(task, cfg, Path(out), stop, fresh=fresh, cpu=cpu, scaler=scaler,
                         wrap_model=wrap_model).run()

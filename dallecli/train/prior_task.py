@@ -120,17 +120,23 @@ def _stack_pairs(pairs):
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def check_prior_meta(ck: checkpoint.Checkpoint, dvae_fingerprint: str | None, tokenizer_fingerprint: str | None):
-    """Refuse a prior trained on codes of another dVAE or with another tokenizer, naming the field."""
+def check_prior_meta(ck: checkpoint.Checkpoint, dvae_fingerprint: str | None, tokenizer_fingerprint: str | None,
+                     training: bool = True):
+    """Refuse a prior trained on codes of another dVAE or with another tokenizer, naming the field. `training`:
+    the fix offered includes starting the prior over (--fresh); for sampling, it names the flags to change."""
     meta = ck.meta
     if dvae_fingerprint is not None and meta.get("dvae_fingerprint") != dvae_fingerprint:
+        fix = ("use the matching dVAE and codes, or --fresh to start over" if training else
+               "pass the dVAE it was trained with (--dvae), or retrain the prior on this dVAE's codes "
+               "(dalle encode, then dalle train-prior --fresh)")
         raise UserError(f"dvae_fingerprint mismatch: {ck.path} was trained on codes of dVAE "
-                        f"{meta.get('dvae_fingerprint')}, but the dVAE here is {dvae_fingerprint}; "
-                        "use the matching dVAE and codes, or --fresh to start over")
+                        f"{meta.get('dvae_fingerprint')}, but the dVAE here is {dvae_fingerprint}; {fix}")
     if tokenizer_fingerprint is not None and meta.get("tokenizer_fingerprint") != tokenizer_fingerprint:
+        fix = ("use the run's original tokenizer, or --fresh to start over" if training else
+               "restore the tokenizer it was trained with, or retrain the prior (dalle train-prior --fresh)")
         raise UserError(f"tokenizer_fingerprint mismatch: {ck.path} was trained with tokenizer "
                         f"{meta.get('tokenizer_fingerprint')}, but the tokenizer here is {tokenizer_fingerprint}; "
-                        "use the run's original tokenizer, or --fresh to start over")
+                        f"{fix}")
 
 
 def codes_info(codes: Path) -> dict:
