@@ -7,7 +7,8 @@ stage 2 refuses codes from any other dVAE (DESIGN.md, "The data flow").
 
     OUT/manifest.json   the commit point: OUT holds a complete code set exactly when it is there
     OUT/train-000000.tar …  OUT/rejects.jsonl
-    OUT/.parts/         one record per finished shard (fingerprint, count, sha256): a rerun skips those
+    OUT/.parts/         one record per finished shard (dVAE fingerprint, source shard, count, sha256): a
+                        rerun skips those made by the same dVAE from the same image shard
     OUT/.stage/         a code set being written (the first one, or one that replaces OUT's)
 
 A new code set, or codes of another dVAE, are written into OUT/.stage and moved into OUT only when
@@ -103,7 +104,8 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
     parts = work / PARTS
     mine = jobs[rank::world]
     try:
-        done_images = _encode_jobs(model, ck, mine, work, parts, batch_size, device, max_errors, precision)
+        done_images = _encode_jobs(model, ck, mine, work, parts, batch_size, device, max_errors, precision,
+                                   _source_ids(shards, [p for _, p in mine]))
     except BaseException:
         if world == 1 and work != out and not _finished_parts(work, ck.fingerprint):
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave nothing behind
@@ -114,15 +116,41 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
             "work": work}
 
 
+def _source_ids(shards: Path, paths: list[Path]) -> dict[str, str]:
+    """What identifies each image shard's content: its sha256 from the shard manifest (`dalle build-shards`
+    records it), else its size and modification time. A code shard is reused only for the same source."""
+    listed = {}
+    manifest = _json_or_none(Path(shards) / MANIFEST)
+    if isinstance(manifest, dict) and isinstance(manifest.get("shards"), list):
+        listed = {e.get("name"): e.get("sha256") for e in manifest["shards"] if isinstance(e, dict)}
+    ids = {}
+    for path in paths:
+        if listed.get(path.name):
+            ids[path.name] = f"sha256:{listed[path.name]}"
+        else:
+            st = path.stat()
+            ids[path.name] = f"stat:{st.st_size}:{st.st_mtime_ns}"
+    return ids
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _encode_jobs(model, ck, mine, work: Path, parts: Path, batch_size: int, device: str, max_errors: int,
-                 precision: str) -> int:
+                 precision: str, sources: dict[str, str]) -> int:
     cfg = model.config
     done_images = 0
     with progress("encode", total=len(mine), unit="img") as bar:
         for split, path in mine:
             part = parts / f"{path.name}.json"
-            if part.exists() and json.loads(part.read_text()).get("fingerprint") == ck.fingerprint \
-                    and (work / path.name).exists():
+            record = _json_or_none(part) if part.exists() else None
+            # Reused only if made by this dVAE from this very image shard (a rebuilt shard is encoded again)
+            if isinstance(record, dict) and record.get("fingerprint") == ck.fingerprint \
+                    and record.get("source") == sources[path.name] and (work / path.name).exists():
                 bar.advance(1, rate_count=0)
                 continue
             records, rejects = [], []
@@ -167,8 +195,9 @@ def _encode_jobs(model, ck, mine, work: Path, parts: Path, batch_size: int, devi
                 warn(f"skipping {r['shard']}:{r['key']}: {r['reason']}")
             write_tar(work / path.name, records)
             done_images += len(records)
-            write_json_atomic(part, {"fingerprint": ck.fingerprint, "split": split, "count": len(records),
-                                     "sha256": _sha256(work / path.name), "rejects": rejects})
+            write_json_atomic(part, {"fingerprint": ck.fingerprint, "source": sources[path.name], "split": split,
+                                     "count": len(records), "sha256": _sha256(work / path.name),
+                                     "rejects": rejects})
     return done_images
 
 
@@ -201,10 +230,7 @@ def prior_trained_with(prior: Path | None, key: str, fingerprint: str | None) ->
 
 
 def _code_manifest_or_none(folder: Path) -> dict | None:
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
+    manifest = _json_or_none(folder / MANIFEST)
     ok = isinstance(manifest, dict) and manifest.get("kind") == "codes" and isinstance(manifest.get("dvae"), dict)
     return manifest if ok else None
 

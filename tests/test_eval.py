@@ -546,6 +546,14 @@ def test_names_and_files_are_checked_by_validate(tmp_path, monkeypatch):
     quick(features="clip").validate()
 
 
+def test_inception_weights_without_inception_features_are_said_to_be_unused(tmp_path, capfd):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    quick(features="clip", inception_weights=weights).validate()
+    err = capfd.readouterr().err
+    assert "--inception-weights" in err and "unused" in err
+
+
 def test_inception_weights_that_are_not_a_state_dict_say_what_they_should_be(tmp_path):
     """P8d: not '(101)', but the expected format and where to get the file."""
     (tmp_path / "notimg.txt").write_text("hello, not weights\n")

@@ -135,6 +135,17 @@ def test_encode_again_with_the_same_dvae_keeps_the_codes(run, capfd):
     assert {p.name: p.stat().st_mtime_ns for p in (run / "codes").glob("*.tar")} == before
 
 
+def test_a_rebuilt_image_shard_is_encoded_again(run, capfd):
+    """Codes are reused only for the same source shard: after the images change (`build-shards --overwrite`
+    with other data), encode with the same dVAE must not keep the stale codes."""
+    assert encode(run, capfd, "--dvae", run / "dvae1", "-q").returncode == 0
+    codes = run / "codes"
+    assert (codes / "train-000000.tar").read_bytes() != (codes / "train-000001.tar").read_bytes()
+    shutil.copyfile(run / "shards" / "train-000001.tar", run / "shards" / "train-000000.tar")
+    assert encode(run, capfd, "--dvae", run / "dvae1", "-q").returncode == 0
+    assert (codes / "train-000000.tar").read_bytes() == (codes / "train-000001.tar").read_bytes()
+
+
 def test_interrupted_replacement_keeps_the_old_codes_and_resumes(run, capfd, monkeypatch):
     from dallecli import codes
 

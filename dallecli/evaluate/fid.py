@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from dallecli.console import UserError
+from dallecli.console import UserError, warn
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILE}"
@@ -210,6 +210,8 @@ def check_features(spec: str, inception_weights: Path | None = None) -> None:
     if spec == "inception":
         inception_weights_path(inception_weights)
         return
+    if inception_weights is not None:
+        warn(f"--inception-weights {inception_weights} is unused: --features is {spec}, not inception")
     if spec == "clip":
         return
     path = Path(spec)
