@@ -72,8 +72,12 @@ def main() -> None:
     """Entry point: user errors, bad flags included, become one red line and exit code 2; Ctrl-C exits with 130."""
     from dallecli.console import UserError, print_error, settings
 
+    _terminate_as_exit()
     try:
         code = _run()
+    except Terminated:
+        print_error("terminated")
+        sys.exit(143)
     except UserError as exc:
         if settings.debug:
             raise
@@ -92,8 +96,27 @@ def main() -> None:
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             print_error(exc.format_message().rstrip(".") + where)
         sys.exit(exc.exit_code)
+    if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into Exit(130), returned here
+        print_error("interrupted")
     if isinstance(code, int) and code:  # typer.Exit(code) under standalone_mode=False returns the code
         sys.exit(code)
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the process is, so that `finally` and context managers clean up (a samples
+    folder put back, a staging folder left resumable) instead of the process vanishing mid-write."""
+
+
+def _terminate_as_exit() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise Terminated(143)
+
+    try:  # the training loop installs its own handlers (finish the step, save) and restores this one after
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        pass
 
 
 def _run():

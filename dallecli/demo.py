@@ -8,6 +8,7 @@ RUN/demo.json and skipped when the demo is run again.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -117,10 +118,18 @@ def gallery_clip_check(run: Path) -> dict:
 def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: bool = False) -> dict:
     if data not in ("emoji", "shapes"):
         raise UserError(f"--data must be emoji or shapes (got {data})")
-    if minutes <= 0:
-        raise UserError(f"--minutes must be positive (got {minutes})")
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise UserError(f"--minutes must be a positive number (got {minutes})")
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--run {run} is a file, not a folder; give a folder for the demo run")
     state_path = run / "demo.json"
+    if fresh and run.is_dir() and any(run.iterdir()) and not state_path.is_file():
+        # --fresh deletes the folder: only one the demo made (a trained run of your own must never go)
+        raise UserError(f"--fresh would delete {run}, which is not a demo run (it has no demo.json); pick "
+                        "another --run for the demo, or delete that folder yourself")
     state = read_json(state_path, "demo state") if state_path.exists() and not fresh else {}
+    if not isinstance(state, dict) or not isinstance(state.get("done", {}), dict):
+        raise UserError(f"{state_path} is not a demo state file; rerun with --fresh to start the demo over")
     args = {"data": data, "minutes": minutes}
     if state and state.get("args") != args:
         raise UserError(f"{run} holds a demo run with {state.get('args')}; use another --run or --fresh")
@@ -129,7 +138,11 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
 
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
+    if not state_path.exists() and any(run.iterdir()):
+        raise UserError(f"{run} already holds files and is not a demo run (it has no demo.json); pick another "
+                        "--run for the demo")
     state = {"args": args, "done": state.get("done", {})}
+    write_json_atomic(state_path, state)  # at once: from here on the folder is a demo run (and --fresh may go)
     budget = Budget.for_minutes(minutes)
     stages = _stages(data, run, budget, {"cpu": cpu} if cpu else {})
     total = sum(share for _, share, _ in stages)

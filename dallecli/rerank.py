@@ -131,8 +131,8 @@ def _open(path: Path) -> Image.Image | None:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError, ValueError):
-        return None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
+        return None  # unreadable, or far more pixels than any sample (a decompression bomb): counted as missing
 
 
 def rank_rows(rows: list[dict[str, Any]], keep: int | None = None) -> None:

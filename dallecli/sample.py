@@ -346,7 +346,7 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
         raise UserError(f"--precision must be bf16 or fp32 (got {precision!r})")
     pipe = load_pipeline(run, prior, dvae, device=device, precision=precision)
     scorer = None
-    if rerank is not None and rank == 0:  # before drawing anything: a bad --clip fails in seconds, not at the end
+    if rerank is not None:  # before drawing anything, in every process: a bad --clip fails in seconds, not at the end
         from dallecli.models.clip import load_clip
 
         scorer = load_clip(clip, Path(run), pipe.device)
@@ -384,13 +384,14 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
 class ReplacedFolder:
     """The samples folder a command writes, and what was there before. An existing folder with files in it is
     refused unless `overwrite`; with it, the old folder waits in a hidden sibling while the new one is written,
-    is deleted once the command succeeds and comes back if it fails: a failed command loses nothing.
+    is deleted once the command succeeds and comes back if it fails: a failed command loses nothing, and
+    leaves no half-written folder behind (so that the same command can simply be run again).
     `active` False (a worker process of a launched run) does nothing: the launching process does it."""
 
     def __init__(self, folder: Path, overwrite: bool, active: bool = True):
         self.folder, self.overwrite, self.active = Path(folder), overwrite, active
         self.aside = self.folder.with_name(f".{self.folder.name}.replaced")
-        self.moved = False
+        self.moved = self.new = False
 
     def __enter__(self) -> ReplacedFolder:
         folder = self.folder
@@ -407,14 +408,17 @@ class ReplacedFolder:
                                 "--overwrite to replace it")
             folder.rename(self.aside)
             self.moved = True
+        self.new = not self.moved and not folder.exists()
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
-        if self.moved:
-            if kind is None or (kind is SystemExit and exc.code in (0, None)):  # a launcher exits with the workers' code
+        ok = kind is None or (issubclass(kind, SystemExit) and exc.code in (0, None))  # a launcher exits with
+        if ok:                                                                        # its workers' code
+            if self.moved:
                 shutil.rmtree(self.aside, ignore_errors=True)
-            else:
-                shutil.rmtree(self.folder, ignore_errors=True)
+        elif self.moved or self.new:  # what the failed command wrote goes; what was there comes back
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if self.moved:
                 self.aside.rename(self.folder)
         return False
 

@@ -23,6 +23,33 @@ def test_refuses_another_demo_in_the_same_run(tmp_path):
         run_demo("shapes", 0, tmp_path / "other")
 
 
+def test_fresh_never_deletes_a_folder_the_demo_did_not_make(tmp_path):
+    """`--fresh --run DIR` deleted DIR whatever it held (a trained run of one's own, say)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "important.txt").write_text("keep me")
+    for fresh in (True, False):
+        with pytest.raises(UserError, match="not a demo run"):
+            run_demo("shapes", 10.0, mine, fresh=fresh)
+    assert (mine / "important.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("minutes", [float("nan"), float("inf"), -1.0])
+def test_bad_minutes_and_run_paths_are_one_line_errors(tmp_path, minutes):
+    with pytest.raises(UserError, match="--minutes must be a positive number"):
+        run_demo("shapes", minutes, tmp_path / "run")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        run_demo("shapes", 1.0, a_file)
+    bad_state = tmp_path / "bad"
+    bad_state.mkdir()
+    (bad_state / "demo.json").write_text("[1]")
+    with pytest.raises(UserError, match="not a demo state file"):
+        run_demo("shapes", 1.0, bad_state)
+    assert a_file.read_text() == "x"
+
+
 @pytest.mark.slow
 def test_demo_end_to_end_on_shapes(tmp_path):
     run = tmp_path / "demo"

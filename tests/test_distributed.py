@@ -300,3 +300,14 @@ def test_close_process_group_tears_down_what_the_process_made(tmp_path):
     assert dist.is_initialized()
     close_process_group()
     assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_a_user_error_in_launched_processes_exits_2_without_a_traceback(tmp_path):
+    """With --gpus N the processes' own one-line errors are the report: the launcher exits with their code
+    (2), not Accelerate's 1 after torch-elastic's ChildFailedError traceback."""
+    done = cli.run(["encode", "--run", tmp_path / "run", "--dvae", tmp_path / "no-such-dvae", "--gpus", "2", "--cpu"],
+                   timeout=180)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
+    assert "error: no dvae checkpoint at" in done.stderr

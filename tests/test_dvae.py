@@ -478,6 +478,23 @@ def test_convert_names_a_bad_file(tmp_path):
         load_openai_pickle(tmp_path / "dict.pkl", True)
     with pytest.raises(UserError, match="no such file"):
         load_openai_pickle(tmp_path / "missing.pkl", True)
+    with pytest.raises(UserError, match="no such file"):  # missing is said first, --trust-pickle or not
+        load_openai_pickle(tmp_path / "missing.pkl", False)
+
+
+def test_convert_dvae_refuses_a_folder_that_holds_a_trained_dvae(released, tmp_path):
+    """Step 0 beside a trained dVAE would never be the latest: encode and sample would ignore it silently."""
+    _, _, enc_path, dec_path = released
+    run = tmp_path / "run"
+    checkpoint.save(run / "dvae", 500, kind="dvae", model_config={}, weights={"w": torch.zeros(1)})
+    args = ["convert-dvae", "--openai", str(enc_path), str(dec_path), "--trust-pickle", "--run", str(run), "-q"]
+    result = CliRunner().invoke(_app(), args)
+    assert isinstance(result.exception, UserError) and "--out" in str(result.exception)
+    assert [p.name for p in (run / "dvae").iterdir() if p.name.startswith("step-")] == ["step-00000500"]
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    result = CliRunner().invoke(_app(), args[:-3] + ["--out", str(a_file)])
+    assert isinstance(result.exception, UserError) and "is a file" in str(result.exception)
 
 
 # --- the small presets' deviations: likelihood, residual gain, channels_last, defaults -------------------------

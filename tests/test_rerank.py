@@ -93,6 +93,17 @@ def test_missing_images_are_counted_then_refused(tmp_path, capsys):
     assert path.read_text() == text
 
 
+def test_a_decompression_bomb_counts_as_unreadable(tmp_path, monkeypatch):
+    """A tiny file that claims far more pixels than Pillow allows is a missing image, not a traceback."""
+    from PIL import Image
+
+    path = make_samples(tmp_path / "s")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)  # the 16 × 16 samples pass; 64 × 64 is over twice the limit
+    Image.new("RGB", (64, 64)).save(path.parent / "003.png")
+    rows = rerank_samples(path, ColourScorer(), max_missing=0.99)
+    assert rows[3]["clip_score"] is None
+
+
 def test_bad_samples_file_names_the_line(tmp_path):
     path = tmp_path / "samples.jsonl"
     path.write_text('{"prompt": "a", "image": "0.png"}\n{"prompt": "b"}\n')

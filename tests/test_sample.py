@@ -290,3 +290,25 @@ def test_bad_prompt_and_output_paths(tiny_run, tmp_path):
     assert a_file.read_text() == "keep me"
     with pytest.raises(UserError, match="--prompt-rows 4"):
         sample_to_folder(tiny_run, ["a red circle"], device="cpu", quiet=True, image_prompt=a_file)
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_stopped_sample_says_so_and_leaves_no_half_folder(tiny_run, sig, code, word):
+    """Stopped mid-way (a scheduler's SIGTERM, Ctrl-C): one line, the usual exit code, and no half-written
+    folder, so that the same command can simply be run again."""
+    import os
+    import signal
+
+    from tests.fixtures import cli
+
+    folder = tiny_run / "samples" / "stop"
+    proc = cli.start(["sample", "a red circle", "--run", tiny_run, "--n", "3000", "--batch-size", "1", "--name",
+                      "stop", "-q"])
+    try:
+        cli.wait_for(lambda: folder.is_dir() and any(folder.glob("*.png")), proc)
+        os.killpg(proc.pid, getattr(signal, sig))
+    finally:
+        done = cli.finish(proc, timeout=120)
+    assert done.returncode == code, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.strip()][-1] == f"error: {word}", done.stderr[-2000:]
+    assert not folder.exists()

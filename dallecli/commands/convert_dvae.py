@@ -27,11 +27,17 @@ def command(
     start(quiet, debug)
     from dallecli import checkpoint
     from dallecli.config import RunDir, to_dict
-    from dallecli.console import info, summary
+    from dallecli.console import UserError, info, summary
     from dallecli.models.dvae_convert import convert_openai, load_openai_pickle
 
     encoder_path, decoder_path = openai
     root = out if out is not None else RunDir(run).dvae
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file, not a folder; give a folder for the converted checkpoint")
+    if root.is_dir() and checkpoint.complete_steps(root):
+        # Step 0 beside a trained dVAE would never be "latest": encode and sample would ignore it.
+        raise UserError(f"{root} already holds dVAE checkpoints ({checkpoint.latest(root).name}); pass --out with "
+                        "another folder for the converted one (and --dvae that folder to encode or sample)")
     info(f"unpickling {encoder_path} and {decoder_path}")
     encoder = load_openai_pickle(encoder_path, trust_pickle)
     decoder = load_openai_pickle(decoder_path, trust_pickle)

@@ -56,11 +56,11 @@ _pickle_module.load = lambda f, **kwargs: _Unpickler(f, **kwargs).load()
 def load_openai_pickle(path: Path, trust_pickle: bool) -> nn.Module:
     """Unpickle one released module (this runs code from the file: only with `trust_pickle`)."""
     path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}; give the encoder.pkl and decoder.pkl of OpenAI's dall_e release")
     if not trust_pickle:
         raise UserError(f"{path} is a pickled Python module, and unpickling runs code from the file; "
                         "pass --trust-pickle if you trust where it came from (OpenAI's dall_e release)")
-    if not path.is_file():
-        raise UserError(f"no such file: {path}; give the encoder.pkl and decoder.pkl of OpenAI's dall_e release")
     try:
         with warnings.catch_warnings():  # legacy-format files warn that the stand-ins' source differs
             warnings.simplefilter("ignore", UserWarning)

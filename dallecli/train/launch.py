@@ -52,7 +52,7 @@ def strip_flags(argv: list[str]) -> list[str]:
 def launch_command(gpus: int, nodes: int, node_rank: int, main_address: str | None, main_port: int,
                    cpu: bool, argv: list[str]) -> list[str]:
     total = gpus * nodes
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(total),
+    cmd = [sys.executable, "-m", "dallecli.train.launch", "--num_processes", str(total),
            "--num_machines", str(nodes), "--machine_rank", str(node_rank), "--main_process_port", str(main_port),
            "--mixed_precision", "no", "--dynamo_backend", "no"]
     if total > 1:
@@ -84,3 +84,24 @@ def maybe_relaunch(gpus: int, nodes: int = 1, node_rank: int = 0, main_address: 
     info(f"launching {gpus * nodes} processes: accelerate launch … -m dallecli {' '.join(strip_flags(sys.argv[1:]))}")
     env = dict(os.environ, DALLE_LAUNCHED="1")
     sys.exit(subprocess.call(cmd, env=env))
+
+
+def _launcher(argv: list[str]) -> int:
+    """`accelerate launch ARGS`, run as `python -m dallecli.train.launch ARGS`. When a process fails, its own
+    error line has been printed already: exit with its code (2 for a user error) instead of Accelerate's 1
+    and torch-elastic's report of the failure as a traceback."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except ChildFailedError as exc:
+        _, first = exc.get_first_failure()
+        code = first.exitcode
+        return code if 0 < code < 256 else 128 - code if code < 0 else 1  # killed by signal S: 128 + S
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_launcher(sys.argv[1:]))
