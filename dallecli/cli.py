@@ -81,7 +81,10 @@ def main() -> None:
     except UserError as exc:
         if settings.debug:
             raise
-        print_error(str(exc))
+        from dallecli.train.launch import report_error
+
+        if report_error(str(exc)):  # under --gpus N, the launcher prints each distinct error once
+            print_error(str(exc))
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         print_error("interrupted")

@@ -304,10 +304,27 @@ def test_close_process_group_tears_down_what_the_process_made(tmp_path):
 
 @pytest.mark.slow
 def test_a_user_error_in_launched_processes_exits_2_without_a_traceback(tmp_path):
-    """With --gpus N the processes' own one-line errors are the report: the launcher exits with their code
-    (2), not Accelerate's 1 after torch-elastic's ChildFailedError traceback."""
+    """With --gpus N the processes' own one-line error is the report, printed once (not once per process),
+    and the launcher exits with its code (2), not Accelerate's 1 after torch-elastic's ChildFailedError
+    traceback."""
     done = cli.run(["encode", "--run", tmp_path / "run", "--dvae", tmp_path / "no-such-dvae", "--gpus", "2", "--cpu"],
                    timeout=180)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
-    assert "error: no dvae checkpoint at" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: no dvae checkpoint at"), done.stderr[-3000:]  # once
+
+
+def test_a_launched_process_hands_its_error_to_the_launcher(tmp_path, monkeypatch):
+    from dallecli.train.launch import ERRORS_ENV, report_error
+
+    monkeypatch.delenv("DALLE_LAUNCHED", raising=False)
+    assert report_error("not launched: printed here") is True
+    monkeypatch.setenv("DALLE_LAUNCHED", "1")
+    monkeypatch.setenv(ERRORS_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    assert report_error("bad path") is False  # the launcher prints it, once for all processes
+    monkeypatch.setenv("RANK", "0")
+    assert report_error("bad path") is True  # the first process prints at once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-00000.txt", "rank-00001.txt"]
+    assert (tmp_path / "rank-00001.txt").read_text() == "bad path"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from dallecli.console import UserError, info
 
@@ -17,6 +18,24 @@ _VALUE_FLAGS = ("--gpus", "--nodes", "--node-rank", "--main-address", "--main-po
 
 def launched() -> bool:
     return os.environ.get("DALLE_LAUNCHED") == "1"
+
+
+ERRORS_ENV = "DALLE_ERRORS_DIR"  # set by `_launcher` for its processes: where each writes its one-line error
+
+
+def report_error(message: str) -> bool:
+    """A launched process hands its user error to the launcher, which prints each distinct one once (every
+    process usually hits the same bad path). Returns whether the caller should print it itself: outside a
+    launch, or for the first process, so the error shows at once."""
+    folder = os.environ.get(ERRORS_ENV)
+    if not launched() or not folder:
+        return True
+    rank = os.environ.get("RANK", "0")
+    try:
+        (Path(folder) / f"rank-{int(rank):05d}.txt").write_text(message)
+    except (OSError, ValueError):
+        return True
+    return rank == "0"
 
 
 def close_process_group() -> None:
@@ -93,13 +112,27 @@ def _launcher(argv: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    import tempfile
+
+    from dallecli.console import print_error
+
     args = launch_command_parser().parse_args(argv)
-    try:
-        launch_command(args)
-    except ChildFailedError as exc:
-        _, first = exc.get_first_failure()
-        code = first.exitcode
-        return code if 0 < code < 256 else 128 - code if code < 0 else 1  # killed by signal S: 128 + S
+    with tempfile.TemporaryDirectory(prefix="dalle-errors-") as folder:
+        os.environ[ERRORS_ENV] = folder  # inherited by the processes launched below
+        try:
+            launch_command(args)
+        except ChildFailedError as exc:
+            # The first process printed its own error; the others' go here, each distinct one once.
+            reports = sorted(Path(folder).glob("rank-*.txt"))
+            shown = {reports[0].read_text()} if reports and reports[0].name == "rank-00000.txt" else set()
+            for report in reports:
+                message = report.read_text()
+                if message not in shown:
+                    shown.add(message)
+                    print_error(message)
+            _, first = exc.get_first_failure()
+            code = first.exitcode
+            return code if 0 < code < 256 else 128 - code if code < 0 else 1  # killed by signal S: 128 + S
     return 0
 
 
