@@ -352,3 +352,15 @@ def load(path: Path, kind: str) -> Checkpoint:
             raise UserError(f"{folder}/config.json lacks the field '{key}'")
     return Checkpoint(path=folder, kind=kind, step=int(config["step"]), fingerprint=config["fingerprint"],
                       model_config=config["model"], meta=config.get("meta", {}))
+
+
+def prior_trained_with(prior: Path | None, key: str, fingerprint: str | None) -> Checkpoint | None:
+    """The latest prior checkpoint under `prior` if its meta records `key` == `fingerprint` (the codes'
+    dVAE or the tokenizer it was trained with): what replacing those would leave without its inputs."""
+    if prior is None or fingerprint is None:
+        return None
+    try:
+        ck = load(prior, "prior")
+    except UserError:  # no prior there (or none readable): nothing to protect
+        return None
+    return ck if ck.meta.get(key) == fingerprint else None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -32,10 +31,11 @@ from dallecli import checkpoint
 from dallecli.config import read_json, write_json_atomic
 from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.data.loader import BadSample, read_caption, read_image, read_meta
-from dallecli.data.records import SHARD_RE, ShardError, iter_records, list_shards, write_tar
+from dallecli.data.records import (SHARD_RE, ShardError, install_staged, iter_records, list_shards,
+                                   write_tar)
 from dallecli.hardware import default_precision
 from dallecli.imageutil import center_square, grid, to_pil, to_tensor
-from dallecli.train.dvae_task import load_dvae
+from dallecli.train.dvae_task import load_dvae, shard_image_size
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
@@ -203,30 +203,12 @@ def _encode_jobs(model, ck, mine, work: Path, parts: Path, batch_size: int, devi
 
 def check_image_size(shards: Path, paths: list[Path], size: int, dvae: Path) -> None:
     """Refuse shards whose images are not the dVAE's size (`dalle train-dvae` refuses them too): encoding
-    would silently rescale every image. The first readable image stands for the shards (their --size)."""
-    for path in paths:
-        for rec in iter_records(path, []):
-            try:
-                found = min(read_image(rec.members).size)
-            except BadSample:
-                continue
-            if found != size:
-                raise UserError(f"the images in {shards} are {found} px but the dVAE {dvae} expects {size} px; "
-                                f"rebuild the shards with `dalle build-shards --size {size}`, or use a dVAE "
-                                f"trained at {found} px (--dvae)")
-            return
-
-
-def prior_trained_with(prior: Path | None, key: str, fingerprint: str | None) -> checkpoint.Checkpoint | None:
-    """The latest prior checkpoint under `prior` if its meta records `key` == `fingerprint` (the codes'
-    dVAE or the tokenizer it was trained with): what replacing those would leave without its inputs."""
-    if prior is None or fingerprint is None:
-        return None
-    try:
-        ck = checkpoint.load(prior, "prior")
-    except UserError:  # no prior there (or none readable): nothing to protect
-        return None
-    return ck if ck.meta.get(key) == fingerprint else None
+    would silently rescale every image."""
+    found = shard_image_size(shards, paths)
+    if found != size:
+        raise UserError(f"the images in {shards} are {found} px but the dVAE {dvae} expects {size} px; "
+                        f"rebuild the shards with `dalle build-shards --size {size}`, or use a dVAE "
+                        f"trained at {found} px (--dvae)")
 
 
 def _code_manifest_or_none(folder: Path) -> dict | None:
@@ -259,7 +241,7 @@ def _plan(out: Path, shards: Path, ck: checkpoint.Checkpoint, prior: Path | None
         return (stage, None) if overwrite else (out, None)
     theirs = f"dVAE {made_by} ({old['dvae'].get('checkpoint')})"
     ours = f"dVAE {ck.fingerprint} ({ck.path})"
-    trained = prior_trained_with(prior, "dvae_fingerprint", made_by)
+    trained = checkpoint.prior_trained_with(prior, "dvae_fingerprint", made_by)
     if trained is not None and not overwrite:
         raise UserError(f"{out} holds the codes of {theirs} that the prior {trained.path} was trained on; "
                         f"encoding with {ours} would replace them: pass --out DIR to write the new codes "
@@ -307,23 +289,12 @@ def _rmdir_if_empty(folder: Path) -> None:
 
 
 def install(out: Path) -> None:
-    """Move the complete code set in OUT/.stage into OUT, replacing the codes there. The staged
-    manifest.json is the commit point: until it has moved, a rerun calls this again and carries on."""
-    stage = out / STAGE
-    manifest = read_json(stage / MANIFEST, "code manifest")
-    new = {s["name"] for s in manifest["shards"]} | ({REJECTS} if manifest.get("rejects") else set())
-    (out / MANIFEST).unlink(missing_ok=True)  # from here on OUT is not a complete code set until the new one lands
-    for p in out.iterdir():
-        if (SHARD_RE.match(p.name) or p.name == REJECTS) and p.name not in new and p.is_file():
-            p.unlink()
-    for name in sorted(new):
-        if (stage / name).exists():  # not there: moved before a crash
-            os.replace(stage / name, out / name)
-    if (stage / PARTS).is_dir():
-        shutil.rmtree(out / PARTS, ignore_errors=True)
-        os.replace(stage / PARTS, out / PARTS)
-    os.replace(stage / MANIFEST, out / MANIFEST)
-    shutil.rmtree(stage, ignore_errors=True)
+    """Move the complete code set in OUT/.stage into OUT (`records.install_staged`: the staged manifest.json is
+    the commit point; until it has moved, a rerun calls this again and carries on)."""
+    manifest = read_json(out / STAGE / MANIFEST, "code manifest")
+    names = {s["name"] for s in manifest["shards"]} | ({REJECTS} if manifest.get("rejects") else set())
+    install_staged(out, out / STAGE, names, lambda name: SHARD_RE.match(name) is not None or name == REJECTS,
+                   folders=(PARTS,))
 
 
 def write_manifest(out: Path, ck: checkpoint.Checkpoint, cfg, jobs, precision: str = "fp32") -> dict:

@@ -41,7 +41,7 @@ def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_
              overwrite: bool = False) -> None:
     import random
 
-    from dallecli.codes import prior_trained_with
+    from dallecli.checkpoint import prior_trained_with
     from dallecli.config import RunDir
     from dallecli.console import UserError, info, progress, summary, warn
     from dallecli.data.records import ShardError, iter_records, list_shards

@@ -164,3 +164,29 @@ def write_tar(path: Path, records: list[tuple[str, dict[str, bytes]]]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def install_staged(out: Path, stage: Path, names: set[str], replaces, folders: tuple[str, ...] = ()) -> None:
+    """Move a complete set of shards written in `stage` into `out`, replacing the set there (a build of
+    `dalle build-shards`, the codes of `dalle encode`). `out/manifest.json` goes first and the staged one moves
+    in last, so `out` holds a complete set exactly when its manifest is there; a crash part-way is finished
+    by calling this again. `names`: the new set's files besides the manifest; `replaces(name)`: whether a
+    file in `out` belongs to the old set; `folders`: folders of the stage that replace their namesakes."""
+    import shutil
+
+    from dallecli.config import fsync_dir
+
+    (out / "manifest.json").unlink(missing_ok=True)  # from here on `out` is incomplete until the new one lands
+    for p in out.iterdir():
+        if p.is_file() and replaces(p.name) and p.name not in names:
+            p.unlink()
+    for name in sorted(names):
+        if (stage / name).exists():  # not there: moved before a crash
+            os.replace(stage / name, out / name)
+    for name in folders:
+        if (stage / name).is_dir():
+            shutil.rmtree(out / name, ignore_errors=True)
+            os.replace(stage / name, out / name)
+    os.replace(stage / "manifest.json", out / "manifest.json")
+    fsync_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)

@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from dallecli.config import fsync_dir, read_json, to_dict, write_json_atomic
+from dallecli.config import read_json, to_dict, write_json_atomic
 from dallecli.console import UserError, progress
-from dallecli.data.records import SHARD_RE, shard_name
+from dallecli.data.records import SHARD_RE, install_staged, shard_name
 from dallecli.data.sources import Item, Prepared, PrepareConfig, SourceSpec, open_source, prepare_batch
 
 SPLITS = ("train", "val")
@@ -203,21 +203,10 @@ def _refuse_different(out: Path, old: Any, new: dict[str, Any]) -> UserError:
 
 
 def _install(out: Path) -> None:
-    """Move the complete build in OUT/STAGE into OUT, replacing the shards there. The staged manifest.json
-    is the commit point: until it has moved, a rerun calls this again and carries on where it stopped."""
-    stage = out / STAGE
-    manifest = read_json(stage / MANIFEST, "shard manifest")
-    new = {e["name"] for e in manifest["shards"]} | {REJECTS}
-    (out / MANIFEST).unlink(missing_ok=True)    # from here on OUT is not a complete build until the new one lands
-    for p in out.iterdir():
-        if _is_ours(p.name) and p.name not in new and p.is_file():
-            p.unlink()
-    for name in sorted(new):
-        if (stage / name).exists():             # not there: moved before a crash
-            os.replace(stage / name, out / name)
-    os.replace(stage / MANIFEST, out / MANIFEST)
-    fsync_dir(out)
-    shutil.rmtree(stage, ignore_errors=True)
+    """Move the complete build in OUT/STAGE into OUT (`records.install_staged`: the staged manifest.json is the
+    commit point; until it has moved, a rerun calls this again and carries on where it stopped)."""
+    manifest = read_json(out / STAGE / MANIFEST, "shard manifest")
+    install_staged(out, out / STAGE, {e["name"] for e in manifest["shards"]} | {REJECTS}, _is_ours)
 
 
 def _open_folder(out: Path, args: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from dallecli import checkpoint
 from dallecli.config import to_dict
 from dallecli.console import UserError
 from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_caption, read_image, read_meta
+from dallecli.data.records import iter_records, list_shards
 from dallecli.imageutil import center_square, dvae_augment, grid, to_pil, to_tensor
 from dallecli.models.dvae import DVAE, DVAEConfig
 from dallecli.models.dvae_objective import (DVAESchedule, code_histogram, codebook_perplexity, elbo_loss,
@@ -28,14 +29,23 @@ def schedule_for(steps: int, beta_steps: int | None = None, tau_steps: int | Non
     )
 
 
-def shard_image_size(shards: Path) -> int:
-    """The side of the first train image: the shards' --size."""
-    index = ShardIndex(shards, "train")
-    _, members = index.read(0)
-    image = read_image(members)
-    if image.size[0] != image.size[1]:
-        raise UserError(f"shard images in {shards} are not square ({image.size}); rebuild with `dalle build-shards`")
-    return image.size[0]
+def shard_image_size(shards: Path, paths: list[Path] | None = None) -> int:
+    """The side of the first readable image of the train shards (or of `paths`): the shards' --size. It reads
+    one sample, not an index of every shard (the training task builds that once, later)."""
+    paths = list_shards(shards, "train") if paths is None else paths
+    if not paths:
+        raise UserError(f"no train shards in {shards}; make them with `dalle build-shards`")
+    for path in paths:
+        for record in iter_records(path, []):
+            try:
+                image = read_image(record.members)
+            except BadSample:
+                continue
+            if image.size[0] != image.size[1]:
+                raise UserError(f"shard images in {shards} are not square ({image.size}); rebuild with "
+                                "`dalle build-shards`")
+            return image.size[0]
+    raise UserError(f"the shards in {shards} hold no readable image; rebuild them with `dalle build-shards`")
 
 
 def check_image_size(config: DVAEConfig, shards: Path, preset: str) -> None:
