@@ -76,7 +76,10 @@ def main() -> None:
     try:
         code = _run()
     except Terminated:
-        print_error("terminated")
+        from dallecli.train.launch import peer_failed
+
+        if not peer_failed():  # under --gpus N, stopped because another process failed: that one's error says it
+            print_error("terminated")
         sys.exit(143)
     except UserError as exc:
         if settings.debug:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -347,9 +346,7 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     pipe = load_pipeline(run, prior, dvae, device=device, precision=precision)
     scorer = None
     if rerank is not None:  # before drawing anything, in every process: a bad --clip fails in seconds, not at the end
-        from dallecli.models.clip import load_clip
-
-        scorer = load_clip(clip, Path(run), pipe.device)
+        scorer = _scorer_for(clip, run, pipe.device, hand_on=world > 1 and rank == 0)
     if compiled and pipe.device.type == "cpu" and rank == 0:
         warn("--compile on a CPU: the default decoder (oneDNN with packed weights) is several times faster here "
              "(4× at the `small` benchmark shape); --compile pays off on a GPU")
@@ -381,46 +378,22 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     return finish_folder(out, prompts, n, rerank, clip, run, pipe, quiet, scorer=scorer)
 
 
-class ReplacedFolder:
-    """The samples folder a command writes, and what was there before. An existing folder with files in it is
-    refused unless `overwrite`; with it, the old folder waits in a hidden sibling while the new one is written,
-    is deleted once the command succeeds and comes back if it fails: a failed command loses nothing, and
-    leaves no half-written folder behind (so that the same command can simply be run again).
-    `active` False (a worker process of a launched run) does nothing: the launching process does it."""
+_HANDED_ON: dict = {}  # (--clip, run) → the CLIP a main process of --gpus N loaded before drawing, for reranking
+                      # the merged samples (finish_folder) without loading it a second time
 
-    def __init__(self, folder: Path, overwrite: bool, active: bool = True):
-        self.folder, self.overwrite, self.active = Path(folder), overwrite, active
-        self.aside = self.folder.with_name(f".{self.folder.name}.replaced")
-        self.moved = self.new = False
 
-    def __enter__(self) -> ReplacedFolder:
-        folder = self.folder
-        if not self.active:
-            return self
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"{folder} is a file, not a folder; give another --name or --out for the samples")
-        if self.aside.exists():
-            raise UserError(f"an earlier --overwrite of {folder} was interrupted and its previous samples are in "
-                            f"{self.aside}: move them back or delete that folder, then rerun")
-        if folder.is_dir() and any(folder.iterdir()):
-            if not self.overwrite:
-                raise UserError(f"samples folder {folder} already exists; choose another --name (or --out), or pass "
-                                "--overwrite to replace it")
-            folder.rename(self.aside)
-            self.moved = True
-        self.new = not self.moved and not folder.exists()
-        return self
+def _scorer_for(clip: str | None, run: Path, device, hand_on: bool = False, take: bool = False):
+    """Load the reranking CLIP; `hand_on`: keep it for this process's finish_folder, which `take`s it."""
+    from dallecli.models.clip import load_clip
 
-    def __exit__(self, kind, exc, tb) -> bool:
-        ok = kind is None or (issubclass(kind, SystemExit) and exc.code in (0, None))  # a launcher exits with
-        if ok:                                                                        # its workers' code
-            if self.moved:
-                shutil.rmtree(self.aside, ignore_errors=True)
-        elif self.moved or self.new:  # what the failed command wrote goes; what was there comes back
-            shutil.rmtree(self.folder, ignore_errors=True)
-            if self.moved:
-                self.aside.rename(self.folder)
-        return False
+    key = (clip, str(Path(run).resolve()))
+    if take and key in _HANDED_ON:
+        return _HANDED_ON.pop(key)
+    scorer = load_clip(clip, Path(run), device)
+    if hand_on:  # one at most: an earlier command's that failed before its finish_folder goes
+        _HANDED_ON.clear()
+        _HANDED_ON[key] = scorer
+    return scorer
 
 
 def merge_parts(out: Path, world: int) -> None:
@@ -440,11 +413,10 @@ def finish_folder(out: Path, prompts: list[str], n: int, rerank: int | None, cli
     samples.jsonl."""
     path = out / "samples.jsonl"
     if rerank is not None:
-        from dallecli.models.clip import load_clip
         from dallecli.rerank import rerank_samples
 
         if scorer is None:
-            scorer = load_clip(clip, Path(run), pipe.device if pipe else "cpu")
+            scorer = _scorer_for(clip, run, pipe.device if pipe else "cpu", take=True)
         rerank_samples(path, scorer, keep=rerank)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     write_gallery(out, rows)

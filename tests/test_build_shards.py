@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from dallecli.commands.build_shards import command
 from dallecli.console import UserError, settings
 from dallecli.data import shards as shards_mod
+from dallecli.data import workers as workers_mod
 from dallecli.data.records import iter_records, list_shards
 from dallecli.data.shards import split_of, tar_end, tar_member
 
@@ -224,6 +225,60 @@ def test_dedup_drops_repeated_images(tmp_path):
     assert rejects(tmp_path / "dedup") == {"img001": "duplicate-image"}    # "copy" sorts first and is kept
 
 
+def test_different_files_whose_keys_collide_are_both_kept(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, stem in enumerate(["x y", "x_y", "x-y!"]):       # "x y" and "x_y" both sanitise to "x_y"
+        (src / f"{stem}.png").write_bytes(image_bytes(i))
+        (src / f"{stem}.txt").write_text(f"caption of {stem}")
+    args = ["--size", "32", "--val-fraction", "0"]
+    ok(src, "--out", tmp_path / "out", *args)
+    samples = {r.key: r for r in records(tmp_path / "out", "train")}
+    assert {k: r.members["txt"] for k, r in samples.items()} == {
+        "x_y": b"caption of x y", "x_y_2": b"caption of x_y", "x-y": b"caption of x-y!"}
+    assert samples["x_y"].members["jpg"] != samples["x_y_2"].members["jpg"]
+    assert (tmp_path / "out" / "rejects.jsonl").read_text() == ""
+
+    (src / "x_y.jpg").write_bytes(image_bytes(9, "JPEG"))   # same stem as x_y.png, same caption: a duplicate
+    ok(src, "--out", tmp_path / "dup", *args)
+    assert rejects(tmp_path / "dup") == {"x_y_2": "duplicate-key"}
+    kept = {r.key: json.loads(r.members["json"])["source"] for r in records(tmp_path / "dup", "train")}
+    assert kept == {"x_y": "x y.png", "x_y_2": "x_y.jpg", "x-y": "x-y!.png"}     # sorted: .jpg before .png
+
+
+def test_upscaled_images_are_counted_and_warned_about(tmp_path, monkeypatch):
+    src = good_folder(tmp_path / "photos", 10)                 # 48×40: shorter side 40
+    args = ["--per-shard", "3", "--val-fraction", "0", "--workers", "1"]
+    result = ok(src, "--out", tmp_path / "big", "--size", "64", *args)
+    assert json.loads((tmp_path / "big" / "manifest.json").read_text())["counts"]["upscaled"] == 10
+    warning = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warning == ["warning: 10 of 10 kept images (100%) were smaller than --size 64 and were upscaled "
+                       "(median shorter side 40 px); pass --size 40 to keep them at their own resolution"]
+    assert "warning:" not in ok(src, "--out", tmp_path / "big", "--size", "64", *args).output   # only confirmed
+
+    result = ok(src, "--out", tmp_path / "small", "--size", "32", *args)
+    assert json.loads((tmp_path / "small" / "manifest.json").read_text())["counts"]["upscaled"] == 0
+    assert "warning:" not in result.output
+
+    out = tmp_path / "resumed"                                  # the count survives an interruption
+    with monkeypatch.context() as m:
+        _crash_in_consume(m, 8)
+        assert isinstance(cli(src, "--out", out, "--size", "64", *args).exception, Crash)
+    state = out / ".unfinished" / ".build-state.json"
+    assert json.loads(state.read_text())["stats"]["upscaled_sides"] == {"40": 6}
+    assert "10 of 10 kept images" in ok(src, "--out", out, "--size", "64", *args).output
+
+    out = tmp_path / "old"                                      # a state file from before the count resumes
+    with monkeypatch.context() as m:
+        _crash_in_consume(m, 8)
+        assert isinstance(cli(src, "--out", out, "--size", "64", *args).exception, Crash)
+    old = json.loads((out / ".unfinished" / ".build-state.json").read_text())
+    del old["stats"]["upscaled"], old["stats"]["upscaled_sides"]
+    (out / ".unfinished" / ".build-state.json").write_text(json.dumps(old))
+    ok(src, "--out", out, "--size", "64", *args)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["upscaled"] == 4
+
+
 # ---- error rate ---------------------------------------------------------------------------------
 
 def test_too_many_failures_stop_the_run(tmp_path):
@@ -243,7 +298,8 @@ def test_too_many_failures_stop_the_run(tmp_path):
     ok(src, "--out", tmp_path / "out", "--workers", "1", "--max-error-rate", "1")
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"] == {
         "inputs": 35, "train": 5 - sum(split_of(f"img{i:03d}", 0.05) == "val" for i in range(5)),
-        "val": sum(split_of(f"img{i:03d}", 0.05) == "val" for i in range(5)), "rejected": 30, "errors": 30}
+        "val": sum(split_of(f"img{i:03d}", 0.05) == "val" for i in range(5)), "rejected": 30, "errors": 30,
+        "upscaled": 5}
 
 
 def test_error_rate_is_checked_at_the_end_too(tmp_path):
@@ -449,6 +505,7 @@ def test_shapes_wiring(tmp_path, fake_shapes):
     assert img.size == (64, 64) and img.tobytes() == fake_scene(5, 64).tobytes()      # lossless, untouched
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["arguments"]["source"]["count"] == 40 and manifest["counts"]["val"] == 10
+    assert manifest["counts"]["upscaled"] == 0                  # rendered at --size: never upscaled
 
 
 def test_emoji_wiring_and_missing_font(tmp_path, monkeypatch):
@@ -673,8 +730,8 @@ def test_resume_does_not_redo_complete_shards(tmp_path, monkeypatch):
     done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / ".unfinished").glob("train-*.tar")}
     assert sorted(done) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     seen = []
-    original = shards_mod.prepare_batch
-    monkeypatch.setattr(shards_mod, "prepare_batch", lambda b, c: seen.extend(i.key for i in b) or original(b, c))
+    original = workers_mod.prepare_batch
+    monkeypatch.setattr(workers_mod, "prepare_batch", lambda b, c: seen.extend(i.key for i in b) or original(b, c))
     ok(src, "--out", tmp_path / "out", *args)
     assert seen[0] == "img012" and len(seen) == 12
     assert all((tmp_path / "out" / n).stat().st_mtime_ns == t for n, t in done.items())

@@ -328,3 +328,31 @@ def test_a_launched_process_hands_its_error_to_the_launcher(tmp_path, monkeypatc
     assert report_error("bad path") is True  # the first process prints at once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-00000.txt", "rank-00001.txt"]
     assert (tmp_path / "rank-00001.txt").read_text() == "bad path"
+
+
+@pytest.mark.slow
+def test_processes_stopped_because_another_failed_stay_quiet(tmp_path):
+    """One process fails with a user error while the other is still working: the launcher stops the other
+    (SIGTERM), and the output is the failing process's one line, not that line and an `error: terminated`
+    and torch-elastic's log of the failure and of the signal."""
+    script = tmp_path / "one_fails.py"
+    script.write_text(
+        "import os, time\n"
+        "from dallecli import cli\n"
+        "from dallecli.console import UserError\n"
+        "def work():\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        time.sleep(1)\n"
+        "        raise UserError('process one found a bad file')\n"
+        "    time.sleep(120)\n"
+        "cli._run = work\n"
+        "cli.main()\n")
+    cmd = [sys.executable, "-m", "dallecli.train.launch", "--num_processes", "2", "--num_machines", "1",
+           "--machine_rank", "0", "--main_process_port", free_port(), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--multi_gpu", str(script)]
+    done = subprocess.run(cmd, env=cli.cli_env(DALLE_LAUNCHED="1"), capture_output=True, text=True, timeout=120,
+                          cwd=cli.ROOT)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: process one found a bad file"], done.stderr[-3000:]
+    assert "closing signal" not in done.stderr and "failed (exitcode" not in done.stderr, done.stderr[-3000:]

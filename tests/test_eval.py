@@ -601,3 +601,68 @@ def test_a_failed_eval_leaves_an_earlier_one_of_its_name_alone(tmp_path, net_fil
     with pytest.raises(UserError, match="the sampler failed"):
         evaluate(run, quick(features=str(net_file), composition_count=2))
     assert (folder / "metrics.json").read_bytes() == before[folder / "metrics.json"][0]
+
+
+def test_eval_failing_mid_sampling_puts_the_earlier_evaluation_of_its_name_back(tmp_path, net_file, no_clip,
+                                                                                   monkeypatch):
+    """`dalle eval --name NAME` again: the old folder waits aside while the new one is drawn. A sampler that
+    dies half-way (after writing some images) leaves the earlier samples and metrics.json exactly as they were,
+    and no `.NAME.replaced` behind; a run that succeeds replaces the folder whole."""
+    from dallecli import sample
+    from dallecli.commands.eval import command
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)
+    calls: list = []
+    monkeypatch.setattr(sample, "sample_to_folder", fake_sampler(calls))
+    run = make_run(tmp_path / "run", n=6)
+    args = ["command", "--run", str(run), "--features", str(net_file), "--blur", "0", "--name", "again",
+            "--composition-count", "2", "--no-reconstruction", "--cpu", "-q"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    folder = run / "eval" / "again"
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert Path("metrics.json") in before and any(p.suffix == ".png" for p in before)
+
+    def dies_half_way(run_, prompts, out, **kw):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "000-000.png").write_bytes(b"half a new sample")
+        raise UserError("the sampler failed")
+
+    monkeypatch.setattr(sample, "sample_to_folder", dies_half_way)
+    failed = CliRunner().invoke(app, args)
+    assert isinstance(failed.exception, UserError) and "the sampler failed" in str(failed.exception)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert not (run / "eval" / ".again.replaced").exists()
+
+    monkeypatch.setattr(sample, "sample_to_folder", fake_sampler(calls))
+    (folder / "stale.txt").write_text("left by hand")
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert (folder / "metrics.json").is_file() and not (folder / "stale.txt").exists()
+    assert not (run / "eval" / ".again.replaced").exists()
+
+
+@pytest.mark.parametrize("name", ["cache", ".hidden", "a/b", ""])
+def test_eval_names_that_would_clash_are_refused(name):
+    with pytest.raises(UserError, match="--name"):
+        EvalConfig(name=name).validate()
+
+
+def test_eval_of_samples_inside_its_own_folder_evaluates_them_in_place(tmp_path, net_file, no_clip):
+    """--samples RUN/eval/NAME/samples/samples.jsonl with --name NAME: the folder cannot be set aside (the
+    samples would go with it); the samples stay and metrics.json is rewritten."""
+    from dallecli.commands.eval import command
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)
+    run = make_run(tmp_path / "run")
+    samples = val_samples(run / "eval" / "here" / "samples")
+    args = ["command", "--run", str(run), "--samples", str(samples), "--features", str(net_file), "--blur", "0",
+            "--name", "here", "--no-reconstruction", "--cpu", "-q"]
+    for _ in range(2):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert (run / "eval" / "here" / "metrics.json").is_file() and samples.is_file()

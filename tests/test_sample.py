@@ -1,6 +1,7 @@
 """Sampling: filtering, the cache against the uncached reference, seeds, guidance, image prompts, outputs."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -262,7 +263,7 @@ def test_an_existing_samples_folder_is_kept_unless_overwrite(tiny_run):
 
 
 def test_a_failed_overwrite_puts_the_old_folder_back(tmp_path):
-    from dallecli.sample import ReplacedFolder
+    from dallecli.commands.common import ReplacedFolder
 
     folder = tmp_path / "s"
     folder.mkdir()
@@ -312,3 +313,40 @@ def test_a_stopped_sample_says_so_and_leaves_no_half_folder(tiny_run, sig, code,
     assert done.returncode == code, done.stderr[-2000:]
     assert [line for line in done.stderr.splitlines() if line.strip()][-1] == f"error: {word}", done.stderr[-2000:]
     assert not folder.exists()
+
+
+def test_the_main_process_of_a_split_run_loads_the_reranking_clip_once(tiny_run, tmp_path, monkeypatch):
+    """--gpus N --rerank K: every process loads the CLIP before drawing (a bad --clip fails at once); the main
+    one reranks the merged samples with the CLIP it loaded then, instead of loading it a second time."""
+    from dallecli import sample
+    from dallecli.models import clip as clip_mod
+
+    loads = []
+
+    class Scorer:  # any fixed scores do: this test counts loads
+        name, batch_size = "stub", 8
+
+        def image_features(self, images):
+            return torch.stack([torch.tensor(np.asarray(im.convert("RGB"), dtype=np.float32).mean((0, 1)))
+                                for im in images])
+
+        def text_features(self, texts):
+            return torch.ones(len(texts), 3)
+
+    def load(spec, run, device="cpu", **kw):
+        loads.append(spec)
+        return Scorer()
+
+    monkeypatch.setattr(clip_mod, "load_clip", load)
+    out = tmp_path / "split"
+    for rank in (0, 1):  # the two processes' work, one after the other
+        sample.sample_to_folder(tiny_run, ["a red circle", "a blue square"], out, n=2, rerank=1, device="cpu",
+                                quiet=True, rank=rank, world=2)
+    assert len(loads) == 2  # one per process
+    sample.merge_parts(out, 2)
+    sample.finish_folder(out, ["a red circle", "a blue square"], 2, 1, None, tiny_run, quiet=True)
+    assert len(loads) == 2  # the main process's, handed on
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sum(r["kept"] for r in rows) == 2 and all("clip_score" in r for r in rows)
+    sample.finish_folder(out, ["a red circle", "a blue square"], 2, 1, None, tiny_run, quiet=True)
+    assert len(loads) == 3  # handed on once only

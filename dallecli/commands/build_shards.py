@@ -116,7 +116,7 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
                  retries: int, retry_backoff: float, count: int, seed: int, font: Path | None,
                  skin_tones: bool, flags: bool, overwrite: bool) -> dict:
     from dallecli.config import RunDir
-    from dallecli.console import UserError, summary
+    from dallecli.console import UserError, summary, warn
     from dallecli.data.images import ImageConfig
     from dallecli.data.shards import BuildConfig, build
     from dallecli.data.fetch import FetchConfig
@@ -174,4 +174,10 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
         "rejects": folder / "rejects.jsonl",
     }
     summary("build-shards", rows)
+    upscaled, kept = counts.get("upscaled", 0), counts["train"] + counts["val"]
+    if upscaled and not manifest.get("already_complete"):
+        median = manifest["upscaled_median_side"]
+        warn(f"{upscaled} of {kept} kept images ({upscaled / kept:.0%}) were smaller than --size {image.size} and "
+             f"were upscaled (median shorter side {median} px); pass --size {max(8, median)} to keep them at "
+             "their own resolution")     # 8: --size's minimum
     return manifest

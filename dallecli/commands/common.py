@@ -47,3 +47,50 @@ def refuse_nonpositive(**flags: float | None) -> None:
         if value is not None and not value > 0:
             raise UserError(f"--{name.replace('_', '-')} must be greater than 0 (got {value}); leave it out for "
                             "the default")
+
+
+class ReplacedFolder:
+    """The output folder a command writes (a samples folder, an evaluation), and what was there before. An
+    existing folder with files in it is refused unless `overwrite`; with it, the old folder waits in a hidden
+    sibling while the new one is written, is deleted once the command succeeds and comes back if it fails: a
+    failed command loses nothing, and leaves no half-written folder behind (so that the same command can simply
+    be run again). `what` names the folder's contents in messages ("samples", "evaluation").
+    `active` False (a worker process of a launched run) does nothing: the launching process does it."""
+
+    def __init__(self, folder: Path, overwrite: bool, active: bool = True, what: str = "samples"):
+        self.folder, self.overwrite, self.active, self.what = Path(folder), overwrite, active, what
+        self.aside = self.folder.with_name(f".{self.folder.name}.replaced")
+        self.moved = self.new = False
+
+    def __enter__(self) -> ReplacedFolder:
+        from dallecli.console import UserError
+
+        folder = self.folder
+        if not self.active:
+            return self
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file, not a folder; give another --name or --out for the {self.what}")
+        if self.aside.exists():
+            raise UserError(f"an earlier command replacing {folder} was interrupted and its previous {self.what} "
+                            f"are in {self.aside}: move them back or delete that folder, then rerun")
+        if folder.is_dir() and any(folder.iterdir()):
+            if not self.overwrite:
+                raise UserError(f"{self.what} folder {folder} already exists; choose another --name (or --out), "
+                                "or pass --overwrite to replace it")
+            folder.rename(self.aside)
+            self.moved = True
+        self.new = not self.moved and not folder.exists()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        import shutil
+
+        ok = kind is None or (issubclass(kind, SystemExit) and exc.code in (0, None))  # a launcher exits with
+        if ok:                                                                        # its workers' code
+            if self.moved:
+                shutil.rmtree(self.aside, ignore_errors=True)
+        elif self.moved or self.new:  # what the failed command wrote goes; what was there comes back
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if self.moved:
+                self.aside.rename(self.folder)
+        return False

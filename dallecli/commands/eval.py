@@ -1,12 +1,14 @@
 """`dalle eval`: FID / IS / KID under Gaussian blur (§3.1), CLIP score, composition, dVAE reconstruction."""
 from __future__ import annotations
 
+import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, ReplacedFolder, RunOpt
 
 
 def _numbers(text: str, flag: str, example: str, cast=float) -> tuple:
@@ -56,11 +58,13 @@ def command(
     start(quiet, debug)
     import torch
 
+    from dallecli.config import RunDir
     from dallecli.console import summary
     from dallecli.evaluate.report import PLOTS, print_tables
     from dallecli.evaluate.run import EvalConfig, evaluate
-    from dallecli.train.launch import maybe_relaunch
+    from dallecli.train.launch import launched, maybe_relaunch
 
+    name = name or datetime.now().strftime("%Y%m%d-%H%M%S")  # one name for every process (below)
     cfg = EvalConfig(name=name, count=count, captions=captions, samples=samples,
                      composition_samples=composition_samples, blur=_numbers(blur, "--blur", "0,1,2,4,8"),
                      features=features, inception_weights=inception_weights, clip=clip, rerank=rerank,
@@ -70,10 +74,19 @@ def command(
                      reconstruction=not no_reconstruction, temperature=temperature, top_k=top_k, top_p=top_p,
                      guidance=guidance)
     cfg.validate()
-    maybe_relaunch(gpus, cpu=cpu)  # --gpus N: N copies of this command under accelerate, each a rank
-    from accelerate import PartialState
+    # The launching process (or the only one) sets an earlier evaluation of that name aside and puts it back if
+    # this one fails: a failure mid-way leaves no new samples beside old metrics. Samples given from inside that
+    # folder stay where they are (metrics.json is replaced whole, at the end).
+    if gpus > 1 and "--name" not in sys.argv:
+        sys.argv += ["--name", name]
+    folder = RunDir(run).eval / name
+    inside = any(p is not None and folder.resolve() in Path(p).resolve().parents
+                 for p in (samples, composition_samples))
+    with ReplacedFolder(folder, overwrite=True, active=not launched() and not inside, what="evaluation"):
+        maybe_relaunch(gpus, cpu=cpu)  # --gpus N: N copies of this command under accelerate, each a rank
+        from accelerate import PartialState
 
-    result = evaluate(run, cfg, PartialState(cpu=cpu or not torch.cuda.is_available()))
+        result = evaluate(run, cfg, PartialState(cpu=cpu or not torch.cuda.is_available()))
     if result is None:  # not the main process
         return
     folder, metrics = result

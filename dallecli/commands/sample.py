@@ -69,7 +69,7 @@ def command(
         __import__("sys").argv += ["--name", name]
     folder = out or run / "samples" / name
     # The launching process (or the only one) sets an existing folder aside, and puts it back if sampling fails.
-    from dallecli.sample import ReplacedFolder
+    from dallecli.commands.common import ReplacedFolder
 
     with ReplacedFolder(folder, overwrite, active=not launched()):
         maybe_relaunch(gpus, cpu=cpu)

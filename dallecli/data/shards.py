@@ -21,27 +21,23 @@ finished by the next run (`_open_folder`), as checkpoint.recover finishes an int
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
-import multiprocessing as mp
 import os
 import shutil
-import signal
 import tarfile
-import time
-import warnings
-from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from dallecli.config import read_json, to_dict, write_json_atomic
 from dallecli.console import UserError, progress
 from dallecli.data.records import SHARD_RE, install_staged, shard_name
-from dallecli.data.sources import Item, Prepared, PrepareConfig, SourceSpec, open_source, prepare_batch
+from dallecli.data.sources import Item, Prepared, PrepareConfig, SourceSpec, open_source
+from dallecli.data.workers import prepared_in_order, worker_pool
 
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
@@ -254,6 +250,23 @@ class Stats:
     errors: int = 0
     kept: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
     rejects: dict[str, int] = field(default_factory=dict)
+    # Kept images whose shorter side was below --size, so were upscaled (blurry training data), and how many
+    # had each shorter side: at most --size entries, enough for the median the command names. A state file
+    # from before these fields lacks them; resuming then counts only the rest of the build.
+    upscaled: int = 0
+    upscaled_sides: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.upscaled_sides = {int(side): n for side, n in self.upscaled_sides.items()}  # JSON keys are strings
+
+    def upscaled_median(self) -> int | None:
+        """The (lower) median shorter side of the upscaled images."""
+        seen, middle = 0, (self.upscaled - 1) // 2
+        for side in sorted(self.upscaled_sides):
+            seen += self.upscaled_sides[side]
+            if seen > middle:
+                return side
+        return None
 
     def summary_line(self, n: int = 3) -> str:
         top = Counter(self.rejects).most_common(n)
@@ -309,8 +322,7 @@ class _Build:
             "arguments": self.args, "next_input": next_input, "writers": writers, "shards": self.shards,
             "rejects_offset": self.rejects.tell(),
             "dedup_offset": self.dedup_file.tell() if self.dedup_file is not None else 0,
-            "stats": {"inputs": self.stats.inputs, "errors": self.stats.errors, "kept": self.stats.kept,
-                      "rejects": self.stats.rejects}})
+            "stats": dataclasses.asdict(self.stats)})
 
     def reject(self, key: str, source: str, reason: str, detail: str, is_error: bool) -> None:
         self.stats.rejects[reason] = self.stats.rejects.get(reason, 0) + 1
@@ -337,6 +349,10 @@ class _Build:
         writer.add(p.key, {p.image.ext: p.image.data, "txt": p.caption.encode("utf-8"),
                            "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8", _UNDECODABLE)})
         self.stats.kept[split] += 1
+        side = min(p.image.width, p.image.height)
+        if side < self.config.prepare.image.size:
+            self.stats.upscaled += 1
+            self.stats.upscaled_sides[side] = self.stats.upscaled_sides.get(side, 0) + 1
         if writer.count >= self.config.per_shard:
             self._finish_shard(writer, index + 1)
 
@@ -371,7 +387,8 @@ class _Build:
             "format": "dalle-shards/1", "created_by": "dalle build-shards",
             "arguments": self.args,
             "counts": {"inputs": self.stats.inputs, **self.stats.kept,
-                       "rejected": sum(self.stats.rejects.values()), "errors": self.stats.errors},
+                       "rejected": sum(self.stats.rejects.values()), "errors": self.stats.errors,
+                       "upscaled": self.stats.upscaled},
             "rejects": dict(sorted(self.stats.rejects.items())),
             "shards": shards,
         }
@@ -390,88 +407,6 @@ class _Build:
                 f.close()
 
 
-def _init_worker(max_pixels: int | None) -> None:
-    from PIL import Image
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
-    _die_with_parent()
-    warnings.simplefilter("ignore")                  # Pillow's notes on odd files must not garble the bar
-    Image.MAX_IMAGE_PIXELS = max_pixels
-
-
-def _die_with_parent() -> None:
-    """A worker must not outlive a main process killed with SIGKILL: ask Linux to send it SIGKILL when
-    its parent dies (prctl PR_SET_PDEATHSIG), and elsewhere poll for a new parent."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # the parent died before the call
-                os._exit(1)
-            return
-    except (OSError, AttributeError):
-        pass
-    import threading
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _batched(items: Iterable[Item], n: int) -> Iterator[list[Item]]:
-    it = iter(items)
-    while batch := list(itertools.islice(it, n)):
-        yield batch
-
-
-@contextlib.contextmanager
-def worker_pool(workers: int, config: PrepareConfig) -> Iterator[ProcessPoolExecutor | None]:
-    """Worker processes for prepare_batch, or None for one worker (everything then runs in this process).
-    Started with fork where there is one (no re-import of __main__), before the progress bar's thread."""
-    if workers <= 1:
-        yield None
-        return
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(config.image.max_pixels,))
-    try:
-        yield pool
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def prepared_in_order(items: Iterable[Item], config: PrepareConfig, pool: ProcessPoolExecutor | None,
-                      batch: int = 8, in_flight: int = 6) -> Iterator[Prepared]:
-    """prepare_batch over `items` on `pool` (None: in this process), results in input order, at most
-    `in_flight` batches submitted at a time (the listing may be a stream of images held in memory)."""
-    batches = _batched(items, batch)
-    if pool is None:
-        for b in batches:
-            yield from prepare_batch(b, config)
-        return
-    pending: deque = deque()
-
-    def result() -> list[Prepared]:
-        future = pending.popleft()
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            raise UserError("a worker process died while decoding images (out of memory, or a crash in an "
-                            "image library); rerun the same command to resume, with fewer --workers") from None
-
-    for b in batches:
-        pending.append(pool.submit(prepare_batch, b, config))
-        if len(pending) >= in_flight:
-            yield from result()
-    while pending:
-        yield from result()
-
-
 def _peek(items: Iterator[Item]) -> Iterator[Item]:
     """Start the stream now, so that a source failing at once (a missing emoji font) fails before any
     file is written."""
@@ -480,7 +415,8 @@ def _peek(items: Iterator[Item]) -> Iterator[Item]:
 
 
 def build(config: BuildConfig, out: Path, *, workers: int = 1, overwrite: bool = False) -> dict[str, Any]:
-    """Build (or finish, or confirm) the shards of `config` in `out`; return the manifest."""
+    """Build (or finish, or confirm) the shards of `config` in `out`; return the manifest, with
+    `already_complete` when it was only confirmed, else `upscaled_median_side` (None when none was)."""
     out = Path(out)
     if config.source.kind in ("folder", "webdataset"):
         src = Path(config.source.path).resolve()
@@ -507,6 +443,6 @@ def build(config: BuildConfig, out: Path, *, workers: int = 1, overwrite: bool =
                 run.check_error_rate(final=False)
         run.checkpoint(run.next_input)
         run.check_error_rate(final=True)
-        return run.finish()
+        return {**run.finish(), "upscaled_median_side": run.stats.upscaled_median()}
     finally:
         run.close()

@@ -98,7 +98,8 @@ _KEY_BAD = re.compile(r"[^\w\-]+")
 
 def make_key(text: str) -> str:
     """A WebDataset-safe key: the key ends at the first dot of a member name, so dots, slashes and other
-    punctuation become '_' (collisions this creates are caught as duplicate keys)."""
+    punctuation become '_' (collisions this creates: `folder_source` numbers them apart, other sources
+    reject them as duplicate keys)."""
     return _KEY_BAD.sub("_", text).strip("_")
 
 
@@ -253,10 +254,22 @@ def folder_source(root: Path) -> Source:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
 
     def items() -> Iterator[Item]:
+        taken: set[str] = set()
+        key_of: dict[Path, str] = {}      # stem → its key
         for path in files:
             rel = path.relative_to(root)
-            yield Item(key=make_key(str(rel.with_suffix(""))), source=str(rel), image=path,
-                       caption=path.with_suffix(".txt"))
+            stem = rel.with_suffix("")
+            key = key_of.get(stem)        # a stem seen before (dup.png + dup.jpg share dup.txt): a real duplicate
+            if key is None:
+                # `x y.png` and `x_y.png` are different samples with one sanitised key: the later one (in
+                # sorted, so reproducible, order) takes the first free `KEY_2`, `KEY_3`, ...
+                key = base = make_key(str(stem))
+                n = 2
+                while base and key in taken:
+                    key, n = f"{base}_{n}", n + 1
+                taken.add(key)
+                key_of[stem] = key
+            yield Item(key=key, source=str(rel), image=path, caption=path.with_suffix(".txt"))
 
     return Source("folder", unique_keys(items()), len(files))
 

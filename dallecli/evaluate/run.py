@@ -60,6 +60,10 @@ class EvalConfig:
     guidance: float = 1.0
 
     def validate(self) -> None:
+        if self.name is not None and (self.name in ("", "cache") or self.name.startswith(".") or "/" in self.name
+                                      or "\\" in self.name):
+            raise UserError(f"--name {self.name!r} is not usable: give a plain folder name for RUN/eval/NAME, not "
+                            "'cache' (RUN/eval/cache keeps the reference features), no '/' and no leading '.'")
         if self.count < 2:
             raise UserError(f"--count must be at least 2 (FID compares two Gaussians), got {self.count}")
         if not self.blur or any(r < 0 or not math.isfinite(r) for r in self.blur) or len(set(self.blur)) != len(self.blur):

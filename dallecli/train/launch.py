@@ -38,6 +38,13 @@ def report_error(message: str) -> bool:
     return rank == "0"
 
 
+def peer_failed() -> bool:
+    """Whether another process of this launch has reported an error already: the launcher then stops the rest,
+    and their being stopped is not news (the launcher prints the error that caused it)."""
+    folder = os.environ.get(ERRORS_ENV)
+    return launched() and bool(folder) and any(Path(folder).glob("rank-*.txt"))
+
+
 def close_process_group() -> None:
     """Tear down torch.distributed's process group, if this process made one, before the interpreter exits:
     left to the exit, a gloo group's threads can be destroyed while still joinable and the process aborts
@@ -119,6 +126,7 @@ def _launcher(argv: list[str]) -> int:
     args = launch_command_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dalle-errors-") as folder:
         os.environ[ERRORS_ENV] = folder  # inherited by the processes launched below
+        _quiet_elastic_after_user_error(Path(folder))
         try:
             launch_command(args)
         except ChildFailedError as exc:
@@ -134,6 +142,20 @@ def _launcher(argv: list[str]) -> int:
             code = first.exitcode
             return code if 0 < code < 256 else 128 - code if code < 0 else 1  # killed by signal S: 128 + S
     return 0
+
+
+def _quiet_elastic_after_user_error(folder: Path) -> None:
+    """torch-elastic logs a process's failure and the SIGTERM it sends the others ("failed (exitcode: 2)
+    local_rank: 1 …", "Sending process … closing signal SIGTERM"). Once a process has reported a user error,
+    that error is the whole story: drop those lines. A crash without one (a signal, a traceback) keeps them."""
+    import logging
+
+    def no_user_error(record: logging.LogRecord) -> bool:
+        return not any(folder.glob("rank-*.txt"))
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).addFilter(no_user_error)
 
 
 if __name__ == "__main__":
