@@ -44,7 +44,7 @@ def _val_shards(folder: Path, n: int, side: int, captions: list[str]) -> None:
 
 def evaluation() -> Result:
     from benchmarks.bench_rerank import save_random_clip, write_samples
-    from dallecli.evaluate.fid import fid_inception
+    from dallecli.evaluate.features import fid_inception
     from dallecli.evaluate.run import EvalConfig, evaluate
 
     env = environment()

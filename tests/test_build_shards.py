@@ -260,6 +260,15 @@ def test_upscaled_images_are_counted_and_warned_about(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "small" / "manifest.json").read_text())["counts"]["upscaled"] == 0
     assert "warning:" not in result.output
 
+    (src / "zz.png").write_bytes(image_bytes(99, size=(36, 36)))   # a few small ones among larger ones: leave
+    (src / "zz.txt").write_text("a small picture")                 # them out rather than shrink all the rest
+    result = ok(src, "--out", tmp_path / "few", "--size", "40", *args)
+    assert [line for line in result.output.splitlines() if line.startswith("warning:")] == [
+        "warning: 1 of 11 kept images (9%) were smaller than --size 40 and were upscaled (median shorter side "
+        "36 px); pass --min-size 40 to leave them out"]
+    (src / "zz.png").unlink()
+    (src / "zz.txt").unlink()
+
     out = tmp_path / "resumed"                                  # the count survives an interruption
     with monkeypatch.context() as m:
         _crash_in_consume(m, 8)

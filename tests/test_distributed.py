@@ -356,3 +356,57 @@ def test_processes_stopped_because_another_failed_stay_quiet(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: process one found a bad file"], done.stderr[-3000:]
     assert "closing signal" not in done.stderr and "failed (exitcode" not in done.stderr, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back(tmp_path):
+    """SIGTERM to a `--gpus N` command: the launched processes (in sessions of their own) are stopped first,
+    then the old folder comes back, and nothing writes into it afterwards; one `error: terminated`, no
+    traceback from the launcher."""
+    import os
+    import signal
+    import time
+
+    folder = tmp_path / "eval" / "x"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("old")
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import os, time, pathlib\n"
+        f"folder = pathlib.Path({str(folder)!r})\n"
+        "for i in range(300):\n"
+        "    folder.mkdir(parents=True, exist_ok=True)\n"
+        "    (folder / f\"new-{os.environ['RANK']}-{i}.txt\").write_text('x')\n"
+        "    time.sleep(0.2)\n")
+    top = tmp_path / "top.py"
+    top.write_text(
+        "import os, subprocess, sys, pathlib\n"
+        "from dallecli import cli\n"
+        "from dallecli.commands.common import ReplacedFolder\n"
+        "from dallecli.train.launch import _wait\n"
+        "def work():\n"
+        f"    with ReplacedFolder(pathlib.Path({str(folder)!r}), overwrite=True, what='evaluation'):\n"
+        "        sys.exit(_wait(subprocess.Popen([sys.executable, '-m', 'dallecli.train.launch', '--num_processes',\n"
+        f"            '2', '--num_machines', '1', '--machine_rank', '0', '--main_process_port', {free_port()!r},\n"
+        "            '--mixed_precision', 'no', '--dynamo_backend', 'no', '--multi_gpu', sys.argv[1]],\n"
+        "            env=dict(os.environ, DALLE_LAUNCHED='1'))))\n"
+        "cli._run = work\n"
+        "cli.main()\n")
+    proc = subprocess.Popen([sys.executable, str(top), str(worker)], env=cli.cli_env(), cwd=cli.ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while not list(folder.glob("new-1-*")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list(folder.glob("new-1-*")), "the launched processes never started"
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    time.sleep(1.0)  # a process still running would write within 0.2 s
+    assert sorted(p.name for p in folder.iterdir()) == ["metrics.json"], err[-3000:]
+    assert not (folder.parent / ".x.replaced").exists()
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")] == \
+        ["error: terminated"], err[-3000:]

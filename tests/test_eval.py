@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from dallecli.console import UserError
 from dallecli.data.records import write_tar
 from dallecli.data.shapes import render_scene
+from dallecli.evaluate import features as nets
 from dallecli.evaluate import fid as F_
 from dallecli.evaluate.run import CATEGORIES, EvalConfig, evaluate
 
@@ -62,7 +63,7 @@ class StandInClip:
 
 @pytest.fixture
 def clip(monkeypatch):
-    monkeypatch.setattr(F_, "load_scorer", lambda spec, run, device: StandInClip())
+    monkeypatch.setattr(nets, "load_scorer", lambda spec, run, device: StandInClip())
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def no_clip(monkeypatch):
     def absent(spec, run, device):
         raise UserError("no CLIP at RUN/clip")
 
-    monkeypatch.setattr(F_, "load_scorer", absent)
+    monkeypatch.setattr(nets, "load_scorer", absent)
 
 
 def png(image: Image.Image) -> bytes:
@@ -141,7 +142,7 @@ def test_fid_of_a_set_against_itself_is_zero():
 
 
 def test_fid_grows_with_noise(net_file, tmp_path):
-    feats = F_.load_features(str(net_file), device="cpu")
+    feats = nets.load_features(str(net_file), device="cpu")
     base = [render_scene(3, i, 32, "train")[0] for i in range(64)]
     real = torch.cat([feats.extract(torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
                                                  for im in base]).float() / 255)[0]])
@@ -172,7 +173,7 @@ def test_our_fid_equals_torchmetrics_and_cleanfid(net_file, tmp_path):
         image = noisy(render_scene(1, i, 32, "train")[0], 0.1 * (i % 2), i)
         image.save(tmp_path / f"{i}.png")
         refs.append(F_.ImageRef(str(tmp_path / f"{i}.png")))
-    feats = F_.load_features(str(net_file), device="cpu")
+    feats = nets.load_features(str(net_file), device="cpu")
     real, = F_.over_batches(F_.ImageSet(refs[:20], 32), lambda x, i: (feats.extract(x)[0],), batch_size=7)
     fake, = F_.over_batches(F_.ImageSet(refs[20:], 32), lambda x, i: (feats.extract(x)[0],), batch_size=7)
     ours = F_.fid(real, fake)
@@ -311,7 +312,7 @@ def test_bad_input_is_one_line(tmp_path, net_file, no_clip, case):
 def test_missing_inception_weights_say_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(UserError, match="pt_inception-2015-12-05-6726825d.pth") as err:
-        F_.load_features("inception", device="cpu")
+        nets.load_features("inception", device="cpu")
     assert "\n" not in str(err.value) and "--inception-weights" in str(err.value)
 
 
@@ -390,7 +391,7 @@ def test_fid_inception_architecture_loads_the_weight_file_layout():
     """The FID Inception is torchvision's Inception3 layout: the pt_inception file's keys load unmapped."""
     from torchvision.models.inception import Inception3
 
-    net = F_.fid_inception()
+    net = nets.fid_inception()
     plain = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
     assert list(net.state_dict()) == list(plain.state_dict())
     feats, logits = net(torch.rand(1, 3, 64, 64))
@@ -436,12 +437,13 @@ MULTI = """
 import json, sys, torch
 from pathlib import Path
 from accelerate import PartialState
+from dallecli.evaluate import features as nets
 from dallecli.evaluate import fid as F_
 from dallecli.evaluate.run import EvalConfig, evaluate
 torch.set_num_threads(1)
 def no_clip(*a):
-    raise F_.UserError("none")
-F_.load_scorer = no_clip
+    raise nets.UserError("none")
+nets.load_scorer = no_clip
 state = PartialState(cpu=True)
 cfg = EvalConfig(name=sys.argv[3], samples=Path(sys.argv[2]), features=sys.argv[4], blur=(0, 2), reconstruction=False)
 result = evaluate(Path(sys.argv[1]), cfg, state)
@@ -558,10 +560,10 @@ def test_inception_weights_that_are_not_a_state_dict_say_what_they_should_be(tmp
     """P8d: not '(101)', but the expected format and where to get the file."""
     (tmp_path / "notimg.txt").write_text("hello, not weights\n")
     with pytest.raises(UserError) as err:
-        F_.load_inception(tmp_path / "notimg.txt", "cpu")
+        nets.load_inception(tmp_path / "notimg.txt", "cpu")
     text = str(err.value)
     assert "(101)" not in text and "\n" not in text
-    assert "--inception-weights" in text and F_.INCEPTION_FILE in text and F_.INCEPTION_URL in text
+    assert "--inception-weights" in text and nets.INCEPTION_FILE in text and nets.INCEPTION_URL in text
 
 
 def test_rerank_sizes_error_gives_a_rerank_sizes_example(tmp_path):
@@ -666,3 +668,30 @@ def test_eval_of_samples_inside_its_own_folder_evaluates_them_in_place(tmp_path,
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         assert (run / "eval" / "here" / "metrics.json").is_file() and samples.is_file()
+
+
+def test_eval_inputs_inside_its_own_folder_stay_put(tmp_path, net_file, no_clip, monkeypatch):
+    """Any input kept inside RUN/eval/NAME (a --captions file; --samples through a link from inside) keeps the
+    folder where it is: setting it aside would take the input with it."""
+    from dallecli import sample
+    from dallecli.commands.eval import command
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)
+    monkeypatch.setattr(sample, "sample_to_folder", fake_sampler([]))
+    run = make_run(tmp_path / "run", n=6)
+    args = ["command", "--run", str(run), "--features", str(net_file), "--blur", "0", "--composition-count", "2",
+            "--no-reconstruction", "--cpu", "-q", "--name", "x"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    captions = run / "eval" / "x" / "prompts.txt"
+    captions.write_text("a red circle\na blue square\na green triangle\n")
+    again = CliRunner().invoke(app, [*args, "--captions", str(captions)])
+    assert again.exit_code == 0, repr(again.exception)
+    assert captions.is_file()
+
+    link = run / "eval" / "x" / "linked"
+    link.symlink_to(val_samples(tmp_path / "elsewhere").parent, target_is_directory=True)
+    linked = CliRunner().invoke(app, [*args, "--samples", str(link / "samples.jsonl")])
+    assert linked.exit_code == 0, repr(linked.exception)
+    assert link.is_symlink() and (run / "eval" / "x" / "metrics.json").is_file()

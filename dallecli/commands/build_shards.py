@@ -177,7 +177,8 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
     upscaled, kept = counts.get("upscaled", 0), counts["train"] + counts["val"]
     if upscaled and not manifest.get("already_complete"):
         median = manifest["upscaled_median_side"]
+        advice = (f"pass --size {max(8, median)} to keep them at their own resolution"  # 8: --size's minimum
+                  if 2 * upscaled >= kept else f"pass --min-size {image.size} to leave them out")
         warn(f"{upscaled} of {kept} kept images ({upscaled / kept:.0%}) were smaller than --size {image.size} and "
-             f"were upscaled (median shorter side {median} px); pass --size {max(8, median)} to keep them at "
-             "their own resolution")     # 8: --size's minimum
+             f"were upscaled (median shorter side {median} px); {advice}")
     return manifest

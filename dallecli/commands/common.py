@@ -54,11 +54,14 @@ class ReplacedFolder:
     existing folder with files in it is refused unless `overwrite`; with it, the old folder waits in a hidden
     sibling while the new one is written, is deleted once the command succeeds and comes back if it fails: a
     failed command loses nothing, and leaves no half-written folder behind (so that the same command can simply
-    be run again). `what` names the folder's contents in messages ("samples", "evaluation").
+    be run again). `what` names the folder's contents in messages ("samples", "evaluation"), `flags` the
+    options that choose the folder.
     `active` False (a worker process of a launched run) does nothing: the launching process does it."""
 
-    def __init__(self, folder: Path, overwrite: bool, active: bool = True, what: str = "samples"):
-        self.folder, self.overwrite, self.active, self.what = Path(folder), overwrite, active, what
+    def __init__(self, folder: Path, overwrite: bool, active: bool = True, what: str = "samples",
+                 flags: str = "--name (or --out)"):
+        self.folder, self.overwrite, self.active = Path(folder), overwrite, active
+        self.what, self.flags = what, flags
         self.aside = self.folder.with_name(f".{self.folder.name}.replaced")
         self.moved = self.new = False
 
@@ -69,14 +72,14 @@ class ReplacedFolder:
         if not self.active:
             return self
         if folder.exists() and not folder.is_dir():
-            raise UserError(f"{folder} is a file, not a folder; give another --name or --out for the {self.what}")
+            raise UserError(f"{folder} is a file, not a folder; give another {self.flags} for the {self.what}")
         if self.aside.exists():
-            raise UserError(f"an earlier command replacing {folder} was interrupted and its previous {self.what} "
-                            f"are in {self.aside}: move them back or delete that folder, then rerun")
+            raise UserError(f"an earlier command replacing {folder} was interrupted and left what was there "
+                            f"before in {self.aside}: move that back or delete it, then rerun")
         if folder.is_dir() and any(folder.iterdir()):
             if not self.overwrite:
-                raise UserError(f"{self.what} folder {folder} already exists; choose another --name (or --out), "
-                                "or pass --overwrite to replace it")
+                raise UserError(f"{self.what} folder {folder} already exists; choose another {self.flags}, or "
+                                "pass --overwrite to replace it")
             folder.rename(self.aside)
             self.moved = True
         self.new = not self.moved and not folder.exists()

@@ -21,6 +21,12 @@ def _numbers(text: str, flag: str, example: str, cast=float) -> tuple:
         raise UserError(f"{flag} takes comma-separated {kind} (e.g. {flag} {example}), got {text!r}") from None
 
 
+def _within(path: Path, folder: Path) -> bool:
+    """Whether `path` (as given, or with its links followed) lies inside `folder`."""
+    return any(f in (p, *p.parents) for p in (path.absolute(), path.resolve())
+               for f in (folder.absolute(), folder.resolve()))
+
+
 def command(
     run: RunOpt = DEFAULT_RUN,
     name: Annotated[Optional[str], typer.Option(help="Output folder RUN/eval/NAME (default: date and time).")] = None,
@@ -64,7 +70,7 @@ def command(
     from dallecli.evaluate.run import EvalConfig, evaluate
     from dallecli.train.launch import launched, maybe_relaunch
 
-    name = name or datetime.now().strftime("%Y%m%d-%H%M%S")  # one name for every process (below)
+    name = datetime.now().strftime("%Y%m%d-%H%M%S") if name is None else name  # one for every process
     cfg = EvalConfig(name=name, count=count, captions=captions, samples=samples,
                      composition_samples=composition_samples, blur=_numbers(blur, "--blur", "0,1,2,4,8"),
                      features=features, inception_weights=inception_weights, clip=clip, rerank=rerank,
@@ -75,14 +81,16 @@ def command(
                      guidance=guidance)
     cfg.validate()
     # The launching process (or the only one) sets an earlier evaluation of that name aside and puts it back if
-    # this one fails: a failure mid-way leaves no new samples beside old metrics. Samples given from inside that
-    # folder stay where they are (metrics.json is replaced whole, at the end).
+    # this one fails: a failure mid-way leaves no new samples beside old metrics. Where an input (samples,
+    # captions, a network) lies inside that folder, it stays where it is (metrics.json is replaced whole, at
+    # the end).
     if gpus > 1 and "--name" not in sys.argv:
         sys.argv += ["--name", name]
     folder = RunDir(run).eval / name
-    inside = any(p is not None and folder.resolve() in Path(p).resolve().parents
-                 for p in (samples, composition_samples))
-    with ReplacedFolder(folder, overwrite=True, active=not launched() and not inside, what="evaluation"):
+    inputs = (samples, composition_samples, captions, features, inception_weights, clip, shards, prior, dvae)
+    inside = any(p is not None and _within(Path(p), folder) for p in inputs)
+    with ReplacedFolder(folder, overwrite=True, active=not launched() and not inside, what="evaluation",
+                        flags="--name"):
         maybe_relaunch(gpus, cpu=cpu)  # --gpus N: N copies of this command under accelerate, each a rank
         from accelerate import PartialState
 

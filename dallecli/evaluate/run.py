@@ -5,8 +5,8 @@
    `rerank_sizes`, each prompt gets max(sizes) candidates; the best of the first k by CLIP score is the
    sample at rerank size k (Fig. 9c). In the shapes world, captions of test-seen and test-zeroshot renders
    are generated too, for the composition table.
-3. For each blur radius r (both sets blurred alike): FID, IS, KID from features of one network (fid.py);
-   the real set's features are cached under RUN/eval/cache/.
+3. For each blur radius r (both sets blurred alike): FID, IS, KID (fid.py) from features of one network
+   (features.py); the real set's features are cached under RUN/eval/cache/.
 4. CLIP score of samples and of the real images; composition accuracy (shapes world); the dVAE's
    reconstruction PSNR, rFID and codebook usage.
 Every number is written with its protocol (report.py): FIDs compare only under the same protocol.
@@ -23,6 +23,7 @@ import torch
 
 from dallecli.config import RunDir
 from dallecli.console import UserError, info, warn
+from dallecli.evaluate import features as nets
 from dallecli.evaluate import fid as F_
 from dallecli.evaluate.fid import ImageRef, ImageSet
 from dallecli.evaluate.inputs import (Candidate, References, read_references, read_samples, select,
@@ -80,7 +81,7 @@ class EvalConfig:
                            ("--composition-samples", self.composition_samples)):
             if path is not None and not Path(path).is_file():
                 raise UserError(f"{flag} {path}: no such file")
-        F_.check_features(self.features, self.inception_weights)  # names and files; evaluate() loads them
+        nets.check_features(self.features, self.inception_weights)  # names and files; evaluate() loads them
 
 
 def _generate(run: Path, prompts: list[str], out: Path, cfg: EvalConfig, n: int, state) -> Path:
@@ -142,8 +143,8 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     # The networks before any sampling: a bad --features, --inception-weights or --clip fails in seconds,
     # before hundreds of images are drawn into `out`.
     scorer, clip_note = _scorer(cfg, rd.root, device)
-    features = F_.load_features(cfg.features, device=device, run=rd.root, inception_weights=cfg.inception_weights,
-                                clip=cfg.clip, scorer=scorer if cfg.features == "clip" else None)
+    features = nets.load_features(cfg.features, device=device, run=rd.root, inception_weights=cfg.inception_weights,
+                                  clip=cfg.clip, scorer=scorer if cfg.features == "clip" else None)
     n_draw = max((*cfg.rerank_sizes, cfg.rerank or 1))
     samples_path, comp_path, groups, comp_groups, listing = _samples(rd, prompts, out, cfg, n_draw, seed_world, state)
     if len(groups) < 2:
@@ -254,7 +255,7 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
                   "composition": len(chosen) + len(comp_chosen) if composition else 0},
         "seeds": {"generation": cfg.seed if cfg.samples is None else None, "statistics": cfg.seed},
         "checkpoints": {"prior": _fingerprint(cfg.prior or rd.prior, "prior") if cfg.samples is None else None,
-                        "dvae": recon_fp, "clip": F_.scorer_fingerprint(scorer) if scorer is not None else None,
+                        "dvae": recon_fp, "clip": nets.scorer_fingerprint(scorer) if scorer is not None else None,
                         "features": features.fingerprint},
         "blur": "Pillow ImageFilter.GaussianBlur(radius) of both sets at image_size (§3.1)",
         "kid": {"subsets": F_.KID_SUBSETS, "subset_size": next(iter(per_blur.values()))["kid_subset_size"],
@@ -321,7 +322,7 @@ def _clip_scores(scorer, features, pool: list[Candidate], pool_feats: torch.Tens
         everyone = comp_pool
     if everyone:
         e, = F_.over_batches(ImageSet([c.image for c in everyone], size, 0),
-                             lambda x, i: (F_.image_embeddings(scorer, x),), description="CLIP", **run_opts)
+                             lambda x, i: (nets.image_embeddings(scorer, x),), description="CLIP", **run_opts)
         emb.update({c.uid: e[j] for j, c in enumerate(everyone)})
     text_emb = _text_embeddings(scorer, sorted({c.prompt for c in pool + comp_pool}))
     prompt_of = {c.uid: c.prompt for c in pool + comp_pool}
@@ -367,7 +368,7 @@ def _set_metrics(real: torch.Tensor, fake: torch.Tensor, logits: torch.Tensor | 
 def _scorer(cfg: EvalConfig, run: Path, device):
     """The CLIP for CLIP scores and reranking; without one, those metrics are null (with the reason)."""
     try:
-        return F_.load_scorer(cfg.clip, run, device), None
+        return nets.load_scorer(cfg.clip, run, device), None
     except (UserError, ImportError) as exc:
         if cfg.features == "clip" or cfg.clip is not None:
             raise UserError(f"no CLIP for --features clip / --clip: {exc}") from None
@@ -377,19 +378,19 @@ def _scorer(cfg: EvalConfig, run: Path, device):
 
 def _real_clip_score(scorer, refs: References, size: int, features, cache: Path, base: dict, run_opts: dict,
                      main: bool, real) -> float:
-    key = F_.cache_key(kind="clip_score", clip=F_.scorer_fingerprint(scorer), **base)
+    key = F_.cache_key(kind="clip_score", clip=nets.scorer_fingerprint(scorer), **base)
     hit = F_.load_cached(cache, key)
     if hit is not None:
         return float(hit["scores"].mean())
     if features.name == "clip":
         img = real(0)[0]
     else:
-        img, = F_.over_batches(ImageSet(refs.images, size, 0), lambda x, i: (F_.image_embeddings(scorer, x),),
+        img, = F_.over_batches(ImageSet(refs.images, size, 0), lambda x, i: (nets.image_embeddings(scorer, x),),
                                description="CLIP references", **run_opts)
     text = _text_embeddings(scorer, refs.captions)
     scores = (100 * (img * torch.stack([text[c] for c in refs.captions])).sum(-1)).clamp_min(0)
     if main:
-        F_.save_cached(cache, key, {"scores": scores}, {**base, "clip": F_.scorer_fingerprint(scorer)})
+        F_.save_cached(cache, key, {"scores": scores}, {**base, "clip": nets.scorer_fingerprint(scorer)})
     return float(scores.mean())
 
 

@@ -109,7 +109,26 @@ def maybe_relaunch(gpus: int, nodes: int = 1, node_rank: int = 0, main_address: 
     cmd = launch_command(gpus, nodes, node_rank, main_address, main_port, cpu, sys.argv[1:])
     info(f"launching {gpus * nodes} processes: accelerate launch … -m dallecli {' '.join(strip_flags(sys.argv[1:]))}")
     env = dict(os.environ, DALLE_LAUNCHED="1")
-    sys.exit(subprocess.call(cmd, env=env))
+    sys.exit(_wait(subprocess.Popen(cmd, env=env)))
+
+
+def _wait(launcher: subprocess.Popen, grace_s: float = 60.0) -> int:
+    """The launcher's exit code. Stopped meanwhile (SIGTERM, Ctrl-C), first stop the launch: the launcher
+    passes SIGTERM on to its processes, which run in sessions of their own and would otherwise go on writing
+    after this process has cleaned up (put an old samples or evaluation folder back, say)."""
+    import signal
+
+    try:
+        return launcher.wait()
+    except BaseException:
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                launcher.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.wait()
+        raise
 
 
 def _launcher(argv: list[str]) -> int:
@@ -117,6 +136,7 @@ def _launcher(argv: list[str]) -> int:
     error line has been printed already: exit with its code (2 for a user error) instead of Accelerate's 1
     and torch-elastic's report of the failure as a traceback."""
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     import tempfile
@@ -141,21 +161,27 @@ def _launcher(argv: list[str]) -> int:
             _, first = exc.get_first_failure()
             code = first.exitcode
             return code if 0 < code < 256 else 128 - code if code < 0 else 1  # killed by signal S: 128 + S
+        except SignalException as exc:  # stopped (SIGTERM, Ctrl-C): torch-elastic has stopped the processes;
+            return 128 + int(exc.sigval)  # the command that launched this one says so, in one line
     return 0
 
 
 def _quiet_elastic_after_user_error(folder: Path) -> None:
     """torch-elastic logs a process's failure and the SIGTERM it sends the others ("failed (exitcode: 2)
     local_rank: 1 …", "Sending process … closing signal SIGTERM"). Once a process has reported a user error,
-    that error is the whole story: drop those lines. A crash without one (a signal, a traceback) keeps them."""
+    that error is the whole story: drop those lines. A crash without one (a signal, a traceback) keeps them.
+    The filter sits on the handlers, so it sees the records of every elastic logger, made now or later."""
     import logging
 
-    def no_user_error(record: logging.LogRecord) -> bool:
-        return not any(folder.glob("rank-*.txt"))
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.name.startswith("torch.distributed.elastic") or not any(folder.glob("rank-*.txt"))
 
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).addFilter(no_user_error)
+    seen = set()
+    for logger in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)] + [logging.root]:
+        for handler in getattr(logger, "handlers", ()):
+            if id(handler) not in seen:
+                seen.add(id(handler))
+                handler.addFilter(keep)
 
 
 if __name__ == "__main__":
