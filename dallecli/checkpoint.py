@@ -17,6 +17,7 @@ training state through `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -352,6 +353,21 @@ def load(path: Path, kind: str) -> Checkpoint:
             raise UserError(f"{folder}/config.json lacks the field '{key}'")
     return Checkpoint(path=folder, kind=kind, step=int(config["step"]), fingerprint=config["fingerprint"],
                       model_config=config["model"], meta=config.get("meta", {}))
+
+
+def step_with_fingerprint(root: Path, fingerprint: str | None) -> Path | None:
+    """The newest complete checkpoint under `root` whose weights have `fingerprint` (from its config.json: no
+    weights are read), or None."""
+    if fingerprint is None:
+        return None
+    for _, folder in reversed(complete_steps(root)):
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and config.get("fingerprint") == fingerprint:
+            return folder
+    return None
 
 
 def prior_trained_with(prior: Path | None, key: str, fingerprint: str | None) -> Checkpoint | None:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dallecli import checkpoint
 from dallecli.config import read_json, write_json_atomic
@@ -378,9 +379,11 @@ def preview(dvae: Path, shards: Path, out: Path, n: int, device: str = "cpu") ->
         rows.append({"caption": cap, "original": f"{i:03d}-original.png", "reconstruction": f"{i:03d}-reconstruction.png"})
     (out / "preview.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cols = min(8, len(images))
+    blank = Image.new("RGB", (size, size), "white")
     pairs = []
-    for lo in range(0, len(images), cols):
-        pairs += images[lo: lo + cols] + recons[lo: lo + cols]
+    for lo in range(0, len(images), cols):  # a row of originals above a row of their reconstructions
+        gap = [blank] * (cols - len(images[lo: lo + cols]))  # a short last chunk: blank cells keep the columns
+        pairs += images[lo: lo + cols] + gap + recons[lo: lo + cols] + gap
     grid(pairs, cols=cols, scale=max(1, 128 // size)).save(out / "grid.png")
     mse = float(((torch.stack([to_tensor(r) for r in recons]) - x.cpu()) ** 2).mean())
     summary("encode --preview", {"images": len(images), "psnr": f"{10 * np.log10(1 / max(mse, 1e-12)):.2f} dB",

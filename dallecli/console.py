@@ -59,6 +59,11 @@ def print_error(message: str) -> None:
     err.print(Text("error: ", style="red bold") + Text(message, style="red"), soft_wrap=True)
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """"1 error", "2 errors": a count with its noun in the right number (`plural` where it is not noun + "s")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def summary(title: str, rows: dict[str, object]) -> None:
     """The closing lines of a command: what was written where. Printed to stdout even with --quiet."""
     table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)

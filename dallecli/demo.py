@@ -47,6 +47,7 @@ class Budget:
 
 DEMO_GUIDANCE = 2.0  # classifier-free guidance for the gallery and the evaluation (the prior drops 10% of captions)
 DEMO_RERANK = 8  # the evaluation's headline: the best of 8 candidates by the run's CLIP (§2.6)
+DEMO_EVAL_COUNT = 100  # val captions the evaluation draws for; fewer where the val split is smaller (emoji: ~80)
 
 # The ten-minute plan, measured on two idle CPU cores: 2/3 of the commands' default step counts, so that
 # `--minutes 15` trains exactly what `dalle train-dvae`, `train-prior` and `train-clip` do by default.
@@ -82,12 +83,16 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
 
 
 def _evaluate(data: str, run: Path, quiet: bool, eval_cmd, device_flags: dict) -> None:
+    # All of a small val split, without a warning that it is smaller than the count asked for.
+    val = read_json(run / "shards" / "manifest.json", "shard manifest").get("counts", {}).get("val")
+    count = min(DEMO_EVAL_COUNT, val) if isinstance(val, int) and val >= 2 else DEMO_EVAL_COUNT
     if data == "shapes":
         # The composition table, with and without reranking (best of 4 by the run's CLIP vs the first draw).
-        eval_cmd.command(run=run, name="demo", count=100, features="clip", composition_count=100, rerank=DEMO_RERANK,
-                         rerank_sizes=f"1,{DEMO_RERANK}", guidance=DEMO_GUIDANCE, quiet=quiet, **device_flags)
+        eval_cmd.command(run=run, name="demo", count=count, features="clip", composition_count=100,
+                         rerank=DEMO_RERANK, rerank_sizes=f"1,{DEMO_RERANK}", guidance=DEMO_GUIDANCE, quiet=quiet,
+                         **device_flags)
     else:
-        eval_cmd.command(run=run, name="demo", count=100, features="clip", guidance=DEMO_GUIDANCE, quiet=quiet,
+        eval_cmd.command(run=run, name="demo", count=count, features="clip", guidance=DEMO_GUIDANCE, quiet=quiet,
                          **device_flags)
     gallery_clip_check(run)
 

@@ -73,8 +73,9 @@ def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
         raise
 
 
-def folder_samples(folder: Path, prompt: str) -> list[dict[str, Any]]:
-    """Rows for every image in a folder, all with one prompt (`dalle rerank --images FOLDER --prompt TEXT`)."""
+def folder_samples(folder: Path, prompt: str, root: Path | None = None) -> list[dict[str, Any]]:
+    """Rows for every image in a folder, all with one prompt (`dalle rerank --images FOLDER --prompt TEXT`).
+    "image" is relative to `root`, the folder the samples.jsonl goes in (default: `folder` itself)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--images {folder}: no such folder")
@@ -82,7 +83,16 @@ def folder_samples(folder: Path, prompt: str) -> list[dict[str, Any]]:
     files = [p for p in files if p.name != "ranked.png"]  # our own output from an earlier run
     if not files:
         raise UserError(f"--images {folder}: no .png/.jpg/.webp images there")
-    return [{"prompt": prompt, "image": p.name, "index": i} for i, p in enumerate(files)]
+    root = folder if root is None else Path(root)
+    return [{"prompt": prompt, "image": _relative(p, root), "index": i} for i, p in enumerate(files)]
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` as written in a samples.jsonl in `root`: relative where it can be, so the two can move together."""
+    try:
+        return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return str(path.resolve())
 
 
 # --- which CLIP ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dallecli.console import UserError, progress, summary, warn
+from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.hardware import default_precision
 from dallecli.models.prior import CPU_BF16_ATTENTION_FROM, PriorTransformer
 
@@ -254,6 +254,7 @@ class Pipeline:
 def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None, tokenizer: Path | None = None,
                   device: str | torch.device | None = None, ema: bool = True,
                   precision: str | None = None) -> Pipeline:
+    from dallecli import checkpoint
     from dallecli.config import RunDir
     from dallecli.text import Tokenizer
     from dallecli.train.dvae_task import load_dvae
@@ -265,6 +266,10 @@ def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None
     precision = precision or default_precision(device.type == "cuda")
     if device.type == "cuda" and precision == "bf16":  # half the weight traffic of every decode step
         model = model.to(torch.bfloat16)
+    if dvae is None:  # the run's dVAE: the checkpoint whose codes the prior learned, if a later one was saved since
+        dvae = checkpoint.step_with_fingerprint(rd.dvae, pck.meta.get("dvae_fingerprint"))
+        if dvae is not None and dvae != checkpoint.latest(rd.dvae):
+            info(f"using {dvae}, the dVAE the prior was trained with (later dVAE checkpoints make other codes)")
     dmodel, dck = load_dvae(dvae or rd.dvae, device)
     tok = Tokenizer.load(tokenizer or rd.tokenizer)
     check_prior_meta(pck, dck.fingerprint, tok.fingerprint, training=False)

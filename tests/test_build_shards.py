@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
 import tarfile
@@ -778,3 +779,12 @@ def test_a_dying_worker_is_a_clear_error_and_the_run_resumes(tmp_path, monkeypat
     assert result.exit_code == 2 and "worker process died" in result.output
     ok(src, *args)
     assert len(records(tmp_path / "out", "train") + records(tmp_path / "out", "val")) == 12
+
+
+def test_summary_counts_read_in_the_right_number(tmp_path):
+    src = good_folder(tmp_path / "photos", 4)
+    (src / "zero.png").write_bytes(b"")
+    (src / "zero.txt").write_text("an empty file")
+    result = ok(src, "--out", tmp_path / "out", "--size", "32", "--val-fraction", "0", "--workers", "1")
+    assert "1 (1 error)" in result.output and "1 errors" not in result.output
+    assert re.search(r"4 samples in 1 shard\b(?!s)", result.output) and "0 samples in 0 shards" in result.output

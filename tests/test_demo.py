@@ -70,3 +70,19 @@ def test_demo_end_to_end_on_shapes(tmp_path):
     before = (samples / "grid.png").stat().st_mtime_ns
     run_demo("shapes", 0.05, run)
     assert (samples / "grid.png").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("val,count", [(77, 77), (1000, 100)])
+def test_demo_evaluates_all_of_a_small_val_split_without_asking_for_more(tmp_path, monkeypatch, val, count):
+    """The emoji world holds ~80 val images: the demo's eval asks for those, not --count 100 (a warning)."""
+    import types
+
+    import dallecli.demo as demo
+    from dallecli.evaluate.run import FEW_IMAGES
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"counts": {"train": 1500, "val": val}}))
+    calls = []
+    monkeypatch.setattr(demo, "gallery_clip_check", lambda run: None)
+    demo._evaluate("emoji", tmp_path, True, types.SimpleNamespace(command=lambda **kw: calls.append(kw)), {})
+    assert calls[0]["count"] == count and count >= FEW_IMAGES  # and no "few images" warning either

@@ -600,3 +600,26 @@ def test_default_precision():
 
     assert default_precision(on_gpu=True) == "bf16"
     assert default_precision(on_gpu=False) == ("bf16" if cpu_has_bf16() else "fp32")
+
+
+def test_vq_summary_leaves_out_the_constant_kl_and_labels_bits_per_dim():
+    """A vq dVAE's "kl" is the constant log K per position and its bits/dim (of a Gaussian density) can be
+    negative: the end-of-training summary says so, while metrics.jsonl's fields stay as they are."""
+    from pathlib import Path
+
+    from dallecli.models.dvae_objective import DVAESchedule
+    from dallecli.train.dvae_task import DVAETask
+
+    config = PRESETS["tiny-vq"]
+    model = DVAE(config)
+    _, parts = elbo_loss(model, torch.rand(2, 3, 64, 64), 1.0, 0.0, likelihood=config.likelihood,
+                         sigma=config.gaussian_sigma)
+    grid_positions = (config.image_size // 8) ** 2
+    assert float(parts["kl"]) == pytest.approx(grid_positions * math.log(config.vocab_size))  # the constant
+    metrics = {k: float(v) for k, v in parts.items()} | {"val_bpd": -0.5, "val_loss": -0.5}
+    task = DVAETask(config=config, shards=Path("unused"), schedule=DVAESchedule(), batch_size=2, seed=0)
+    shown = task.summary_metrics(metrics)
+    assert "kl" not in shown and "bpd" not in shown and shown["val_bpd (density, can be < 0)"] == -0.5
+    assert shown["mse"] == metrics["mse"] and "kl" in metrics and "bpd" in metrics  # the caller's dict untouched
+    gumbel = DVAETask(config=PRESETS["tiny"], shards=Path("unused"), schedule=DVAESchedule(), batch_size=2, seed=0)
+    assert gumbel.summary_metrics(metrics) == metrics

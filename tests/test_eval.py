@@ -695,3 +695,31 @@ def test_eval_inputs_inside_its_own_folder_stay_put(tmp_path, net_file, no_clip,
     linked = CliRunner().invoke(app, [*args, "--samples", str(link / "samples.jsonl")])
     assert linked.exit_code == 0, repr(linked.exception)
     assert link.is_symlink() and (run / "eval" / "x" / "metrics.json").is_file()
+
+
+def test_few_images_are_warned_about_once_and_the_default_count_is_named(tmp_path, net_file, no_clip, capfd,
+                                                                          monkeypatch):
+    import dallecli.evaluate.run as run_mod
+
+    run = make_run(tmp_path / "run")
+    samples = val_samples(tmp_path / "s")
+    evaluate(run, quick(samples=samples, features=str(net_file)))
+    err = " ".join(capfd.readouterr().err.split())
+    assert "fewer than --count (default 1000); using all 24" in err
+    assert err.count("noisy and biased upward") == 1 and "24 samples and 24 references" in err
+    evaluate(run, quick(samples=samples, features=str(net_file), count=30))
+    assert "fewer than --count 30; using all 24" in " ".join(capfd.readouterr().err.split())
+    monkeypatch.setattr(run_mod, "FEW_IMAGES", 24)  # 24 of each: enough, no warning
+    evaluate(run, quick(samples=samples, features=str(net_file), count=24))
+    err = capfd.readouterr().err
+    assert "fewer than" not in err and "noisy" not in err
+
+
+def test_eval_help_names_the_default_count():
+    from dallecli.commands.eval import command
+    from dallecli.evaluate.run import DEFAULT_COUNT
+
+    app = typer.Typer()
+    app.command()(command)
+    count = next(p for p in typer.main.get_command(app).params if p.name == "count")
+    assert f"(default {DEFAULT_COUNT})" in count.help

@@ -230,3 +230,19 @@ def test_zero_is_refused_not_read_as_the_default(args, tmp_path):
     assert isinstance(result.exception, UserError), result.output
     assert f"{args[1]} must be greater than 0" in str(result.exception)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_a_cpu_run_projected_to_take_too_long_is_warned_about_once(tmp_path, monkeypatch, capfd):
+    """A CPU run whose remaining steps would take longer than CPU_LONG_RUN_S at the speed of its first steps
+    gets one warning naming the time and the way out (--steps, a smaller preset); a short one gets none."""
+    from dallecli.train import loop
+
+    shards = make_code_shards(tmp_path / "shards")
+    train(ToyTask(shards), CFG, tmp_path / "short")
+    assert "at this speed" not in capfd.readouterr().err
+    monkeypatch.setattr(loop, "CPU_LONG_RUN_S", 0.0)
+    train(ToyTask(shards), CFG, tmp_path / "long")
+    err = capfd.readouterr().err.replace("\n", " ")
+    assert err.count("at this speed the remaining 19 steps take about") == 1 and "--steps N" in err
+    assert loop._duration(3 * 365 * 86400) == "3 years" and loop._duration(3 * 86400) == "3 days"
+    assert loop._duration(5400) == "1.5 hours"

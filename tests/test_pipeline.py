@@ -79,6 +79,33 @@ def test_sample_and_preview(shapes_run):
     assert len(lines) == 4 and (preview / lines[0]["reconstruction"]).exists() and (preview / "grid.png").exists()
 
 
+def test_preview_grid_keeps_originals_above_their_reconstructions(shapes_run, tmp_path):
+    from PIL import Image
+
+    ok("encode", "--run", shapes_run, "--preview", 10, "-q")  # 10: a last chunk of 2, not a full row of 8
+    preview = shapes_run / "dvae" / "preview"
+    sheet = np.asarray(Image.open(preview / "grid.png").convert("RGB"))
+    tile = np.asarray(Image.open(preview / "000-original.png").convert("RGB"))
+    scale = max(1, 128 // tile.shape[0])
+    side, pad = tile.shape[0] * scale, 2
+    assert sheet.shape[:2] == (4 * (side + pad) + pad, 8 * (side + pad) + pad)  # 2 pairs of rows of 8
+
+    def cell(row, col):
+        y, x = pad + row * (side + pad), pad + col * (side + pad)
+        return sheet[y: y + side: scale, x: x + side: scale]
+
+    def png(name):
+        return np.asarray(Image.open(preview / name).convert("RGB"))
+
+    for i in range(10):
+        row, col = 2 * (i // 8), i % 8
+        assert np.array_equal(cell(row, col), png(f"{i:03d}-original.png"))
+        assert np.array_equal(cell(row + 1, col), png(f"{i:03d}-reconstruction.png"))
+    for row in (2, 3):
+        for col in range(2, 8):
+            assert (cell(row, col) == 255).all()  # blank, not the next image
+
+
 def test_prior_refuses_codes_of_another_dvae(shapes_run, tmp_path):
     manifest_path = shapes_run / "codes" / "manifest.json"
     original = manifest_path.read_text()

@@ -259,3 +259,30 @@ def test_rerank_with_the_checkpoint_file_and_its_own_architecture_loads_it(tiny_
                                          str(step / "model.safetensors"), "--clip-model", "dalle-tiny", "--cpu", "-q"])
     assert result.exit_code == 0, result.output
     assert all(r["clip"].endswith("(dalle-tiny)") for r in read_samples(path))
+
+
+def test_command_writes_a_folders_ranking_to_out_and_never_replaces_files(tmp_path, stub_clip):
+    from typer.testing import CliRunner
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, rgb in (("a.png", (0, 0, 255)), ("b.png", (255, 0, 0))):
+        Image.new("RGB", (20, 30), rgb).save(folder / name)
+    out = tmp_path / "ranking"
+    args = ["rerank", "--images", str(folder), "--prompt", "red", "--clip", "x.safetensors", "-q"]
+    result = CliRunner().invoke(_app(), args + ["--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "b.png"]  # the user's folder is left alone
+    rows = read_samples(out / "samples.jsonl")
+    assert [(r["image"], r["rank"]) for r in rows] == [("../photos/a.png", 2), ("../photos/b.png", 1)]
+    assert (out / "ranked.png").is_file()
+    again = CliRunner().invoke(_app(), args + ["--out", str(out)])
+    assert again.exit_code != 0 and "already has a samples.jsonl" in str(again.exception)
+    # A ranked.png of the user's own in the folder written to is not replaced either.
+    Image.new("RGB", (4, 4)).save(folder / "ranked.png")
+    mine = (folder / "ranked.png").read_bytes()
+    refused = CliRunner().invoke(_app(), args)
+    assert refused.exit_code != 0 and "already has a ranked.png" in str(refused.exception)
+    assert (folder / "ranked.png").read_bytes() == mine and not (folder / "samples.jsonl").exists()
+    wrong = CliRunner().invoke(_app(), ["rerank", str(out), "--out", str(tmp_path / "x"), "-q"])
+    assert wrong.exit_code != 0 and "--out goes with --images" in str(wrong.exception)

@@ -350,3 +350,26 @@ def test_the_main_process_of_a_split_run_loads_the_reranking_clip_once(tiny_run,
     assert sum(r["kept"] for r in rows) == 2 and all("clip_score" in r for r in rows)
     sample.finish_folder(out, ["a red circle", "a blue square"], 2, 1, None, tiny_run, quiet=True)
     assert len(loads) == 3  # handed on once only
+
+
+def test_sampling_uses_the_dvae_checkpoint_the_prior_was_trained_with(tiny_run, capfd):
+    """More dVAE training after the prior (a later dVAE checkpoint, other codes): `dalle sample` without --dvae
+    takes the run's dVAE checkpoint whose fingerprint the prior recorded, and says so; with none left that
+    matches, the mismatch is refused as before."""
+    import shutil
+
+    from dallecli import checkpoint
+
+    first = checkpoint.latest(tiny_run / "dvae")
+    ck = checkpoint.load(first, "dvae")
+    weights = {k: v + 1 if v.is_floating_point() else v for k, v in ck.weights().items()}
+    later = checkpoint.save(tiny_run / "dvae", 5, kind="dvae", model_config=ck.model_config, weights=weights)
+    assert checkpoint.latest(tiny_run / "dvae") == later
+    pipe = load_pipeline(tiny_run, device="cpu")
+    assert pipe.dvae_path == first
+    assert first.name in capfd.readouterr().err.replace("\n", "")  # wrapped at the console width
+    with pytest.raises(UserError, match="dvae_fingerprint mismatch"):  # an explicit --dvae is taken as given
+        load_pipeline(tiny_run, dvae=later, device="cpu")
+    shutil.rmtree(first)
+    with pytest.raises(UserError, match="dvae_fingerprint mismatch"):
+        load_pipeline(tiny_run, device="cpu")

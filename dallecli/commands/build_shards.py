@@ -116,7 +116,7 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
                  retries: int, retry_backoff: float, count: int, seed: int, font: Path | None,
                  skin_tones: bool, flags: bool, overwrite: bool) -> dict:
     from dallecli.config import RunDir
-    from dallecli.console import UserError, summary, warn
+    from dallecli.console import UserError, counted, summary, warn
     from dallecli.data.images import ImageConfig
     from dallecli.data.shards import BuildConfig, build
     from dallecli.data.fetch import FetchConfig
@@ -165,9 +165,9 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
     rows = {
         "status": "already complete (nothing to do)" if manifest.get("already_complete") else "done",
         "inputs": counts["inputs"],
-        "train": f"{counts['train']} samples in {n_shards['train']} shards",
-        "val": f"{counts['val']} samples in {n_shards['val']} shards",
-        "rejected": f"{counts['rejected']} ({counts['errors']} errors)"
+        "train": f"{counted(counts['train'], 'sample')} in {counted(n_shards['train'], 'shard')}",
+        "val": f"{counted(counts['val'], 'sample')} in {counted(n_shards['val'], 'shard')}",
+        "rejected": f"{counts['rejected']} ({counted(counts['errors'], 'error')})"
                     + (": " + ", ".join(f"{r} ×{n}" for r, n in top) if top else ""),
         "shards": folder,
         "manifest": folder / "manifest.json",

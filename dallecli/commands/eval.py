@@ -30,7 +30,8 @@ def _within(path: Path, folder: Path) -> bool:
 def command(
     run: RunOpt = DEFAULT_RUN,
     name: Annotated[Optional[str], typer.Option(help="Output folder RUN/eval/NAME (default: date and time).")] = None,
-    count: Annotated[int, typer.Option(help="Captions to generate for, and real val images to compare with.")] = 1000,
+    count: Annotated[Optional[int], typer.Option(help="Captions to generate for, and real val images to compare with "
+                                                      "(default 1000).", show_default=False)] = None,
     captions: Annotated[Optional[Path], typer.Option(help="Prompts from this file (one per line) instead of the val captions.")] = None,
     samples: Annotated[Optional[Path], typer.Option(help="Evaluate this samples.jsonl instead of generating.")] = None,
     composition_samples: Annotated[Optional[Path], typer.Option(help="Shapes world: samples.jsonl of test-split captions for the composition table.")] = None,

@@ -15,9 +15,14 @@ def command(
         show_default=False)] = None,
     run: RunOpt = DEFAULT_RUN,
     images: Annotated[Optional[Path], typer.Option(
-        help="Instead of a samples.jsonl: rank every image in this folder against --prompt (writes FOLDER/samples.jsonl).",
+        help="Instead of a samples.jsonl: rank every image in this folder against --prompt. Writes samples.jsonl "
+             "and ranked.png into FOLDER itself, or into --out; refused if either file is already there.",
         show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The text the --images are scored against.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="With --images: the folder for samples.jsonl (images listed relative to it) and ranked.png "
+             "(default: the --images FOLDER). A samples.jsonl argument is scored in place, ranked.png beside it.",
+        show_default=False)] = None,
     clip: Annotated[Optional[str], typer.Option(
         help="The CLIP: a checkpoint folder, NAME:TAG (e.g. ViT-B-32:openai, from the local cache), local-dir:FOLDER, "
              "hf-hub:ORG/REPO, or a weights file with --clip-model (default: the run's own, RUN/clip).",
@@ -54,10 +59,19 @@ def command(
     if images is not None or prompt is not None:
         if images is None or prompt is None or samples is not None:
             raise UserError("--images FOLDER and --prompt TEXT go together, without a SAMPLES argument")
-        path = images / "samples.jsonl"
-        if path.exists():
-            raise UserError(f"{images} already has a samples.jsonl; rerank it with `dalle rerank {images}`")
-        rows = folder_samples(images, prompt)
+        target = images if out is None else out
+        if target.exists() and not target.is_dir():
+            raise UserError(f"--out {target} is a file, not a folder")
+        path = target / "samples.jsonl"
+        if path.exists():  # not ours to replace: it may be the user's own list of these images
+            again = f"rerank it with `dalle rerank {target}`, or " if out is None else ""
+            raise UserError(f"{target} already has a samples.jsonl; {again}give another --out folder")
+        if (target / "ranked.png").exists():  # no samples.jsonl beside it: not left by an earlier rerank
+            raise UserError(f"{target} already has a ranked.png; move it away or give another --out folder")
+        rows = folder_samples(images, prompt, root=target)
+        target.mkdir(parents=True, exist_ok=True)
+    elif out is not None:
+        raise UserError("--out goes with --images: a samples.jsonl is scored in place (ranked.png beside it)")
     else:
         path = _samples_path(samples, RunDir(run).samples)
         info(f"reranking {path}")

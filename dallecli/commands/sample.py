@@ -13,8 +13,12 @@ def command(
     prompts: Annotated[Optional[List[str]], typer.Argument(help="Captions to draw, e.g. \"a red circle above a blue square\".", show_default=False)] = None,
     run: RunOpt = DEFAULT_RUN,
     prompts_file: Annotated[Optional[Path], typer.Option("--prompts", help="A file of captions, one per line.")] = None,
-    n: Annotated[int, typer.Option("--n", help="Images per prompt (candidates, with --rerank).")] = 4,
-    rerank: Annotated[Optional[int], typer.Option(help="Keep the best K of the --n candidates by the contrastive model (§2.6).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Images drawn and written per prompt (the candidates, with --rerank).")] = 4,
+    rerank: Annotated[Optional[int], typer.Option(help="Score each prompt's --n images with the contrastive model "
+                                                       "(§2.6) and mark this many best ones: all --n are still "
+                                                       "written; samples.jsonl gains clip_score, rank (1 = best) and "
+                                                       "\"kept\" (true for the best ones); grid.png shows each prompt's "
+                                                       "images best first, index.html outlines the kept ones.")] = None,
     clip: Annotated[Optional[str], typer.Option(help="Contrastive model for --rerank (default: the run's own, RUN/clip).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images decoded together.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image j of prompt i uses seed + i·n + j.")] = 0,

@@ -14,16 +14,17 @@ from dallecli.commands.common import DEFAULT_RUN, DebugOpt, TrainPrecision, Quie
 # lifts checker accuracy from ~50% to ~80% on seen objects). Other architectures get a GPU-sized default.
 DEFAULTS = {"dalle-tiny": (500, 128, 1e-3), "dalle-small": (5000, 256, 5e-4)}
 OTHER = (10_000, 128, 5e-4)
+_TINY_STEPS, _TINY_BATCH, _TINY_LR = DEFAULTS["dalle-tiny"]  # quoted in the help below, so that it cannot drift
 
 
 def command(
     run: RunOpt = DEFAULT_RUN,
     model: Annotated[str, typer.Option(help="Architecture: a shipped one (dalle-tiny, dalle-small) or any open_clip "
                                             "name (ViT-B-32, RN50, …), trained from scratch.")] = "dalle-tiny",
-    steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per model; dalle-tiny 800).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Total updates (default: per model; dalle-tiny {_TINY_STEPS}).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Image–caption pairs per process per update; the contrastive "
-                                                           "loss sees batch × processes (default: per model; dalle-tiny 128).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, cosine to 0 after a 5% warm-up (default: per model; dalle-tiny 1e-3).")] = None,
+                                                           f"loss sees batch × processes (default: per model; dalle-tiny {_TINY_BATCH}).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate, cosine to 0 after a 5% warm-up (default: per model; dalle-tiny {_TINY_LR:g}).")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not on gains, biases or the temperature).")] = 0.1,
     precision: Annotated[Optional[TrainPrecision], typer.Option(help="bf16 (default on a GPU and on CPUs with native bf16), fp32 (other CPUs) or fp16.")] = None,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random 90–100% square crops (never flips).")] = True,

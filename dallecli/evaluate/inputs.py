@@ -24,8 +24,9 @@ class References:
     identity: dict  # what the cache key needs to know about the data
 
 
-def read_references(shards: Path, count: int) -> References:
-    """The first `count` readable val samples (image location, caption) in shard order."""
+def read_references(shards: Path, count: int, flag: str | None = None) -> References:
+    """The first `count` readable val samples (image location, caption) in shard order. `flag` names the
+    count in the warning when the val split holds fewer (default "--count COUNT")."""
     import io
 
     from PIL import Image
@@ -61,7 +62,8 @@ def read_references(shards: Path, count: int) -> References:
         raise UserError(f"the val shards in {shards} hold {len(images)} readable image(s); FID needs at least 2 "
                         "(rebuild the shards with a larger --val-fraction)")
     if len(images) < count:
-        warn(f"the val split holds {len(images)} readable images, fewer than --count {count}: using {len(images)}")
+        warn(f"the val split holds {len(images)} readable images, fewer than {flag or f'--count {count}'}; "
+             f"using all {len(images)}")
     used = sorted({r.path for r in images})
     identity = {"shards": [(Path(p).name, Path(p).stat().st_size) for p in used], "count": len(images),
                 "skipped": skipped}

@@ -30,12 +30,16 @@ from dallecli.evaluate.inputs import (Candidate, References, read_references, re
                                       shapes_world)
 
 CATEGORIES = ("seen_single", "zeroshot_single", "relation_seen", "relation_zeroshot")
+DEFAULT_COUNT = 1000  # §3.1 uses 30,000 MS-COCO captions; 1,000 keeps a small run's eval short
+# Fewer images than this in either set: one warning that FID / KID are noisy and biased upward. 50, not 100:
+# `dalle demo` compares its ~80 emoji val images (100 shapes) in a normal run, which should stay quiet.
+FEW_IMAGES = 50
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     name: str | None = None             # RUN/eval/NAME; None: the date and time
-    count: int = 1000                   # §3.1 uses 30,000 MS-COCO captions; 1,000 keeps a small run's eval short
+    count: int | None = None            # captions and val images; None: DEFAULT_COUNT
     captions: Path | None = None        # prompts from a file (one per line) instead of the val captions
     samples: Path | None = None         # evaluate these samples instead of generating
     composition_samples: Path | None = None  # shapes world: samples of the test-split captions
@@ -65,7 +69,7 @@ class EvalConfig:
                                       or "\\" in self.name):
             raise UserError(f"--name {self.name!r} is not usable: give a plain folder name for RUN/eval/NAME, not "
                             "'cache' (RUN/eval/cache keeps the reference features), no '/' and no leading '.'")
-        if self.count < 2:
+        if self.count is not None and self.count < 2:
             raise UserError(f"--count must be at least 2 (FID compares two Gaussians), got {self.count}")
         if not self.blur or any(r < 0 or not math.isfinite(r) for r in self.blur) or len(set(self.blur)) != len(self.blur):
             raise UserError(f"--blur must list distinct radii >= 0 (e.g. 0,1,2,4,8), got {list(self.blur)}")
@@ -133,11 +137,12 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     out, cache = rd.eval / name, rd.eval / "cache"
     shards = Path(cfg.shards or rd.shards)
 
-    refs = read_references(shards, cfg.count)
+    count = DEFAULT_COUNT if cfg.count is None else cfg.count
+    refs = read_references(shards, count, flag=f"--count (default {count})" if cfg.count is None else f"--count {count}")
     seed_world = shapes_world(shards, refs.captions)
     prompts = refs.captions
     if cfg.captions is not None:
-        prompts = [ln.strip() for ln in Path(cfg.captions).read_text().splitlines() if ln.strip()][: cfg.count]
+        prompts = [ln.strip() for ln in Path(cfg.captions).read_text().splitlines() if ln.strip()][: count]
         if len(prompts) < 2:
             raise UserError(f"--captions {cfg.captions} holds {len(prompts)} caption(s); at least 2 are needed")
     # The networks before any sampling: a bad --features, --inception-weights or --clip fails in seconds,
@@ -204,6 +209,9 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     comp_chosen = select(comp_groups, main_k, rank_score)
     if len(chosen) < 2:
         raise UserError(f"{len(chosen)} sample(s) selected from {samples_path}; FID needs at least 2")
+    if main and min(len(chosen), len(refs.images)) < FEW_IMAGES:
+        warn(f"FID and KID from {len(chosen)} samples and {len(refs.images)} references are noisy and biased "
+             "upward (the fewer the images, the higher): compare them only between evaluations of equal counts")
 
     per_blur = {}
     for radius in cfg.blur:

@@ -145,8 +145,9 @@ class ClipTask:
 
     @torch.no_grad()
     def evaluate(self, model, step: int) -> dict[str, float]:
-        """val_loss (ClipLoss over batches of --batch-size) and image→text top-1 / top-5 retrieval accuracy
-        among the val split's distinct captions."""
+        """val_loss (ClipLoss over batches of --batch-size) and image→text top-1 / top-5 retrieval accuracy of
+        the val_images images among the val split's val_candidates distinct captions (fewer than the images
+        where two images share a caption: either image finding that caption is a hit)."""
         from open_clip.loss import ClipLoss
 
         images, tokens, captions = self._val_set()
@@ -172,4 +173,4 @@ class ClipTask:
         return {"val_loss": sum(losses) / len(losses),
                 "val_top1": float(hits[:, 0].float().mean()),
                 "val_top5": float(hits.any(dim=1).float().mean()),
-                "val_candidates": float(len(unique))}
+                "val_candidates": float(len(unique)), "val_images": float(len(captions))}

@@ -110,6 +110,16 @@ class DVAETask:
     def check_resume(self, ck: checkpoint.Checkpoint) -> None:
         pass
 
+    def summary_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """What the end-of-training summary shows of the last metrics (metrics.jsonl keeps every field as it is).
+        A vq dVAE's posterior is one-hot: its "kl" is the constant log K per position, not something it learns,
+        so it is left out; its bits/dim are those of a continuous (Gaussian) density, negative when the fit is
+        tight, so they say so."""
+        if self.config.kind != "vq":
+            return metrics
+        return {(f"{k} (density, can be < 0)" if k in ("bpd", "val_bpd") else k): v
+                for k, v in metrics.items() if k != "kl"}
+
     # --- validation --------------------------------------------------------------------------------------
 
     def _val_set(self) -> tuple[torch.Tensor, list[str], list[dict]]:

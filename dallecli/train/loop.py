@@ -6,9 +6,9 @@ schedule), skips non-finite steps, evaluates, logs metrics.jsonl, and saves and 
 exactly (DESIGN.md, "Checkpoints"). Accelerate provides the processes, devices and DDP wrapping;
 autocast and gradient scaling are done here so the paper's per-resblock scheme can plug in. With several
 processes, `strategy="fsdp"` shards the model instead of replicating it and `powersgd_rank` compresses
-DDP's gradient all-reduce (train/distributed.py). Beside it: the optimizer and schedules (train/schedule.py),
-what a checkpoint's training state holds (train/state.py), the JSONL files (train/runfiles.py) and the stop
-signals (train/signals.py).
+DDP's gradient all-reduce (train/distributed.py). Beside it: the settings (train/config.py), the optimizer
+and schedules (train/schedule.py), what a checkpoint's training state holds (train/state.py), the JSONL files
+(train/runfiles.py) and the stop signals (train/signals.py).
 """
 from __future__ import annotations
 
@@ -30,40 +30,11 @@ from dallecli.data.loader import Batch
 from dallecli.hardware import cpu_has_bf16, matmul_peak, model_flops_utilisation
 from dallecli.train import distributed, runfiles
 from dallecli.train.precision import GlobalScaler, NoScaler
+from dallecli.train.config import TrainConfig, check_config
 from dallecli.train.schedule import adamw, ema_decay_at, learning_rate
 from dallecli.train.signals import StopSignals
 from dallecli.train.state import (Counters, config_diff, first_nonfinite, rng_snapshot, rng_state, seed_everything,
                                   set_rng_state, update_ema)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 32  # per process; the global batch is batch_size × processes × grad_accum
-    lr: float = 1e-4
-    min_lr: float = 0.0  # where the cosine schedule ends
-    decay_steps: int | None = None  # cosine length (None: the whole run); constant at min_lr after it
-    warmup: int = 0  # linear warm-up steps
-    schedule: str = "cosine"  # cosine | plateau (halve on a val-loss plateau, §B) | constant
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float | None = None
-    ema_decay: float | None = None
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    save_every: int = 500
-    eval_every: int = 250
-    log_every: int = 10
-    keep: int = 3
-    seed: int = 0
-    workers: int = 0
-    grad_accum: int = 1
-    max_nonfinite: int = 20  # abort after this many non-finite steps in a row
-    max_errors: int = 100  # abort after this many bad samples in a row
-    plateau_patience: int = 2  # evaluations without improvement before halving (plateau schedule)
-    plateau_halvings: int = 5  # the paper halves the learning rate 5 times
-    strategy: str = "ddp"  # ddp: replicate the model | fsdp: shard parameters, gradients, optimizer state
-    powersgd_rank: int | None = None  # compress DDP's gradient all-reduce to this rank (None: exact)
 
 
 class Task(Protocol):
@@ -90,26 +61,6 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     stopped_by: str | None = None
     rejects: list[dict] = field(default_factory=list)  # bad samples skipped: {"shard", "key", "reason"}
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Refuse settings the loop cannot run with, at once (not after hours of training), naming the flag."""
-    rules = [(cfg.steps >= 0, "--steps must be at least 0"),
-             (cfg.batch_size >= 1, "--batch-size must be at least 1"),
-             (cfg.save_every >= 1, "--save-every must be at least 1"),
-             (cfg.eval_every >= 0, "--eval-every must be ≥ 0"),
-             (cfg.log_every >= 1, "--log-every must be at least 1"), (cfg.keep >= 1, "--keep must be at least 1"),
-             (cfg.grad_accum >= 1, "gradient accumulation must be at least 1"),
-             (cfg.max_errors >= 1, "--max-errors must be at least 1"),
-             (cfg.max_nonfinite >= 1, "the non-finite step limit must be at least 1"),
-             (cfg.workers >= 0, "--workers must be ≥ 0"), (cfg.lr >= 0, "--lr must be ≥ 0"),
-             (cfg.schedule in ("cosine", "plateau", "constant"), "the schedule must be cosine, plateau or constant"),
-             (cfg.precision in ("fp32", "bf16", "fp16"),
-              f"--precision must be fp32, bf16 or fp16 (got {cfg.precision})")]
-    for ok, message in rules:
-        if not ok:
-            raise UserError(message)
-    distributed.check_options(cfg.strategy, cfg.powersgd_rank, cfg.precision)
 
 
 def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: bool = False,
@@ -285,6 +236,7 @@ class _Trainer:
                     return self.interrupted()
                 loss_value, parts, stopping = self._update(*accumulated[:2], updates)
                 self.step += 1
+                self._warn_if_too_long()
                 self._record(bar, loss_value, parts, accumulated[2], lr, time.perf_counter() - tic, flops, peak)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or stopping:
                     self.save(self.step)
@@ -292,9 +244,10 @@ class _Trainer:
                     return self.interrupted()
         self.accelerator.wait_for_everyone()
         if self.main:
+            shown = getattr(task, "summary_metrics", lambda m: m)(self.last_metrics)  # what the task shows
             summary(f"train-{task.kind}: done", {"steps": self.step, "checkpoint": self.saved["path"],
                                                  "metrics": self.metrics_path, "skipped samples": len(self.rejects),
-                                                 **{k: f"{v:.4g}" for k, v in self.last_metrics.items()}})
+                                                 **{k: f"{v:.4g}" for k, v in shown.items()}})
         return TrainResult(self.step, self.saved["path"], self.last_metrics, rejects=self.rejects)
 
     def _accumulate(self, loader, snapshot) -> tuple[list[torch.Tensor], dict[str, float], int] | None:
@@ -385,6 +338,23 @@ class _Trainer:
             parts["powersgd_ratio"] = round(ratio, 2)  # gradient numbers sent: this many times fewer
         return loss_value, parts, bool(stopping)
 
+    def _warn_if_too_long(self) -> None:
+        """Once, on a CPU, a few steps in: say so when the remaining steps would take more than CPU_LONG_RUN_S at
+        this speed. The GPU presets' defaults (`paper`: 3 million steps) are years on a laptop, and the progress
+        bar's ETA is easy to miss."""
+        done = self.step - self.start_step
+        if self.device.type != "cpu" or not self.main or done not in (1, 11):
+            return
+        now = time.perf_counter()
+        if done == 1:  # the first step pays for warm-up: time the next ten
+            self._timing_from = now
+            return
+        remaining = (now - self._timing_from) / 10 * (self.cfg.steps - self.step)
+        if remaining > CPU_LONG_RUN_S:
+            warn(f"at this speed the remaining {self.cfg.steps - self.step:,} steps take about {_duration(remaining)} "
+                 f"on this CPU; pass --steps N for a shorter run (a rerun with a larger --steps continues it), or "
+                 f"a smaller --preset (the README's 'What the CPU presets reach' lists ones sized for a CPU)")
+
     def _record(self, bar, loss_value: float, parts: dict[str, float], count: int, lr: float, elapsed: float,
                 flops: float | None, peak: float | None) -> None:
         """After step `self.step`: the progress bar, metrics.jsonl, and the validation run when due."""
@@ -474,6 +444,16 @@ class _Trainer:
         self.accelerator.wait_for_everyone()
         return TrainResult(self.step, self.saved["path"], self.last_metrics,
                            stopped_by=signal.Signals(self.stop.signals[0]).name, rejects=self.rejects)
+
+
+CPU_LONG_RUN_S = 6 * 3600  # a CPU run projected beyond this gets one warning (`_warn_if_too_long`)
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365 * 86400), ("days", 86400), ("hours", 3600)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds / 3600:.1f} hours"
 
 
 def _does_not_fit(ck: checkpoint.Checkpoint, exc: Exception) -> UserError:

@@ -8,7 +8,7 @@ import torch
 from dallecli.models.dvae_objective import cosine  # the one cosine of every schedule (App. A.2)
 
 if TYPE_CHECKING:
-    from dallecli.train.loop import TrainConfig
+    from dallecli.train.config import TrainConfig
 
 
 def learning_rate(cfg: TrainConfig, step: int, halvings: int = 0) -> float:
