@@ -76,9 +76,7 @@ def main() -> None:
     try:
         code = _run()
     except Terminated:
-        from dallecli.train.launch import peer_failed
-
-        if not peer_failed():  # under --gpus N, stopped because another process failed: that one's error says it
+        if not _launched():  # under --gpus N the `dalle` command that launched this process says it, once
             print_error("terminated")
         sys.exit(143)
     except UserError as exc:
@@ -90,7 +88,8 @@ def main() -> None:
             print_error(str(exc))
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        print_error("interrupted")
+        if not _launched():
+            print_error("interrupted")
         sys.exit(130)
     except Exception as exc:
         if not _is_click_error(exc):
@@ -102,10 +101,16 @@ def main() -> None:
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             print_error(exc.format_message().rstrip(".") + where)
         sys.exit(exc.exit_code)
-    if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into Exit(130), returned here
+    if code == 130 and not _launched():  # typer turns Ctrl-C (KeyboardInterrupt) into Exit(130), returned here
         print_error("interrupted")
     if isinstance(code, int) and code:  # typer.Exit(code) under standalone_mode=False returns the code
         sys.exit(code)
+
+
+def _launched() -> bool:
+    from dallecli.train.launch import launched
+
+    return launched()
 
 
 class Terminated(SystemExit):

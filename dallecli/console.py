@@ -5,6 +5,7 @@ Progress and messages go to stderr; a command's final summary goes to stdout.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -118,12 +119,14 @@ class Bar:
 
 
 @contextmanager
-def progress(description: str, total: int | None, unit: str = "it", start: int = 0) -> Iterator[Bar]:
+def progress(description: str, total: int | None, unit: str = "it", start: int = 0,
+             show: bool = True) -> Iterator[Bar]:
     """A rich progress bar with count, rate, elapsed time, ETA and a free-form status (the loss).
 
-    Silent under --quiet or when stderr is not a terminal and no total is known.
+    Silent under --quiet or when stderr is not a terminal and no total is known, and in the processes of a
+    `--gpus N` launch other than the first (one bar, not one per process).
     """
-    if settings.quiet:
+    if not show or settings.quiet or (os.environ.get("DALLE_LAUNCHED") == "1" and os.environ.get("RANK", "0") != "0"):
         yield Bar(None, None)
         return
     columns = [

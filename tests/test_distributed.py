@@ -211,6 +211,29 @@ def test_fsdp_resumes_a_ddp_checkpoint_through_the_gpus_relaunch(runs):
     assert metrics(target)[STEPS]["loss"] == pytest.approx(metrics(ddp)[STEPS]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_global_batch_under_gpus_counts_every_process(runs):
+    """`--gpus 2 --global-batch 16 --batch-size 4` accumulates 2 micro-batches per process (2 × 4 × 2 = 16),
+    not 4 (the launched processes' command line has no --gpus: the count comes from the launcher), and trains
+    what one process does with the same global batch (4 micro-batches of 4)."""
+    run, get = runs
+    one = cli.run(["train-prior", "--run", run, "--out", run / "one-accum", "--cpu", "--batch-size", 4,
+                   "--global-batch", 16, *common()])
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = cli.run(["train-prior", "--run", run, "--out", run / "two-accum", "--gpus", 2, "--cpu", "--main-port",
+                   free_port(), "--batch-size", 4, "--global-batch", 16, *common()])
+    assert two.returncode == 0, two.stderr[-4000:]
+    accum = {name: json.loads((run / name / "train_config.json").read_text())["grad_accum"]
+             for name in ("one-accum", "two-accum")}
+    assert accum == {"one-accum": 4, "two-accum": 2}
+    a, b = metrics(run / "one-accum"), metrics(run / "two-accum")
+    assert STEPS in b  # the relaunched processes log every --log-every steps (the test hook reaches only this one)
+    assert all(b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in b)
+    bad = cli.run(["train-prior", "--run", run, "--out", run / "bad", "--gpus", 2, "--cpu", "--batch-size", 4,
+                   "--global-batch", 12, *common()])
+    assert bad.returncode == 2 and "(4 × 2)" in bad.stderr and "launching" not in bad.stderr, bad.stderr[-2000:]
+
+
 # --- PowerSGD ---------------------------------------------------------------------------------------------
 
 def test_powersgd_compresses_after_the_exact_start_and_the_loss_falls(runs):
@@ -230,6 +253,18 @@ def test_powersgd_compresses_after_the_exact_start_and_the_loss_falls(runs):
     first, last = (sum(m[s]["loss"] for s in steps_) / 3 for steps_ in ((1, 2, 3), (steps - 2, steps - 1, steps)))
     assert last < first
     assert checkpoint.load(run / "powersgd", "prior").step == steps
+
+
+@pytest.mark.slow
+def test_powersgd_whose_exact_start_outlasts_the_run_says_so(runs):
+    """--warmup 10 on a 6-step run: the exact all-reduce covers every step; a warning says that nothing is
+    compressed (instead of "exact for 10 more steps, then compressed")."""
+    run, _ = runs
+    result = launch(run, "powersgd-short", "--batch-size", 4, "--powersgd-rank", 2, *common(), "--warmup", 10)
+    assert cli.matches(r"--powersgd-rank 2: the first 10 steps use the exact all-reduce, and 6 are left to train, "
+                       r"so nothing is compressed", result.stderr), result.stderr[-2000:]
+    assert "then compressed" not in result.stderr
+    assert all("powersgd_ratio" not in m for m in metrics(run / "powersgd-short").values())
 
 
 # --- flags ------------------------------------------------------------------------------------------------
@@ -359,10 +394,12 @@ def test_processes_stopped_because_another_failed_stay_quiet(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back(tmp_path):
-    """SIGTERM to a `--gpus N` command: the launched processes (in sessions of their own) are stopped first,
-    then the old folder comes back, and nothing writes into it afterwards; one `error: terminated`, no
-    traceback from the launcher."""
+@pytest.mark.parametrize("how", ["SIGTERM to the command", "Ctrl-C to its process group"])
+def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back(tmp_path, how):
+    """SIGTERM to a `--gpus N` command, or Ctrl-C: the launched processes (in sessions of their own) are stopped
+    first, then the old folder comes back, and nothing writes into it afterwards; one line (`error:
+    terminated` / `error: interrupted`) from the command, none from the processes or the launcher (no
+    traceback, no torch-elastic log of the signals)."""
     import os
     import signal
     import time
@@ -371,13 +408,17 @@ def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text("old")
     worker = tmp_path / "worker.py"
-    worker.write_text(
+    worker.write_text(  # a `dalle` command that writes into the folder as it goes
         "import os, time, pathlib\n"
+        "from dallecli import cli\n"
         f"folder = pathlib.Path({str(folder)!r})\n"
-        "for i in range(300):\n"
-        "    folder.mkdir(parents=True, exist_ok=True)\n"
-        "    (folder / f\"new-{os.environ['RANK']}-{i}.txt\").write_text('x')\n"
-        "    time.sleep(0.2)\n")
+        "def work():\n"
+        "    for i in range(300):\n"
+        "        folder.mkdir(parents=True, exist_ok=True)\n"
+        "        (folder / f\"new-{os.environ['RANK']}-{i}.txt\").write_text('x')\n"
+        "        time.sleep(0.2)\n"
+        "cli._run = work\n"
+        "cli.main()\n")
     top = tmp_path / "top.py"
     top.write_text(
         "import os, subprocess, sys, pathlib\n"
@@ -399,14 +440,27 @@ def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back
         while not list(folder.glob("new-1-*")) and time.time() < deadline:
             time.sleep(0.2)
         assert list(folder.glob("new-1-*")), "the launched processes never started"
-        os.kill(proc.pid, signal.SIGTERM)
+        if how.startswith("SIGTERM"):
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, err[-3000:]
+    code, line = (143, "error: terminated") if how.startswith("SIGTERM") else (130, "error: interrupted")
+    assert proc.returncode == code, err[-3000:]
     time.sleep(1.0)  # a process still running would write within 0.2 s
     assert sorted(p.name for p in folder.iterdir()) == ["metrics.json"], err[-3000:]
     assert not (folder.parent / ".x.replaced").exists()
-    assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("error:")] == \
-        ["error: terminated"], err[-3000:]
+    assert [ln for ln in err.splitlines() if ln.strip()] == [line], err[-3000:]
+
+
+@pytest.mark.parametrize("node_rank", [2, -1])
+def test_a_node_rank_outside_the_job_is_refused_before_launching(monkeypatch, node_rank):
+    """`--nodes 2 --node-rank 5` used to launch and wait forever for a node that never joins."""
+    from dallecli.train.launch import maybe_relaunch
+
+    monkeypatch.delenv("DALLE_LAUNCHED", raising=False)
+    with pytest.raises(UserError, match=f"--node-rank {node_rank} is not one of this job's nodes: give 0 to 1"):
+        maybe_relaunch(2, nodes=2, node_rank=node_rank, main_address="127.0.0.1", cpu=True)

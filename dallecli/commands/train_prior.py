@@ -1,6 +1,7 @@
 """`dalle train-prior`: stage 2, the transformer over caption tokens and image codes (§2.2, App. B)."""
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -84,7 +85,7 @@ def command(
     from dallecli.models.prior import PRESETS
     from dallecli.text import Tokenizer
     from dallecli.train.distributed import check_options
-    from dallecli.train.launch import maybe_relaunch
+    from dallecli.train.launch import launched, maybe_relaunch
     from dallecli.train.loop import TrainConfig, exit_code_for, train
     from dallecli.train.prior_task import PriorTask, codes_info
 
@@ -96,6 +97,17 @@ def command(
     on_gpu = torch.cuda.is_available() and not cpu
     precision_name = precision.value if precision else default_precision(on_gpu)
     check_options(strategy, powersgd_rank, precision_name)  # here, not once in every relaunched process
+    d_steps, d_batch, d_lr, d_warm = DEFAULTS[preset]
+    batch = d_batch if batch_size is None else batch_size
+    # All processes: this one's --gpus × --nodes before the relaunch; a launched process's command line has
+    # no --gpus any more, so it takes the count from the launcher.
+    world = int(os.environ.get("WORLD_SIZE", gpus * nodes)) if launched() else gpus * nodes
+    accum = 1
+    if global_batch is not None:
+        if global_batch % (batch * world):
+            raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size × processes "
+                            f"({batch} × {world})")
+        accum = global_batch // (batch * world)
     maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
     rd = RunDir(run)
     codes, out = codes or rd.codes, out or rd.prior
@@ -109,15 +121,6 @@ def command(
     if attention is not None:
         changes["attention"] = attention.value
     config = dataclasses.replace(PRESETS[preset], **changes)
-    d_steps, d_batch, d_lr, d_warm = DEFAULTS[preset]
-    batch = d_batch if batch_size is None else batch_size
-    world = gpus * nodes
-    accum = 1
-    if global_batch is not None:
-        if global_batch % (batch * world):
-            raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size × processes "
-                            f"({batch} × {world})")
-        accum = global_batch // (batch * world)
     cfg = TrainConfig(
         steps=d_steps if steps is None else steps, batch_size=batch, lr=d_lr if lr is None else lr,
         warmup=d_warm if warmup is None else warmup,

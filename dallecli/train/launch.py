@@ -7,6 +7,7 @@ The children see DALLE_LAUNCHED=1 and run the work; Accelerate gives each its ra
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -36,13 +37,6 @@ def report_error(message: str) -> bool:
     except (OSError, ValueError):
         return True
     return rank == "0"
-
-
-def peer_failed() -> bool:
-    """Whether another process of this launch has reported an error already: the launcher then stops the rest,
-    and their being stopped is not news (the launcher prints the error that caused it)."""
-    folder = os.environ.get(ERRORS_ENV)
-    return launched() and bool(folder) and any(Path(folder).glob("rank-*.txt"))
 
 
 def close_process_group() -> None:
@@ -99,6 +93,9 @@ def maybe_relaunch(gpus: int, nodes: int = 1, node_rank: int = 0, main_address: 
     """Relaunch under Accelerate when more than one process is asked for; return if this is the worker."""
     if gpus < 1 or nodes < 1:
         raise UserError(f"--gpus and --nodes must be at least 1 (got {gpus}, {nodes})")
+    if not 0 <= node_rank < nodes:  # else the launch waits for a node that never joins
+        raise UserError(f"--node-rank {node_rank} is not one of this job's nodes: give 0 to {nodes - 1} for --nodes "
+                        f"{nodes} (0 on the node at --main-address)")
     if launched() or gpus * nodes == 1:
         return
     import torch
@@ -107,7 +104,7 @@ def maybe_relaunch(gpus: int, nodes: int = 1, node_rank: int = 0, main_address: 
         raise UserError(f"--gpus {gpus} asked for, but {torch.cuda.device_count()} CUDA device(s) are visible; "
                         "lower --gpus (or pass --cpu to test with CPU processes)")
     cmd = launch_command(gpus, nodes, node_rank, main_address, main_port, cpu, sys.argv[1:])
-    info(f"launching {gpus * nodes} processes: accelerate launch … -m dallecli {' '.join(strip_flags(sys.argv[1:]))}")
+    info(f"launching {gpus * nodes} processes: accelerate launch … -m dallecli {shlex.join(strip_flags(sys.argv[1:]))}")
     env = dict(os.environ, DALLE_LAUNCHED="1")
     sys.exit(_wait(subprocess.Popen(cmd, env=env)))
 
@@ -167,14 +164,18 @@ def _launcher(argv: list[str]) -> int:
 
 
 def _quiet_elastic_after_user_error(folder: Path) -> None:
-    """torch-elastic logs a process's failure and the SIGTERM it sends the others ("failed (exitcode: 2)
-    local_rank: 1 …", "Sending process … closing signal SIGTERM"). Once a process has reported a user error,
-    that error is the whole story: drop those lines. A crash without one (a signal, a traceback) keeps them.
-    The filter sits on the handlers, so it sees the records of every elastic logger, made now or later."""
+    """torch-elastic logs the signals it passes on ("Received 2 death signal, shutting down workers", "Sending
+    process … closing signal SIGTERM") and a process's failure ("failed (exitcode: 2) local_rank: 1 …"). The
+    first are routine (a stop is said in one line by the `dalle` command that launched this one): drop them.
+    Once a process has reported a user error, that error is the whole story: drop the second too. A crash
+    without one (a signal, a traceback) keeps its error lines. The filter sits on the handlers, so it sees the
+    records of every elastic logger, made now or later."""
     import logging
 
     def keep(record: logging.LogRecord) -> bool:
-        return not record.name.startswith("torch.distributed.elastic") or not any(folder.glob("rank-*.txt"))
+        if not record.name.startswith("torch.distributed.elastic"):
+            return True
+        return record.levelno >= logging.ERROR and not any(folder.glob("rank-*.txt"))
 
     seen = set()
     for logger in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)] + [logging.root]:

@@ -93,9 +93,10 @@ class _Trainer:
         self.device, self.rank, self.world = accelerator.device, accelerator.process_index, accelerator.num_processes
         self.main = main = accelerator.is_main_process
         native = cfg.precision == "bf16" and cpu_has_bf16()
-        if cfg.precision != "fp32" and self.device.type == "cpu" and not native:
-            warn(f"--precision {cfg.precision} on a CPU without native {cfg.precision}: autocast is slow there; "
-                 "fp32 is the CPU default")
+        if cfg.precision != "fp32" and self.device.type == "cpu" and not native and main:
+            default = "bf16" if cpu_has_bf16() else "fp32"
+            warn(f"--precision {cfg.precision}: this CPU has no native {cfg.precision} arithmetic, so autocast to it "
+                 f"is emulated and slow; the default here is {default}")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
         if self.device.type == "cuda":  # the fp32 heads and logits (§2.4) on TF32 tensor cores: 13% faster (H100)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -204,7 +205,11 @@ class _Trainer:
                 raise UserError("--powersgd-rank needs the DDP-wrapped model, which Accelerate did not make here")
             start = distributed.powersgd_start(cfg.steps, cfg.warmup, self.step)
             self.powersgd = distributed.register_powersgd(self.model, cfg.powersgd_rank, start)
-            if self.main:
+            if self.main and start >= cfg.steps - self.step:  # the warm-up (--warmup) outlasts the run
+                warn(f"--powersgd-rank {cfg.powersgd_rank}: the first {start} steps use the exact all-reduce, and "
+                     f"{cfg.steps - self.step} are left to train, so nothing is compressed; lower --warmup or "
+                     "train longer")
+            elif self.main:
                 info(f"PowerSGD rank {cfg.powersgd_rank}: exact gradient all-reduce for {start} more steps, "
                      "then compressed")
 
@@ -220,7 +225,8 @@ class _Trainer:
         flops = getattr(task, "flops_per_unit", None)  # training FLOPs per counted unit (the prior: per token)
         peak = matmul_peak(self.device) if flops else None
         self.model.train()
-        with progress(f"train {task.kind}", total=cfg.steps, unit=f"{task.unit}", start=self.step) as bar:
+        with progress(f"train {task.kind}", total=cfg.steps, unit=f"{task.unit}", start=self.step,
+                      show=self.step < cfg.steps) as bar:
             while self.step < cfg.steps:
                 if self.stop and world == 1:  # a signal came between two steps, or during set-up
                     if self.step > self.start_step and self.saved["step"] != self.step:
