@@ -146,20 +146,25 @@ def _open(path: Path) -> Image.Image | None:
 
 
 def rank_rows(rows: list[dict[str, Any]], keep: int | None = None) -> None:
-    """Set "rank" (1 = highest clip_score within a prompt; ties keep file order) and, with `keep`, "kept"."""
+    """Set "rank" (1 = highest clip_score within a prompt; ties keep file order) and, with `keep`, "kept" (the
+    best `keep`). Without `keep`, rows already marked "kept" stay marked as many per prompt as before, now the
+    best by these ranks: a rerank with another CLIP moves the marks with the order."""
     by_prompt: dict[str, list[dict]] = defaultdict(list)
+    marked: dict[str, int] = defaultdict(int)  # per prompt: how many were kept before
     for row in rows:
+        marked[row["prompt"]] += row.get("kept") is True
         if row.get("clip_score") is None:
             row["rank"] = None
-            if keep is not None:
+            if keep is not None or "kept" in row:
                 row["kept"] = False
         else:
             by_prompt[row["prompt"]].append(row)
-    for group in by_prompt.values():
+    for prompt, group in by_prompt.items():
+        limit = keep if keep is not None else marked[prompt]
         for r, row in enumerate(sorted(group, key=lambda x: -x["clip_score"]), 1):  # sorted() is stable
             row["rank"] = r
-            if keep is not None:
-                row["kept"] = r <= keep
+            if keep is not None or "kept" in row:
+                row["kept"] = r <= limit
 
 
 def score_rows(rows: list[dict[str, Any]], root: Path, scorer: Scorer) -> list[str]:

@@ -201,8 +201,12 @@ def compiled_decoder(model: PriorTransformer, batch: int, dtype: torch.dtype, de
     "reduce-overhead" mode: each decode step replays one CUDA graph instead of launching ~15 kernels per
     layer from Python). Kept on the model for the next batch of the same size, so compiling and graph
     capture happen once; only the last size is kept (a cache at batch 256 of the `base` preset is 32 GB)."""
+    import logging
+
     from dallecli.models.prior import StaticDecoder
 
+    # torch's C++ toolchain probe warns about CUDA_HOME on CUDA-less machines that have a CUDA folder
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     key = (batch, dtype, str(device))
     held = model.__dict__.get("_compiled_decoder")  # not a submodule: kept out of state_dict and .to()
     if held is None or held[0] != key:
@@ -288,8 +292,10 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
             raise UserError("empty prompt: give a caption, e.g. dalle sample \"a red circle\"")
         ids = pipe.tokenizer.encode(p)
         if len(ids) > c.text_len:
-            cut = pipe.tokenizer.decode(ids[c.text_len:])
-            warn(f"prompt longer than {c.text_len} tokens, cut: …{cut[:60]!r} dropped from {p[:40]!r}")
+            cut = pipe.tokenizer.decode(ids[c.text_len:]).strip()
+            shown = cut if len(cut) <= 60 else cut[:60] + "…"
+            warn(f"prompt longer than {c.text_len} tokens, cut: {shown!r} dropped from the end of {p[:40]!r}"
+                 + ("…" if len(p) > 40 else ""))
             ids = ids[: c.text_len]
         row = torch.full((c.text_len,), c.pad_id, dtype=torch.long)
         row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -360,6 +366,16 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
     mine = [job for k, job in enumerate(jobs) if (job[0] % world) == rank]  # whole prompts per process
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # what, besides each image's seed in samples.jsonl, it takes to draw these images again
+        from dallecli import __version__
+        from dallecli.config import write_json_atomic
+
+        write_json_atomic(out / "sampling.json", {
+            "dalle": __version__, "prompts": len(prompts), "n": n, "rerank": rerank, "seed": seed,
+            "batch_size": batch_size, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "guidance": guidance, "precision": pipe.precision, "device": pipe.device.type, "compiled": compiled,
+            "prior": str(pipe.prior_path), "dvae": str(pipe.dvae_path),
+            "image_prompt": None if image_prompt is None else str(image_prompt), "prompt_rows": prompt_rows})
     records = []
     with progress("sample", total=len(mine) * pipe.prior.config.image_len, unit="tok") as bar:
         for lo in range(0, len(mine), batch_size):
@@ -369,7 +385,9 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
             prompt = prompt_codes.expand(len(chunk), -1) if prompt_codes is not None else None
             codes, logprob = generate_codes(pipe.prior, text, seeds, cfg, prompt, compiled=compiled,
                                             precision=pipe.precision)
-            images = codes_to_images(pipe.dvae, codes.cpu())
+            # One image at a time: a convolution's result can depend on the batch it is in (the last bit, so
+            # now and then one pixel level), and an image regenerated alone must be the same file.
+            images = codes_to_images(pipe.dvae, codes.cpu(), batch_size=1)
             for (i, j), s, im, lp in zip(chunk, seeds, images, logprob.tolist()):
                 fname = f"{i:03d}-{j:03d}.png"
                 im.save(out / fname)

@@ -723,3 +723,32 @@ def test_eval_help_names_the_default_count():
     app.command()(command)
     count = next(p for p in typer.main.get_command(app).params if p.name == "count")
     assert f"(default {DEFAULT_COUNT})" in count.help
+
+
+def test_drawn_samples_record_which_candidates_were_measured(tmp_path, net_file, clip, monkeypatch):
+    """eval --rerank K draws candidates, measures the best of the first K per prompt, and marks exactly those
+    `kept` in its samples.jsonl (the sampler had marked all of them): evaluating that file again with
+    --samples measures the same images, so gives the same numbers."""
+    from dallecli import sample
+
+    def draw(run, prompts, out, *, n=1, rerank=None, seed=0, **kw):
+        rows = [(p, noisy(render_scene(0, i, 64, "val")[0], 0.05 * (1 + j), i * n + j),
+                 {"index": j, "prompt_index": i, "clip_score": float((i + j) % 3), "kept": True})
+                for i, p in enumerate(prompts) for j in range(n)]
+        return write_samples(Path(out), rows)
+
+    monkeypatch.setattr(sample, "sample_to_folder", draw)
+    run = make_run(tmp_path / "run", n=10)
+    folder, first = evaluate(run, quick(features=str(net_file), composition_count=2, rerank=2, rerank_sizes=(1, 4)))
+    rows = [json.loads(line) for line in (folder / "samples" / "samples.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["kept"]]
+    assert len(rows) == 40 and len(kept) == 10
+    for r in kept:  # the best by clip_score of the prompt's first two candidates
+        pair = [x for x in rows if x["prompt_index"] == r["prompt_index"] and x["index"] < 2]
+        assert r["index"] < 2 and r["clip_score"] == max(x["clip_score"] for x in pair)
+    comp = [json.loads(line) for line in (folder / "samples-composition" / "samples.jsonl").read_text().splitlines()]
+    assert sum(r["kept"] for r in comp) == 4
+    _, again = evaluate(run, quick(name="again", features=str(net_file), samples=folder / "samples" / "samples.jsonl",
+                                   composition_samples=folder / "samples-composition" / "samples.jsonl"))
+    assert again["blur"] == first["blur"] and again["composition"] == first["composition"]
+    assert again["clip_score"]["generated"] == first["clip_score"]["generated"]

@@ -286,3 +286,42 @@ def test_command_writes_a_folders_ranking_to_out_and_never_replaces_files(tmp_pa
     assert (folder / "ranked.png").read_bytes() == mine and not (folder / "samples.jsonl").exists()
     wrong = CliRunner().invoke(_app(), ["rerank", str(out), "--out", str(tmp_path / "x"), "-q"])
     assert wrong.exit_code != 0 and "--out goes with --images" in str(wrong.exception)
+
+
+def test_a_rerank_without_keep_moves_the_kept_marks_with_the_new_order():
+    """rerank --keep 1, then rerank again by another CLIP without --keep: still one kept per prompt, and it is
+    the new rank 1 (not the old one, now ranked lower)."""
+    rows = [{"prompt": "p", "image": f"{i}.png", "clip_score": s} for i, s in enumerate([0.1, 0.9, 0.5])]
+    rank_rows(rows, keep=1)
+    assert [r["kept"] for r in rows] == [False, True, False]
+    for row, new in zip(rows, [0.8, 0.2, 0.3]):  # another CLIP's scores
+        row["clip_score"] = new
+    rank_rows(rows)
+    assert [(r["rank"], r["kept"]) for r in rows] == [(1, True), (3, False), (2, False)]
+    fresh = [{"prompt": "p", "image": "a.png", "clip_score": 0.5}]
+    rank_rows(fresh)
+    assert "kept" not in fresh[0]  # never marked: still unmarked
+
+
+def test_reranking_a_sample_folder_redraws_its_gallery_best_first(tmp_path, stub_clip):
+    """A `dalle sample` folder (index.html and grid.png beside samples.jsonl): rerank writes its gallery again in
+    the new order, not only ranked.png. A folder of the user's own images never gets one; an empty --prompt is
+    refused."""
+    from typer.testing import CliRunner
+
+    path = make_samples(tmp_path / "s")
+    (path.parent / "index.html").write_text("old gallery")
+    (path.parent / "grid.png").write_bytes(b"old grid")
+    result = CliRunner().invoke(_app(), ["rerank", str(path.parent), "--keep", "1", "-q"])
+    assert result.exit_code == 0, result.output
+    page = (path.parent / "index.html").read_text()
+    assert page != "old gallery" and Image.open(path.parent / "grid.png").size[0] > 0
+    best = [r["image"] for r in read_samples(path) if r["rank"] == 1]
+    assert all(image in page for image in best)
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (20, 30), (255, 0, 0)).save(folder / "a.png")
+    empty = CliRunner().invoke(_app(), ["rerank", "--images", str(folder), "--prompt", "  ", "-q"])
+    assert isinstance(empty.exception, UserError) and "empty --prompt" in str(empty.exception)
+    assert not (folder / "samples.jsonl").exists()

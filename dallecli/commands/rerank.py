@@ -59,6 +59,8 @@ def command(
     if images is not None or prompt is not None:
         if images is None or prompt is None or samples is not None:
             raise UserError("--images FOLDER and --prompt TEXT go together, without a SAMPLES argument")
+        if not prompt.strip():
+            raise UserError('empty --prompt: give the text to score the images against, e.g. --prompt "a red circle"')
         target = images if out is None else out
         if target.exists() and not target.is_dir():
             raise UserError(f"--out {target} is a file, not a folder")
@@ -83,6 +85,11 @@ def command(
     scored = [r for r in rows if r.get("clip_score") is not None]
     sheet = path.parent / "ranked.png"
     ranked_grid(rows, path.parent, cols=cols).save(sheet)
+    if images is None and all((path.parent / f).is_file() for f in ("index.html", "grid.png")):
+        # a `dalle sample` folder: its gallery, best first by the new ranks
+        from dallecli.sample import write_gallery
+
+        write_gallery(path.parent, [r for r in rows if r.get("clip_score") is not None])
     best = {}
     for r in scored:
         if r["rank"] == 1:

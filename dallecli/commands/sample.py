@@ -67,6 +67,10 @@ def command(
             raise UserError(f"cannot read prompts file {prompts_file}: {exc.strerror or exc}") from None
     if not texts:
         raise UserError('no prompts: give captions as arguments (dalle sample "a red circle") or --prompts FILE')
+    if clip is not None and rerank is None and not launched():
+        from dallecli.console import warn
+
+        warn(f"--clip {clip} is used only with --rerank K: these samples are not scored")
     # One name for every process, so that the parts land in one folder.
     name = name or datetime.now().strftime("%Y%m%d-%H%M%S")
     if gpus > 1 and "--name" not in __import__("sys").argv:

@@ -218,7 +218,12 @@ def _torchscript_features(path: Path, device) -> Features:
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(path), map_location="cpu").eval().to(device)
     except Exception as exc:  # a pickle or garbage: torch.jit.load refuses it (and never unpickles code)
-        raise UserError(f"--features {path} is not a TorchScript module ({str(exc).splitlines()[0][:120]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if len(first) > 120:  # cut after a whole word
+            cut = first.rfind(" ", 0, 120)
+            first = first[:cut if cut > 60 else 120] + " …"
+        raise UserError(f"--features {path} is not a TorchScript module ({first}); give a file saved with "
+                        "torch.jit.save, or --features inception / clip") from None
     size = getattr(module, "input_size", None)
     size = int(size) if isinstance(size, int) and size > 0 else None
     head: dict[str, bool] = {}

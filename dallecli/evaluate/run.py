@@ -26,8 +26,8 @@ from dallecli.console import UserError, info, warn
 from dallecli.evaluate import features as nets
 from dallecli.evaluate import fid as F_
 from dallecli.evaluate.fid import ImageRef, ImageSet
-from dallecli.evaluate.inputs import (Candidate, References, read_references, read_samples, select,
-                                      shapes_world)
+from dallecli.evaluate.inputs import (Candidate, References, mark_selected, read_references, read_samples,
+                                      select, shapes_world)
 
 CATEGORIES = ("seen_single", "zeroshot_single", "relation_seen", "relation_zeroshot")
 DEFAULT_COUNT = 1000  # §3.1 uses 30,000 MS-COCO captions; 1,000 keeps a small run's eval short
@@ -209,6 +209,10 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     comp_chosen = select(comp_groups, main_k, rank_score)
     if len(chosen) < 2:
         raise UserError(f"{len(chosen)} sample(s) selected from {samples_path}; FID needs at least 2")
+    if main and cfg.samples is None:  # drawn here: "kept" says which candidates the metrics below measure
+        mark_selected(samples_path, chosen)
+        if comp_path is not None:
+            mark_selected(Path(comp_path), comp_chosen, uid_start=10**9)
     if main and min(len(chosen), len(refs.images)) < FEW_IMAGES:
         warn(f"FID and KID from {len(chosen)} samples and {len(refs.images)} references are noisy and biased "
              "upward (the fewer the images, the higher): compare them only between evaluations of equal counts")
