@@ -137,7 +137,10 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
         raise UserError(f"{state_path} is not a demo state file; rerun with --fresh to start the demo over")
     args = {"data": data, "minutes": minutes}
     if state and state.get("args") != args:
-        raise UserError(f"{run} holds a demo run with {state.get('args')}; use another --run or --fresh")
+        was = state.get("args")
+        was = ", ".join(f"--{k} {v}" for k, v in was.items()) if isinstance(was, dict) else repr(was)
+        raise UserError(f"{run} holds a demo run made with {was}; use another --run, the same options, or --fresh "
+                        "to start over")
     if fresh and run.exists():
         import shutil
 
@@ -187,5 +190,6 @@ def _final_summary(run: Path, data: str, state: dict) -> dict:
     out.print("\nNext, try:\n"
               f'  dalle sample "{NEXT_PROMPT[data]}" --run {run} --n 8 --rerank 2\n'
               f"  dalle eval --run {run} --features clip\n"
-              f"  dalle train-prior --run {run} --steps 3000   # train longer: continues where it stopped")
+              f"  dalle train-prior --run {run} --steps 3000   # train longer: continues where it stopped",
+              soft_wrap=True)  # whole lines to copy, also in a log file (rich wraps at 80 columns off a terminal)
     return rows

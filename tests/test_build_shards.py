@@ -448,6 +448,24 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def test_webdataset_keys_that_sanitise_alike_are_two_samples_and_repeats_are_duplicates(tmp_path):
+    """`x y` and `x_y` in a tar are two samples (the second becomes `x_y_2`, as for file names); the same key in
+    a second tar is a duplicate; a summary of more reject kinds than it lists says how many more."""
+    src = tmp_path / "shards"
+    src.mkdir()
+    write_tar(src / "a.tar", [("x y.jpg", image_bytes(1, "JPEG")), ("x y.txt", b"a picture with a space"),
+                              ("x_y.jpg", image_bytes(2, "JPEG")), ("x_y.txt", b"a picture with an underscore")])
+    write_tar(src / "b.tar", [("x_y.jpg", image_bytes(3, "JPEG")), ("x_y.txt", b"the same key again"),
+                              ("e.jpg", b""), ("e.txt", b"an empty image"), ("n.jpg", image_bytes(4, "JPEG")),
+                              ("u.jpg", image_bytes(5, "JPEG")), ("u.txt", b"\xff\xfe not utf-8"),
+                              ("t.jpg", image_bytes(6, "JPEG", (200, 40))), ("t.txt", b"a very wide picture")])
+    result = ok(src, "--out", tmp_path / "out", "--val-fraction", "0", "--max-error-rate", "1", "--size", "32")
+    kept = {r.key: r.members["txt"] for r in records(tmp_path / "out", "train")}
+    assert kept == {"x_y": b"a picture with a space", "x_y_2": b"a picture with an underscore"}
+    assert rejects(tmp_path / "out")["x_y_2"] == "duplicate-key"
+    assert len(set(rejects(tmp_path / "out").values())) == 5 and "+1 more kinds (manifest.json)" in result.output
+
+
 def test_webdataset_input_is_resharded_and_resized(tmp_path):
     src = tmp_path / "img2dataset"
     src.mkdir()

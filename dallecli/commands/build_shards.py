@@ -66,7 +66,8 @@ def command(
         "--dedup/--no-dedup", help="Drop images whose bytes repeat an earlier one (keeps the first).")] = False,
     max_error_rate: Annotated[float, typer.Option(
         "--max-error-rate", min=0.0, max=1.0, help="Stop (exit 2) when more than this share of inputs are "
-        "unreadable (judged after 20 inputs and at the end; filtered samples do not count).")] = 0.5,
+        "broken: an image or caption that cannot be read or is missing, a duplicate key (judged after 20 inputs "
+        "and at the end). Filtered samples (size, aspect ratio, caption length, duplicate images) do not count.")] = 0.5,
     image_column: Annotated[Optional[str], typer.Option(
         "--image-column", help="Manifest column with the image path or URL (default: the first of "
         "image, url, path, file, filename, image_path, img).", show_default=False)] = None,
@@ -161,14 +162,16 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
 
     counts, shards = manifest["counts"], manifest["shards"]
     n_shards = {s: sum(1 for e in shards if e["split"] == s) for s in ("train", "val")}
-    top = sorted(manifest["rejects"].items(), key=lambda kv: -kv[1])[:4]
+    kinds = sorted(manifest["rejects"].items(), key=lambda kv: -kv[1])
+    top = kinds[:4]
+    more = f", +{len(kinds) - 4} more kinds (manifest.json)" if len(kinds) > 4 else ""
     rows = {
         "status": "already complete (nothing to do)" if manifest.get("already_complete") else "done",
         "inputs": counts["inputs"],
         "train": f"{counted(counts['train'], 'sample')} in {counted(n_shards['train'], 'shard')}",
         "val": f"{counted(counts['val'], 'sample')} in {counted(n_shards['val'], 'shard')}",
         "rejected": f"{counts['rejected']} ({counted(counts['errors'], 'error')})"
-                    + (": " + ", ".join(f"{r} ×{n}" for r, n in top) if top else ""),
+                    + (": " + ", ".join(f"{r} ×{n}" for r, n in top) + more if top else ""),
         "shards": folder,
         "manifest": folder / "manifest.json",
         "rejects": folder / "rejects.jsonl",

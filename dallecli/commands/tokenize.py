@@ -86,8 +86,8 @@ def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_
     if counts["no_txt"]:
         warn(f"{counts['no_txt']} record(s) had no .txt caption and were skipped")
     if tok.vocab_size < vocab_size:
-        warn(f"the corpus ran out of merges (min frequency {min_frequency}): vocabulary is {tok.vocab_size}, "
-             f"not {vocab_size}")
+        warn(f"the corpus ran out of merges (min frequency {min_frequency}): vocabulary is {tok.vocab_size:,}, "
+             f"not {vocab_size:,}")
 
     out = rundir.tokenizer
     old = _old_fingerprint(out)

@@ -270,7 +270,8 @@ class Stats:
 
     def summary_line(self, n: int = 3) -> str:
         top = Counter(self.rejects).most_common(n)
-        return ", ".join(f"{reason} ×{count}" for reason, count in top)
+        more = len(self.rejects) - len(top)
+        return ", ".join(f"{reason} ×{count}" for reason, count in top) + (f", +{more} more kinds" if more else "")
 
 
 class _Build:

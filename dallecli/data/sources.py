@@ -98,9 +98,29 @@ _KEY_BAD = re.compile(r"[^\w\-]+")
 
 def make_key(text: str) -> str:
     """A WebDataset-safe key: the key ends at the first dot of a member name, so dots, slashes and other
-    punctuation become '_' (collisions this creates: `folder_source` numbers them apart, other sources
-    reject them as duplicate keys)."""
+    punctuation become '_' (`KeyNumbering` tells the collisions this creates apart from real duplicates)."""
     return _KEY_BAD.sub("_", text).strip("_")
+
+
+class KeyNumbering:
+    """Sample keys from names as the source gives them. The same name gets the same key (a duplicate, which
+    `unique_keys` rejects); different names that `make_key` maps to one key (`x y` and `x_y`) are different
+    samples: the later one, in listing order (sorted, so reproducible and resumable), takes the first free
+    `KEY_2`, `KEY_3`, …."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+        self.of: dict[str, str] = {}
+
+    def key(self, name: str) -> str:
+        if name not in self.of:
+            key = base = make_key(name)
+            n = 2
+            while base and key in self.taken:
+                key, n = f"{base}_{n}", n + 1
+            self.taken.add(key)
+            self.of[name] = key
+        return self.of[name]
 
 
 def unique_keys(items: Iterable[Item]) -> Iterator[Item]:
@@ -254,22 +274,12 @@ def folder_source(root: Path) -> Source:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
 
     def items() -> Iterator[Item]:
-        taken: set[str] = set()
-        key_of: dict[Path, str] = {}      # stem → its key
+        keys = KeyNumbering()
         for path in files:
             rel = path.relative_to(root)
-            stem = rel.with_suffix("")
-            key = key_of.get(stem)        # a stem seen before (dup.png + dup.jpg share dup.txt): a real duplicate
-            if key is None:
-                # `x y.png` and `x_y.png` are different samples with one sanitised key: the later one (in
-                # sorted, so reproducible, order) takes the first free `KEY_2`, `KEY_3`, ...
-                key = base = make_key(str(stem))
-                n = 2
-                while base and key in taken:
-                    key, n = f"{base}_{n}", n + 1
-                taken.add(key)
-                key_of[stem] = key
-            yield Item(key=key, source=str(rel), image=path, caption=path.with_suffix(".txt"))
+            # the stem names the sample: dup.png + dup.jpg share dup.txt, a real duplicate (one key)
+            yield Item(key=keys.key(str(rel.with_suffix(""))), source=str(rel), image=path,
+                       caption=path.with_suffix(".txt"))
 
     return Source("folder", unique_keys(items()), len(files))
 
@@ -351,6 +361,7 @@ def manifest_source(path: Path, image_column: str | None, caption_column: str | 
     base = path.parent
 
     def items() -> Iterator[Item]:
+        keys = KeyNumbering()  # a `key` column's values, as for file names
         for index, (line, row, problem) in enumerate(_manifest_rows(path)):
             key = f"{index:09d}"
             where = f"{path.name}:{line}"
@@ -358,7 +369,7 @@ def manifest_source(path: Path, image_column: str | None, caption_column: str | 
                 yield Item(key, where, None, None, reject=Rejected("manifest-bad-row", problem))
                 continue
             if row.get("key") not in (None, ""):
-                key = make_key(str(row["key"]))
+                key = keys.key(str(row["key"]))
             image = row.get(image_col)
             caption = row.get(caption_col)
             caption = None if caption is None else str(caption)
@@ -388,6 +399,7 @@ def webdataset_source(path: Path) -> Source:
         raise UserError(f"no .tar shards in {path}")
 
     def items() -> Iterator[Item]:
+        keys = KeyNumbering()  # the same key in two tars: a duplicate; `x y` beside `x_y`: two samples
         for tar in tars:
             errors: list = []
             for record in iter_records(tar, errors):
@@ -400,7 +412,7 @@ def webdataset_source(path: Path) -> Source:
                             meta["url"] = url
                     except (ValueError, AttributeError):
                         pass
-                yield Item(make_key(record.key), f"{tar.name}:{record.key}",
+                yield Item(keys.key(record.key), f"{tar.name}:{record.key}",
                            record.members[ext] if ext else None, record.members.get("txt"), meta)
             for e in errors:
                 yield Item(make_key(e.key or ""), f"{tar.name}:{e.key or ''}", None, None,
