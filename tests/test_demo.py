@@ -17,7 +17,8 @@ def test_refuses_another_demo_in_the_same_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "demo.json").write_text(json.dumps({"args": {"data": "emoji", "minutes": 10.0}, "done": {}}))
-    with pytest.raises(UserError, match="made with --data emoji, --minutes 10.0; use another --run, the same options, or --fresh"):
+    with pytest.raises(UserError, match="made with --data emoji, --minutes 10.0; use another --run, the same "
+                                        "options, or --fresh"):
         run_demo("shapes", 10.0, run)
     with pytest.raises(UserError, match="--minutes"):
         run_demo("shapes", 0, tmp_path / "other")
