@@ -145,20 +145,27 @@ def _open(path: Path) -> Image.Image | None:
         return None  # unreadable, or far more pixels than any sample (a decompression bomb): counted as missing
 
 
+def _group(row: dict[str, Any]) -> tuple:
+    """Which prompt's candidates a row is among: its prompt_index where the sampler wrote one (one caption may
+    be asked twice, as separate prompts), else its text."""
+    return ("i", row["prompt_index"]) if "prompt_index" in row else ("p", row["prompt"])
+
+
 def rank_rows(rows: list[dict[str, Any]], keep: int | None = None) -> None:
     """Set "rank" (1 = highest clip_score within a prompt; ties keep file order) and, with `keep`, "kept" (the
     best `keep`). Without `keep`, rows already marked "kept" stay marked as many per prompt as before, now the
     best by these ranks: a rerank with another CLIP moves the marks with the order."""
-    by_prompt: dict[str, list[dict]] = defaultdict(list)
-    marked: dict[str, int] = defaultdict(int)  # per prompt: how many were kept before
+    by_prompt: dict[Any, list[dict]] = defaultdict(list)
+    marked: dict[Any, int] = defaultdict(int)
     for row in rows:
-        marked[row["prompt"]] += row.get("kept") is True
+        group = _group(row)
+        marked[group] += row.get("kept") is True
         if row.get("clip_score") is None:
             row["rank"] = None
             if keep is not None or "kept" in row:
                 row["kept"] = False
         else:
-            by_prompt[row["prompt"]].append(row)
+            by_prompt[group].append(row)
     for prompt, group in by_prompt.items():
         limit = keep if keep is not None else marked[prompt]
         for r, row in enumerate(sorted(group, key=lambda x: -x["clip_score"]), 1):  # sorted() is stable
@@ -227,20 +234,20 @@ def rerank_samples(samples_jsonl: Path, scorer: Scorer, keep: int | None = None,
 def ranked_grid(rows: list[dict[str, Any]], root: Path, cols: int = 8, tile: int = 128) -> Image.Image:
     """One row per prompt (in order of first appearance): a tile naming the prompt, then its best `cols`
     images, best first, each captioned with its rank and cosine."""
-    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    by_prompt: dict[Any, list[dict]] = defaultdict(list)
     for row in rows:
         if row.get("rank") is not None:
-            by_prompt[row["prompt"]].append(row)
+            by_prompt[_group(row)].append(row)
     if not by_prompt:
         raise UserError("no scored samples to show")
     blank = Image.new("RGB", (tile, tile), (235, 235, 235))
     width = min(cols, max(len(g) for g in by_prompt.values()))
     images: list[Image.Image] = []
     captions: list[str] = []
-    for prompt, group in by_prompt.items():
+    for group in by_prompt.values():
         best = sorted(group, key=lambda x: x["rank"])[:width]
         images.append(blank)
-        captions.append(prompt)
+        captions.append(group[0]["prompt"])
         for row in best:
             im = _open(Path(root) / row["image"])
             images.append(center_square(im, tile) if im is not None else blank)

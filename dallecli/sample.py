@@ -375,7 +375,8 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
             "batch_size": batch_size, "temperature": temperature, "top_k": top_k, "top_p": top_p,
             "guidance": guidance, "precision": pipe.precision, "device": pipe.device.type, "compiled": compiled,
             "prior": str(pipe.prior_path), "dvae": str(pipe.dvae_path),
-            "image_prompt": None if image_prompt is None else str(image_prompt), "prompt_rows": prompt_rows})
+            "image_prompt": None if image_prompt is None else str(image_prompt), "prompt_rows": prompt_rows,
+            "clip": clip if rerank is not None else None})
     records = []
     with progress("sample", total=len(mine) * pipe.prior.config.image_len, unit="tok") as bar:
         for lo in range(0, len(mine), batch_size):
@@ -441,6 +442,12 @@ def finish_folder(out: Path, prompts: list[str], n: int, rerank: int | None, cli
         if scorer is None:
             scorer = _scorer_for(clip, run, pipe.device if pipe else "cpu", take=True)
         rerank_samples(path, scorer, keep=rerank)
+        settings = out / "sampling.json"
+        if settings.is_file():  # reranked after the draw (the processes of --gpus N draw without): say so
+            from dallecli.config import read_json, write_json_atomic
+
+            write_json_atomic(settings, {**read_json(settings, "sampling settings"), "rerank": rerank,
+                                         "clip": getattr(scorer, "name", clip)})
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     write_gallery(out, rows)
     if not quiet:

@@ -394,7 +394,8 @@ def test_processes_stopped_because_another_failed_stay_quiet(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGTERM to the command", "Ctrl-C to its process group"])
+@pytest.mark.parametrize("how", ["SIGTERM to the command", "Ctrl-C to its process group",
+                                 "SIGTERM to the launcher alone"])
 def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back(tmp_path, how):
     """SIGTERM to a `--gpus N` command, or Ctrl-C: the launched processes (in sessions of their own) are stopped
     first, then the old folder comes back, and nothing writes into it afterwards; one line (`error:
@@ -424,13 +425,13 @@ def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back
         "import os, subprocess, sys, pathlib\n"
         "from dallecli import cli\n"
         "from dallecli.commands.common import ReplacedFolder\n"
-        "from dallecli.train.launch import _wait\n"
+        "from dallecli.train.launch import run_launch\n"
         "def work():\n"
         f"    with ReplacedFolder(pathlib.Path({str(folder)!r}), overwrite=True, what='evaluation'):\n"
-        "        sys.exit(_wait(subprocess.Popen([sys.executable, '-m', 'dallecli.train.launch', '--num_processes',\n"
+        "        run_launch([sys.executable, '-m', 'dallecli.train.launch', '--num_processes',\n"
         f"            '2', '--num_machines', '1', '--machine_rank', '0', '--main_process_port', {free_port()!r},\n"
         "            '--mixed_precision', 'no', '--dynamo_backend', 'no', '--multi_gpu', sys.argv[1]],\n"
-        "            env=dict(os.environ, DALLE_LAUNCHED='1'))))\n"
+        "            dict(os.environ, DALLE_LAUNCHED='1'))\n"
         "cli._run = work\n"
         "cli.main()\n")
     proc = subprocess.Popen([sys.executable, str(top), str(worker)], env=cli.cli_env(), cwd=cli.ROOT,
@@ -440,10 +441,14 @@ def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back
         while not list(folder.glob("new-1-*")) and time.time() < deadline:
             time.sleep(0.2)
         assert list(folder.glob("new-1-*")), "the launched processes never started"
-        if how.startswith("SIGTERM"):
+        if how == "SIGTERM to the command":
             os.kill(proc.pid, signal.SIGTERM)
-        else:
+        elif how.startswith("Ctrl-C"):
             os.killpg(proc.pid, signal.SIGINT)
+        else:  # a scheduler's kill of one process: the command that launched it reports the stop
+            launcher = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            assert len(launcher) == 1
+            os.kill(int(launcher[0]), signal.SIGTERM)
         _, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:

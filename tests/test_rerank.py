@@ -325,3 +325,13 @@ def test_reranking_a_sample_folder_redraws_its_gallery_best_first(tmp_path, stub
     empty = CliRunner().invoke(_app(), ["rerank", "--images", str(folder), "--prompt", "  ", "-q"])
     assert isinstance(empty.exception, UserError) and "empty --prompt" in str(empty.exception)
     assert not (folder / "samples.jsonl").exists()
+
+
+def test_one_caption_asked_twice_is_ranked_as_two_prompts():
+    """Rows with prompt_index (what the sampler writes): one caption given as two prompts is two groups, each
+    keeping its own mark, not one pooled group whose best two could both land in the first."""
+    rows = [{"prompt": "a red circle", "prompt_index": i, "index": j, "image": f"{i}{j}.png", "clip_score": s,
+             "kept": j == 0} for i, scores in enumerate([(0.9, 0.8), (0.2, 0.1)]) for j, s in enumerate(scores)]
+    rank_rows(rows)
+    assert [(r["prompt_index"], r["rank"], r["kept"]) for r in rows] == [(0, 1, True), (0, 2, False),
+                                                                       (1, 1, True), (1, 2, False)]

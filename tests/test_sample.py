@@ -368,6 +368,8 @@ def test_the_main_process_of_a_split_run_loads_the_reranking_clip_once(tiny_run,
     sample.merge_parts(out, 2)
     sample.finish_folder(out, ["a red circle", "a blue square"], 2, 1, None, tiny_run, quiet=True)
     assert len(loads) == 2  # the main process's, handed on
+    settings = json.loads((out / "sampling.json").read_text())
+    assert settings["rerank"] == 1 and settings["clip"] == "stub"  # reranked after the draw: recorded
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sum(r["kept"] for r in rows) == 2 and all("clip_score" in r for r in rows)
     sample.finish_folder(out, ["a red circle", "a blue square"], 2, 1, None, tiny_run, quiet=True)

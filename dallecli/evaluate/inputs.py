@@ -136,13 +136,13 @@ def read_samples(path: Path, max_missing: float, uid_start: int = 0) -> tuple[li
 def mark_selected(path: Path, chosen: list[Candidate], uid_start: int = 0) -> None:
     """Rewrite samples.jsonl's "kept" flags as the evaluation's selection: a later `dalle eval --samples` of
     the file (which takes the kept candidates when marked) then measures the same images."""
+    from dallecli.rerank import write_samples
+
     path, uids = Path(path), {c.uid for c in chosen}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     for j, row in enumerate(rows):
         row["kept"] = uid_start + j in uids
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
+    write_samples(path, rows)
 
 
 def select(groups: list[list[Candidate]], k: int | None, score: dict[int, float] | None) -> list[Candidate]:

@@ -105,8 +105,18 @@ def maybe_relaunch(gpus: int, nodes: int = 1, node_rank: int = 0, main_address: 
                         "lower --gpus (or pass --cpu to test with CPU processes)")
     cmd = launch_command(gpus, nodes, node_rank, main_address, main_port, cpu, sys.argv[1:])
     info(f"launching {gpus * nodes} processes: accelerate launch … -m dallecli {shlex.join(strip_flags(sys.argv[1:]))}")
-    env = dict(os.environ, DALLE_LAUNCHED="1")
-    sys.exit(_wait(subprocess.Popen(cmd, env=env)))
+    run_launch(cmd, dict(os.environ, DALLE_LAUNCHED="1"))
+
+
+def run_launch(cmd: list[str], env: dict[str, str]) -> None:
+    """Run the launcher command `cmd` and exit with its code. A stopped launch is said in one line here (its
+    processes say nothing of it); their own errors they print themselves."""
+    code = _wait(subprocess.Popen(cmd, env=env))
+    if code in (130, 143):
+        from dallecli.console import print_error
+
+        print_error("interrupted" if code == 130 else "terminated")
+    sys.exit(code)
 
 
 def _wait(launcher: subprocess.Popen, grace_s: float = 60.0) -> int:
@@ -117,15 +127,30 @@ def _wait(launcher: subprocess.Popen, grace_s: float = 60.0) -> int:
 
     try:
         return launcher.wait()
-    except BaseException:
-        if launcher.poll() is None:
-            launcher.send_signal(signal.SIGTERM)
-            try:
-                launcher.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                launcher.kill()
-                launcher.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the launcher too (one process group): let it stop its processes as they finish (a
+        # training step is saved first); a SIGTERM only if it is still there after the grace period.
+        _stop(launcher, grace_s, signal.SIGTERM, first_wait=True)
         raise
+    except BaseException:
+        _stop(launcher, grace_s, signal.SIGTERM)
+        raise
+
+
+def _stop(launcher: subprocess.Popen, grace_s: float, sig: int, first_wait: bool = False) -> None:
+    if first_wait:
+        try:
+            launcher.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    if launcher.poll() is None:
+        launcher.send_signal(sig)
+        try:
+            launcher.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
 
 
 def _launcher(argv: list[str]) -> int:
@@ -175,7 +200,9 @@ def _quiet_elastic_after_user_error(folder: Path) -> None:
     def keep(record: logging.LogRecord) -> bool:
         if not record.name.startswith("torch.distributed.elastic"):
             return True
-        return record.levelno >= logging.ERROR and not any(folder.glob("rank-*.txt"))
+        if record.levelno < logging.ERROR:  # keep other warnings (rendezvous, heartbeats: why a launch hangs)
+            return "signal" not in record.getMessage()
+        return not any(folder.glob("rank-*.txt"))
 
     seen = set()
     for logger in [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)] + [logging.root]:

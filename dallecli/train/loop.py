@@ -237,12 +237,13 @@ class _Trainer:
                 lr = learning_rate(cfg, updates, self.counters.halvings)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
+                began = time.perf_counter()
                 accumulated = self._accumulate(loader, snapshot)
                 if accumulated is None:
                     return self.interrupted()
                 loss_value, parts, stopping = self._update(*accumulated[:2], updates)
                 self.step += 1
-                self._warn_if_too_long()
+                self._warn_if_too_long(time.perf_counter() - began)
                 self._record(bar, loss_value, parts, accumulated[2], lr, time.perf_counter() - tic, flops, peak)
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps or stopping:
                     self.save(self.step)
@@ -344,18 +345,18 @@ class _Trainer:
             parts["powersgd_ratio"] = round(ratio, 2)  # gradient numbers sent: this many times fewer
         return loss_value, parts, bool(stopping)
 
-    def _warn_if_too_long(self) -> None:
+    def _warn_if_too_long(self, seconds: float) -> None:
         """Once, on a CPU, a few steps in: say so when the remaining steps would take more than CPU_LONG_RUN_S at
         this speed. The GPU presets' defaults (`paper`: 3 million steps) are years on a laptop, and the progress
-        bar's ETA is easy to miss."""
+        bar's ETA is easy to miss. `seconds`: this update's time (its batches, forward, backward, optimizer
+        step), without the saves and evaluations around it."""
         done = self.step - self.start_step
-        if self.device.type != "cpu" or not self.main or done not in (1, 11):
+        if self.device.type != "cpu" or not self.main or not 2 <= done <= 11:
+            return  # the first step pays for warm-up: the next ten are timed
+        self._timed = (self._timed if done > 2 else 0.0) + seconds
+        if done < 11:
             return
-        now = time.perf_counter()
-        if done == 1:  # the first step pays for warm-up: time the next ten
-            self._timing_from = now
-            return
-        remaining = (now - self._timing_from) / 10 * (self.cfg.steps - self.step)
+        remaining = self._timed / 10 * (self.cfg.steps - self.step)
         if remaining > CPU_LONG_RUN_S:
             warn(f"at this speed the remaining {self.cfg.steps - self.step:,} steps take about {_duration(remaining)} "
                  f"on this CPU; pass --steps N for a shorter run (a rerun with a larger --steps continues it), or "
