@@ -87,7 +87,7 @@ def command(
     ranked_grid(rows, path.parent, cols=cols).save(sheet)
     if images is None and all((path.parent / f).is_file() for f in ("index.html", "grid.png")):
         # a `dalle sample` folder: its gallery, best first by the new ranks
-        from dallecli.sample import write_gallery
+        from dallecli.gallery import write_gallery
 
         write_gallery(path.parent, [r for r in rows if r.get("clip_score") is not None])
     best = {}
