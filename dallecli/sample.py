@@ -330,11 +330,13 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
                      clip: str | None = None, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None, guidance: float = 1.0, image_prompt: Path | None = None,
                      prompt_rows: int | None = None, name: str | None = None, device=None, quiet: bool = False,
-                     rank: int = 0, world: int = 1, compiled: bool = False, precision: str | None = None) -> Path:
+                     rank: int = 0, world: int = 1, compiled: bool = False, precision: str | None = None,
+                     scorer=None) -> Path:
     """Draw `n` images per prompt into RUN/samples/NAME/ (or `out`) and return its samples.jsonl.
 
     Image j of prompt i gets seed `seed + i * n + j`: the same command gives the same images, and
-    `--seed that --n 1` regenerates one alone. With `rerank`, the best `rerank` per prompt are kept."""
+    `--seed that --n 1` regenerates one alone. With `rerank`, the best `rerank` per prompt are kept, by
+    `scorer` (default: the CLIP `clip` names, loaded here before drawing)."""
     from dallecli.codes import codes_to_images
 
     cfg = SamplingConfig(temperature, top_k, top_p, guidance)
@@ -354,9 +356,10 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     if precision not in (None, "bf16", "fp32"):
         raise UserError(f"--precision must be bf16 or fp32 (got {precision!r})")
     pipe = load_pipeline(run, prior, dvae, device=device, precision=precision)
-    scorer = None
-    if rerank is not None:  # before drawing anything, in every process: a bad --clip fails in seconds, not at the end
-        scorer = _scorer_for(clip, run, pipe.device, hand_on=world > 1 and rank == 0)
+    if rerank is not None and scorer is None:  # before drawing, in every process: a bad --clip fails in seconds
+        from dallecli.models.clip import load_clip
+
+        scorer = load_clip(clip, Path(run), pipe.device)
     if compiled and pipe.device.type == "cpu" and rank == 0:
         warn("--compile on a CPU: the default decoder (oneDNN with packed weights) is several times faster here "
              "(4× at the `small` benchmark shape); --compile pays off on a GPU")
@@ -375,7 +378,7 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
             "guidance": guidance, "precision": pipe.precision, "device": pipe.device.type, "compiled": compiled,
             "prior": str(pipe.prior_path), "dvae": str(pipe.dvae_path),
             "image_prompt": None if image_prompt is None else str(image_prompt), "prompt_rows": prompt_rows,
-            "clip": clip if rerank is not None else None})
+            "clip": None})  # finish_folder names the CLIP when it reranks
     records = []
     with progress("sample", total=len(mine) * pipe.prior.config.image_len, unit="tok") as bar:
         for lo in range(0, len(mine), batch_size):
@@ -401,24 +404,6 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     return finish_folder(out, prompts, n, rerank, clip, run, pipe, quiet, scorer=scorer)
 
 
-_HANDED_ON: dict = {}  # (--clip, run) → the CLIP a main process of --gpus N loaded before drawing, for reranking
-                      # the merged samples (finish_folder) without loading it a second time
-
-
-def _scorer_for(clip: str | None, run: Path, device, hand_on: bool = False, take: bool = False):
-    """Load the reranking CLIP; `hand_on`: keep it for this process's finish_folder, which `take`s it."""
-    from dallecli.models.clip import load_clip
-
-    key = (clip, str(Path(run).resolve()))
-    if take and key in _HANDED_ON:
-        return _HANDED_ON.pop(key)
-    scorer = load_clip(clip, Path(run), device)
-    if hand_on:  # one at most: an earlier command's that failed before its finish_folder goes
-        _HANDED_ON.clear()
-        _HANDED_ON[key] = scorer
-    return scorer
-
-
 def merge_parts(out: Path, world: int) -> None:
     """Merge the processes' parts into one samples.jsonl in prompt order (identical to a one-process run)."""
     rows = []
@@ -439,7 +424,9 @@ def finish_folder(out: Path, prompts: list[str], n: int, rerank: int | None, cli
         from dallecli.rerank import rerank_samples
 
         if scorer is None:
-            scorer = _scorer_for(clip, run, pipe.device if pipe else "cpu", take=True)
+            from dallecli.models.clip import load_clip
+
+            scorer = load_clip(clip, Path(run), pipe.device if pipe else "cpu")
         rerank_samples(path, scorer, keep=rerank)
         settings = out / "sampling.json"
         if settings.is_file():  # reranked after the draw (the processes of --gpus N draw without): say so

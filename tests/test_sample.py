@@ -361,12 +361,14 @@ def test_the_main_process_of_a_split_run_loads_the_reranking_clip_once(tiny_run,
 
     monkeypatch.setattr(clip_mod, "load_clip", load)
     out = tmp_path / "split"
-    for rank in (0, 1):  # the two processes' work, one after the other
+    main_scorer = clip_mod.load_clip(None, tiny_run)  # as `dalle sample` does in each process, before drawing
+    for rank, scorer in ((0, main_scorer), (1, None)):  # the two processes' work, one after the other
         sample.sample_to_folder(tiny_run, ["a red circle", "a blue square"], out, n=2, rerank=1, device="cpu",
-                                quiet=True, rank=rank, world=2)
+                                quiet=True, rank=rank, world=2, scorer=scorer)
     assert len(loads) == 2  # one per process
     sample.merge_parts(out, 2)
-    sample.finish_folder(out, ["a red circle", "a blue square"], 2, 1, None, tiny_run, quiet=True)
+    sample.finish_folder(out, ["a red circle", "a blue square"], 2, 1, None, tiny_run, quiet=True,
+                         scorer=main_scorer)
     assert len(loads) == 2  # the main process's, handed on
     settings = json.loads((out / "sampling.json").read_text())
     assert settings["rerank"] == 1 and settings["clip"] == "stub"  # reranked after the draw: recorded

@@ -87,13 +87,18 @@ def command(
         from dallecli.sample import finish_folder, merge_parts, sample_to_folder
 
         state = PartialState(cpu=cpu or not torch.cuda.is_available())
+        scorer = None
+        if rerank is not None:  # in every process before drawing (a bad --clip fails at once); reranks the merge
+            from dallecli.models.clip import load_clip
+
+            scorer = load_clip(clip, run, state.device)
         sample_to_folder(run, texts, folder, n=n, rerank=rerank, seed=seed, batch_size=batch_size, prior=prior,
                          dvae=dvae, clip=clip, temperature=temperature, top_k=top_k, top_p=top_p, guidance=guidance,
                          image_prompt=image_prompt, prompt_rows=prompt_rows, device=state.device,
                          rank=state.process_index, world=state.num_processes, compiled=compile,
-                         precision=precision.value if precision else None)
+                         precision=precision.value if precision else None, scorer=scorer)
         if state.num_processes > 1:
             state.wait_for_everyone()
             if state.is_main_process:
                 merge_parts(folder, state.num_processes)
-                finish_folder(folder, texts, n, rerank, clip, run)
+                finish_folder(folder, texts, n, rerank, clip, run, scorer=scorer)

@@ -127,30 +127,22 @@ def _wait(launcher: subprocess.Popen, grace_s: float = 60.0) -> int:
 
     try:
         return launcher.wait()
-    except KeyboardInterrupt:
-        # Ctrl-C reached the launcher too (one process group): let it stop its processes as they finish (a
-        # training step is saved first); a SIGTERM only if it is still there after the grace period.
-        _stop(launcher, grace_s, signal.SIGTERM, first_wait=True)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            # Ctrl-C reached the launcher too (one process group): let it stop its processes as they finish
+            # (a training step is saved first); a SIGTERM below only if it is still there after the grace period.
+            try:
+                launcher.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if launcher.poll() is None:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                launcher.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                launcher.kill()
+                launcher.wait()
         raise
-    except BaseException:
-        _stop(launcher, grace_s, signal.SIGTERM)
-        raise
-
-
-def _stop(launcher: subprocess.Popen, grace_s: float, sig: int, first_wait: bool = False) -> None:
-    if first_wait:
-        try:
-            launcher.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    if launcher.poll() is None:
-        launcher.send_signal(sig)
-        try:
-            launcher.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            launcher.kill()
-            launcher.wait()
 
 
 def _launcher(argv: list[str]) -> int:
