@@ -156,5 +156,7 @@ def test_help_and_version_still_exit_0(capfd):
     assert cli.run_inprocess(["--version"], capfd).returncode == 0
     shown = cli.run_inprocess(["sample", "--help"], capfd)
     assert shown.returncode == 0 and "--overwrite" in shown.stdout
+    wide = cli.run_inprocess(["train-prior", "--help"], capfd)  # every option name whole, even the longest
+    assert "--checkpoint-activations / --no-checkpoint-activations" in wide.stdout and "…" not in wide.stdout
     bare = cli.run_inprocess([], capfd)  # `dalle` alone: the help, exit 2 as before
     assert bare.returncode == 2 and "train-prior" in bare.stdout + bare.stderr
