@@ -64,6 +64,14 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def shard_jobs(shards: Path) -> list[tuple[str, Path]]:
+    """(split, path) of every train and val image shard; none is an error."""
+    jobs = [(split, p) for split in ("train", "val") for p in list_shards(shards, split)]
+    if not jobs:
+        raise UserError(f"no shards in {shards}; make them with `dalle build-shards`")
+    return jobs
+
+
 def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, device: str = "cpu",
                   rank: int = 0, world: int = 1, max_errors: int = 100, precision: str | None = None,
                   overwrite: bool = False, prior: Path | None = None,
@@ -79,9 +87,7 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
     out = Path(out)
     model, ck = load_dvae(dvae, device)
     cfg = model.config
-    jobs = [(split, p) for split in ("train", "val") for p in list_shards(shards, split)]
-    if not jobs:
-        raise UserError(f"no shards in {shards}; make them with `dalle build-shards`")
+    jobs = shard_jobs(shards)
     check_image_size(shards, [p for _, p in jobs], cfg.image_size, ck.path)
     if rank == 0 and (out / STAGE / MANIFEST).is_file():
         install(out)  # a crash cut an install short: finish it first

@@ -325,6 +325,25 @@ def image_prompt_codes(pipe: Pipeline, image_path: Path, rows: int) -> torch.Ten
     return pipe.dvae.encode(x).flatten(1)[:, : rows * grid]
 
 
+def check_request(prompts: list[str], cfg: SamplingConfig, *, n: int, rerank: int | None, batch_size: int,
+                  image_prompt: Path | None, prompt_rows: int | None, out: Path, precision: str | None) -> None:
+    """The options of a sampling request, checked before any model is loaded."""
+    cfg.validate()
+    if not prompts:
+        raise UserError("no prompts: give captions as arguments or --prompts FILE")
+    if n < 1 or batch_size < 1:
+        raise UserError(f"--n and --batch-size must be at least 1 (got {n}, {batch_size})")
+    if rerank is not None and not 1 <= rerank <= n:
+        raise UserError(f"--rerank {rerank} must be between 1 and --n ({n}): it keeps the best K of the N drawn")
+    if (image_prompt is None) != (prompt_rows is None):
+        raise UserError("--image-prompt and --prompt-rows go together: pass both, e.g. --image-prompt IMG "
+                        "--prompt-rows 4 (rows of the image's code grid to keep, 1 to grid − 1)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; give a folder for the samples")
+    if precision not in (None, "bf16", "fp32"):
+        raise UserError(f"--precision must be bf16 or fp32 (got {precision!r})")
+
+
 def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, n: int = 1, rerank: int | None = None,
                      seed: int = 0, batch_size: int = 32, prior: Path | None = None, dvae: Path | None = None,
                      clip: str | None = None, temperature: float = 1.0, top_k: int | None = None,
@@ -340,21 +359,9 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     from dallecli.codes import codes_to_images
 
     cfg = SamplingConfig(temperature, top_k, top_p, guidance)
-    cfg.validate()
-    if not prompts:
-        raise UserError("no prompts: give captions as arguments or --prompts FILE")
-    if n < 1 or batch_size < 1:
-        raise UserError(f"--n and --batch-size must be at least 1 (got {n}, {batch_size})")
-    if rerank is not None and not 1 <= rerank <= n:
-        raise UserError(f"--rerank {rerank} must be between 1 and --n ({n}): it keeps the best K of the N drawn")
-    if (image_prompt is None) != (prompt_rows is None):
-        raise UserError("--image-prompt and --prompt-rows go together: pass both, e.g. --image-prompt IMG "
-                        "--prompt-rows 4 (rows of the image's code grid to keep, 1 to grid − 1)")
     out = Path(out) if out else Path(run) / "samples" / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; give a folder for the samples")
-    if precision not in (None, "bf16", "fp32"):
-        raise UserError(f"--precision must be bf16 or fp32 (got {precision!r})")
+    check_request(prompts, cfg, n=n, rerank=rerank, batch_size=batch_size, image_prompt=image_prompt,
+                  prompt_rows=prompt_rows, out=out, precision=precision)
     pipe = load_pipeline(run, prior, dvae, device=device, precision=precision)
     if rerank is not None and scorer is None:  # before drawing, in every process: a bad --clip fails in seconds
         from dallecli.models.clip import load_clip

@@ -22,7 +22,7 @@ import torch
 from dallecli import checkpoint
 from dallecli.console import UserError
 from tests.fixtures import cli
-from tests.fixtures.runs import CAPTIONS, code_records, make_tokenizer, write_code_manifest
+from tests.fixtures.runs import CAPTIONS, code_records, make_dvae_run, make_tokenizer, write_code_manifest
 
 STEPS = 6
 
@@ -342,12 +342,44 @@ def test_a_user_error_in_launched_processes_exits_2_without_a_traceback(tmp_path
     """With --gpus N the processes' own one-line error is the report, printed once (not once per process),
     and the launcher exits with its code (2), not Accelerate's 1 after torch-elastic's ChildFailedError
     traceback."""
-    done = cli.run(["encode", "--run", tmp_path / "run", "--dvae", tmp_path / "no-such-dvae", "--gpus", "2", "--cpu"],
+    from dallecli.config import to_dict
+    from dallecli.models.dvae import DVAE, PRESETS
+
+    # A dVAE whose config passes the check before launching and whose weights fail in the launched processes.
+    folder = checkpoint.save(tmp_path / "dvae", 1, kind="dvae", model_config=to_dict(PRESETS["tiny"]),
+                             weights=DVAE(PRESETS["tiny"]).state_dict())
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    make_dvae_run(tmp_path / "run")
+    done = cli.run(["encode", "--run", tmp_path / "run", "--dvae", tmp_path / "dvae", "--gpus", "2", "--cpu"],
                    timeout=180)
     assert done.returncode == 2, done.stderr[-3000:]
+    assert "launching 2 processes" in done.stderr, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: no dvae checkpoint at"), done.stderr[-3000:]  # once
+    assert len(errors) == 1 and "corrupt or truncated" in errors[0], done.stderr[-3000:]  # once
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-prior"], "no tokenizer at"),
+    (["train-dvae"], "no shard folder at"),
+    (["train-clip"], "no shard folder at"),
+    (["encode"], "no dvae checkpoint at"),
+    (["sample", "a red circle", "--n", "0"], "--n and --batch-size must be at least 1"),
+    (["sample", "a red circle"], "no prior checkpoint at"),
+])
+def test_missing_inputs_fail_before_launching(tmp_path, capfd, monkeypatch, args, message):
+    """`--gpus N` checks the run's inputs and the options first: a missing one is an error in seconds, before
+    N processes start (it used to come from every process after the launch)."""
+    from dallecli.train import launch
+
+    def refuse(*a, **k):
+        raise AssertionError("launched before the inputs were checked")
+
+    monkeypatch.delenv("DALLE_LAUNCHED", raising=False)
+    monkeypatch.setattr(launch, "maybe_relaunch", refuse)
+    result = cli.run_inprocess([*args, "--run", tmp_path / "run", "--gpus", "2", "--cpu"], capfd)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_a_launched_process_hands_its_error_to_the_launcher(tmp_path, monkeypatch):

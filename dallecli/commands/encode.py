@@ -43,6 +43,12 @@ def command(
         device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
         write_preview(dvae, shards, rd.dvae / "preview", preview, device)
         return
+    if gpus > 1:  # the inputs, checked before launching: a missing one fails in seconds, and once
+        from dallecli import checkpoint
+        from dallecli.codes import shard_jobs
+
+        checkpoint.load(dvae, "dvae")
+        shard_jobs(shards)
     maybe_relaunch(gpus, cpu=cpu)
     from accelerate import PartialState
 

@@ -79,6 +79,16 @@ def command(
     # The launching process (or the only one) sets an existing folder aside, and puts it back if sampling fails.
     from dallecli.commands.common import ReplacedFolder
 
+    if gpus > 1 and not launched():  # checked before launching: a bad option or a missing model fails in seconds
+        from dallecli import checkpoint
+        from dallecli.config import RunDir
+        from dallecli.sample import SamplingConfig, check_request
+
+        check_request(texts, SamplingConfig(temperature, top_k, top_p, guidance), n=n, rerank=rerank,
+                      batch_size=batch_size, image_prompt=image_prompt, prompt_rows=prompt_rows, out=folder,
+                      precision=precision.value if precision else None)
+        checkpoint.load(prior or RunDir(run).prior, "prior")
+        checkpoint.load(dvae or RunDir(run).dvae, "dvae")
     with ReplacedFolder(folder, overwrite, active=not launched()):
         maybe_relaunch(gpus, cpu=cpu)
         import torch

@@ -59,7 +59,6 @@ def command(
     if (steps is not None and steps < 1) or (batch_size is not None and batch_size < 2):
         raise UserError("--steps must be at least 1 and --batch-size at least 2 (a contrastive batch needs negatives)")
     refuse_nonpositive(lr=lr)
-    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
     import torch
 
     from dallecli.data.records import list_shards
@@ -79,6 +78,7 @@ def command(
     size, want = shard_image_size(shards), preprocess_cfg["size"]
     if size != want and not launched():
         info(f"the shard images are {size} px and {model} takes {want} px: they are resized as they are read")
+    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
     default_steps, default_batch, default_lr = DEFAULTS.get(model, OTHER)
     steps = default_steps if steps is None else steps
     on_gpu = torch.cuda.is_available() and not cpu

@@ -71,7 +71,6 @@ def command(
     refuse_nonpositive(steps=steps, batch_size=batch_size, lr=lr)
     if min(beta_steps or 0, tau_steps or 0) < 0:
         raise UserError(f"--beta-steps and --tau-steps must be at least 0 (got {beta_steps}, {tau_steps})")
-    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
     rd = RunDir(run)
     shards = shards or rd.shards
     out = out or rd.dvae
@@ -83,6 +82,7 @@ def command(
         preset = PRESET_FOR_SIZE[size]
     config = PRESETS[preset]
     check_image_size(config, shards, preset)
+    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
     default_steps, default_batch, default_lr = DEFAULTS.get(preset, (10_000, 32, 1e-4))
     steps = default_steps if steps is None else steps
     lr = default_lr if lr is None else lr

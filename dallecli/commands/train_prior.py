@@ -108,11 +108,11 @@ def command(
             raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size × processes "
                             f"({batch} × {world})")
         accum = global_batch // (batch * world)
-    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)
     rd = RunDir(run)
     codes, out = codes or rd.codes, out or rd.prior
     tok = Tokenizer.load(tokenizer or rd.tokenizer)
     dvae = codes_info(codes)
+    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
     changes = {"text_vocab": tok.vocab_size, "image_vocab": dvae["vocab_size"], "grid": dvae["grid"],
                "pad_id": tok.pad_id}
     for name, value in (("text_len", text_len), ("dropout", dropout), ("checkpoint_activations", checkpoint_activations)):
