@@ -67,13 +67,14 @@ def make_run(run: Path, n_train: int = 48, n_val: int = 8, per_shard: int = 12, 
 
 
 def launch(run: Path, out: str, *args, processes: int = 2) -> subprocess.CompletedProcess:
+    """(Each process records its random state as every loss starts, in RUN/noise-OUT.RANK.)"""
     """`dalle train-prior` as `processes` CPU processes (a parent of several would relaunch this way)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no",
            "--dynamo_backend", "no", str(cli.INJECT), "train-prior", "--run", str(run), "--out", str(run / out),
            "--cpu", *map(str, args)]
-    result = subprocess.run(cmd, cwd=cli.ROOT, capture_output=True, text=True, env=cli.cli_env(DALLE_LAUNCHED="1"),
-                            timeout=600)
+    env = cli.cli_env(DALLE_LAUNCHED="1", DALLE_TEST_NOISE=run / f"noise-{out}")
+    result = subprocess.run(cmd, cwd=cli.ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -195,6 +196,23 @@ def test_fsdp_resumes_exactly(runs):
     a, b = metrics(fsdp), metrics(target)
     assert sorted(b) == list(range(4, STEPS + 1))
     assert all(b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in b)
+    for rank in (0, 1):  # each process's noise after the resume is what it drew uninterrupted
+        assert noise(run, "fsdp-resumed", rank) == {u: d for u, d in noise(run, "fsdp", rank).items() if u >= 3}
+
+
+def noise(run: Path, out: str, rank: int) -> dict[int, str]:
+    lines = (run / f"noise-{out}.{rank}").read_text().split("\n")
+    return {int(u): d for u, d in (line.split() for line in lines if line)}
+
+
+def test_each_process_draws_its_own_noise(runs):
+    """The in-model noise (the dVAE's relaxation, dropout) differs between processes at every step: one stream
+    for all would give the whole global batch one process's noise."""
+    run, get = runs
+    get("ddp")
+    zero, one = noise(run, "ddp", 0), noise(run, "ddp", 1)
+    assert sorted(zero) == sorted(one) == list(range(STEPS))
+    assert all(zero[u] != one[u] for u in zero) and len(set(zero.values())) == STEPS
 
 
 @pytest.mark.slow

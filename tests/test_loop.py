@@ -147,6 +147,21 @@ def test_nonfinite_step_is_skipped(tmp_path):
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
 
 
+def test_the_task_schedules_keep_the_clock_of_updates(tmp_path):
+    """A skipped step moves neither the learning rate nor the task's own schedules (the dVAE's τ and β): the
+    loss is told the updates made so far, not the steps."""
+    class Recording(ToyTask):
+        clock: list[int] = []
+
+        def loss(self, model, x, updates):
+            self.clock.append(updates)
+            loss, parts = super().loss(model, x, updates)
+            return (loss * math.nan if len(self.clock) == 3 else loss), parts  # the third step is skipped
+
+    train(Recording(make_code_shards(tmp_path / "shards")), replace(CFG, steps=5, ema_decay=None), tmp_path / "run")
+    assert Recording.clock == [0, 1, 2, 2, 3]
+
+
 def test_nonfinite_in_a_row_aborts(tmp_path):
     shards = make_code_shards(tmp_path / "shards")
     task = ToyTask(shards)

@@ -44,15 +44,18 @@ def run(tmp_path):
     return make_prior_run(tmp_path / "run", n_train=32, n_val=0, per_shard=16)
 
 
-def poisoned(task, nan_at=(), inf_grad_at=(), corrupt_at=()):
-    """Inject a NaN loss, an infinite gradient (the loss stays finite) or NaN weights at given steps."""
-    loss = task.loss
+def poisoned(task, nan_at=(), inf_grad_at=(), corrupt_at=(), start=0):
+    """Inject a NaN loss, an infinite gradient (the loss stays finite) or NaN weights at given steps (counted
+    from `start`, the step the run resumes at: the loss itself is told updates, which skipped steps do not
+    advance)."""
+    loss, calls = task.loss, iter(range(start, 1 << 30))
 
-    def poisoned_loss(model, data, step):
+    def poisoned_loss(model, data, updates):
+        step = next(calls)  # one micro-batch per step here
         if step in corrupt_at:
             with torch.no_grad():
                 next(model.parameters()).view(-1)[0] = math.nan
-        value, parts = loss(model, data, step)
+        value, parts = loss(model, data, updates)
         if step in nan_at:
             value = value * math.nan
         if step in inf_grad_at:  # + 0·sqrt(0): the value stays finite, the gradient is not
@@ -75,7 +78,7 @@ def test_nonfinite_step_leaves_weights_optimizer_ema_and_schedule_unchanged(run,
     hit = tmp_path / "hit"
     shutil.copytree(clean, hit)
     kw = {"nan_at": (2,)} if fault == "nan_loss" else {"inf_grad_at": (2,)}
-    train(poisoned(tasks.prior_task(run), **kw), dataclasses.replace(CFG, steps=3), hit)
+    train(poisoned(tasks.prior_task(run), **kw, start=2), dataclasses.replace(CFG, steps=3), hit)
     before, after = checkpoint.load(clean, "prior"), checkpoint.load(hit, "prior")
     assert after.step == 3
     tensors_equal(before.weights(ema=False), after.weights(ema=False), "weights")
@@ -101,7 +104,7 @@ def test_aborts_after_m_in_a_row_only_and_the_streak_survives_a_resume(run, tmp_
     assert result.step == 6 and checkpoint.load(out, "prior").training_state()["nonfinite"] == 4
     # The streak of 2 (steps 5 and 6) is saved: one more non-finite step after resuming makes 3.
     with pytest.raises(UserError, match=r"^3 non-finite steps in a row at step 7; .*intact"):
-        train(poisoned(tasks.prior_task(run), nan_at=(6,)), CFG, out)
+        train(poisoned(tasks.prior_task(run), nan_at=(6,), start=6), CFG, out)
     assert checkpoint.load(out, "prior").step == 6
 
 
@@ -120,7 +123,8 @@ def test_no_checkpoint_ever_holds_nan_or_inf(run, tmp_path):
     # Weights that turn NaN (here: corrupted in place at step 8) are refused at the next save.
     with pytest.raises(UserError, match=r"refusing to save step 8: weights\.\S+ holds NaN or Inf; the last "
                                         r"checkpoint \(.*step-00000007\) is intact"):
-        train(poisoned(tasks.prior_task(run), corrupt_at=(7,)), dataclasses.replace(CFG, max_nonfinite=5), out)
+        train(poisoned(tasks.prior_task(run), corrupt_at=(7,), start=6), dataclasses.replace(CFG, max_nonfinite=5),
+              out)
     assert checkpoint.latest(out).name == "step-00000007"
     all_finite(out)
 

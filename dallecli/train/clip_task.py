@@ -108,7 +108,7 @@ class ClipTask:
                                      rank=rank, world_size=world)
         return self._loss_fn
 
-    def loss(self, model, data, step):
+    def loss(self, model, data, updates):
         images, tokens = data
         device = next(model.parameters()).device
         out = model(images.to(device, non_blocking=True), tokens.to(device, non_blocking=True))

@@ -100,11 +100,11 @@ class DVAETask:
     def count(self, batch):
         return len(batch.keys)
 
-    def loss(self, model, x, step):
+    def loss(self, model, x, updates):
         x = x.to(next(model.parameters()).device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return elbo_loss(model, x, self.schedule.tau(step), self.schedule.beta(step),
+        return elbo_loss(model, x, self.schedule.tau(updates), self.schedule.beta(updates),
                          likelihood=self.config.likelihood, sigma=self.config.gaussian_sigma)
 
     def check_resume(self, ck: checkpoint.Checkpoint) -> None:

@@ -33,8 +33,8 @@ from dallecli.train.precision import GlobalScaler, NoScaler
 from dallecli.train.config import TrainConfig, check_config
 from dallecli.train.schedule import adamw, ema_decay_at, learning_rate
 from dallecli.train.signals import StopSignals
-from dallecli.train.state import (Counters, config_diff, first_nonfinite, rng_snapshot, rng_state, seed_everything,
-                                  set_rng_state, update_ema)
+from dallecli.train.state import (Counters, config_diff, first_nonfinite, process_step_seed, rng_snapshot, rng_state,
+                                  seed_everything, set_rng_state, update_ema)
 
 
 class Task(Protocol):
@@ -49,7 +49,8 @@ class Task(Protocol):
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
     def loader(self, start_batch: int, rank: int, world: int) -> Iterable[Batch]: ...
     def count(self, batch: Batch) -> int: ...
-    def loss(self, model: nn.Module, data: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    # `updates`: the updates made so far (skipped steps not counted), the clock of the task's own schedules
+    def loss(self, model: nn.Module, data: Any, updates: int) -> tuple[torch.Tensor, dict[str, float]]: ...
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]: ...
     def check_resume(self, ck: checkpoint.Checkpoint) -> None: ...
 
@@ -233,12 +234,14 @@ class _Trainer:
                         self.save(self.step)
                     return self.interrupted()
                 snapshot = rng_snapshot()  # what a save of this step's start would need
+                if world > 1:  # one process's stream (saved) goes on as it is; several: each its own noise
+                    torch.manual_seed(process_step_seed(cfg.seed, self.rank, self.step))
                 updates = self.counters.updates(self.step)  # skipped steps do not move the schedules
                 lr = learning_rate(cfg, updates, self.counters.halvings)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
                 began = time.perf_counter()
-                accumulated = self._accumulate(loader, snapshot)
+                accumulated = self._accumulate(loader, snapshot, updates)
                 if accumulated is None:
                     return self.interrupted()
                 loss_value, parts, stopping = self._update(*accumulated[:2], updates)
@@ -257,9 +260,11 @@ class _Trainer:
                                                  **{k: f"{v:.4g}" for k, v in shown.items()}})
         return TrainResult(self.step, self.saved["path"], self.last_metrics, rejects=self.rejects)
 
-    def _accumulate(self, loader, snapshot) -> tuple[list[torch.Tensor], dict[str, float], int] | None:
+    def _accumulate(self, loader, snapshot, updates: int) -> tuple[list[torch.Tensor], dict[str, float], int] | None:
         """Forward and backward over one step's micro-batches: (their losses, the loss parts averaged over
-        them, the units counted). None where a signal took the data workers (the last finished step saved)."""
+        them, the units counted). None where a signal took the data workers (the last finished step saved).
+        The task's loss gets `updates` (steps that changed the weights): its schedules (the dVAE's τ and β)
+        keep the learning rate's clock."""
         cfg, model, step, world = self.cfg, self.model, self.step, self.world
         losses, parts, count = [], {}, 0
         for micro in range(cfg.grad_accum):
@@ -289,7 +294,7 @@ class _Trainer:
                 distributed.set_gradient_sync(model, sync)
             with (self.accelerator.no_sync(model) if not sync and world > 1 and not self.sharded else nullcontext()):
                 with _autocast(self.device, self.autocast_dtype):
-                    loss, part = self.task.loss(model, batch.data, step)
+                    loss, part = self.task.loss(model, batch.data, updates)
                 self.accelerator.backward(self.scaler.scale(loss / cfg.grad_accum))
             losses.append(loss.detach())
             for k, v in part.items():

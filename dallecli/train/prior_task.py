@@ -75,7 +75,7 @@ class PriorTask:
     def count(self, batch):
         return len(batch.keys) * self.config.seq_len
 
-    def loss(self, model, data, step):
+    def loss(self, model, data, updates):
         device = next(model.parameters()).device
         text, image = (t.to(device, non_blocking=True) for t in data)
         text_logits, image_logits = model(text, image)

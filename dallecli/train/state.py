@@ -3,6 +3,7 @@ checkpoint load accepts), seeding, the run's counters, the EMA update, the check
 or Inf, and the model-config comparison that refuses a changed model."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -50,6 +51,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def process_step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of process `rank`'s in-model noise (the dVAE's relaxation, dropout) at `step`, with several
+    processes: each draws its own (one shared stream would give every process the same noise, as if the global
+    batch were one process's), and a resumed run draws what the uninterrupted one did, with no state saved."""
+    digest = hashlib.blake2b(f"{seed}:{rank}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
