@@ -88,7 +88,9 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
     model, ck = load_dvae(dvae, device)
     cfg = model.config
     jobs = shard_jobs(shards)
-    check_image_size(shards, [p for _, p in jobs], cfg.image_size, ck.path)
+    found = check_image_size(shards, [p for _, p in jobs], cfg.image_size, ck.path)
+    if found > cfg.image_size and rank == 0:
+        info(f"the images in {shards} are {found} px: each is resized whole to the dVAE's {cfg.image_size} px")
     if rank == 0 and (out / STAGE / MANIFEST).is_file():
         install(out)  # a crash cut an install short: finish it first
     barrier()
@@ -208,14 +210,16 @@ def _encode_jobs(model, ck, mine, work: Path, parts: Path, batch_size: int, devi
     return done_images
 
 
-def check_image_size(shards: Path, paths: list[Path], size: int, dvae: Path) -> None:
-    """Refuse shards whose images are not the dVAE's size (`dalle train-dvae` refuses them too): encoding
-    would silently rescale every image."""
+def check_image_size(shards: Path, paths: list[Path], size: int, dvae: Path) -> int:
+    """Refuse shards whose images are smaller than the dVAE's size (`dalle train-dvae` refuses them too):
+    encoding would silently upscale every image. Larger ones (built for App. A.2's random crops) are
+    resized to `size` whole, one view per image. Returns their size."""
     found = shard_image_size(shards, paths)
-    if found != size:
+    if found < size:
         raise UserError(f"the images in {shards} are {found} px but the dVAE {dvae} expects {size} px; "
                         f"rebuild the shards with `dalle build-shards --size {size}`, or use a dVAE "
                         f"trained at {found} px (--dvae)")
+    return found
 
 
 def _code_manifest_or_none(folder: Path) -> dict | None:

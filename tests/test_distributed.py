@@ -40,22 +40,22 @@ def free_port() -> str:
 
 def make_run(run: Path, n_train: int = 48, n_val: int = 8, per_shard: int = 12, grid: int = 8,
              vocab: int = 64) -> Path:
-    """Tokenizer and code shards whose captions all have the same number of tokens."""
+    """Tokenizer and code shards whose captions differ in length (the text loss is averaged over the tokens
+    of the whole global batch, however it is split among processes)."""
     from dallecli.data.records import write_tar
     from dallecli.text import Tokenizer
 
     run.mkdir(parents=True)
     tok = Tokenizer.load(make_tokenizer(run))
-    length = len(tok.encode(CAPTIONS[0]))
-    same = [c for c in CAPTIONS if len(tok.encode(c)) == length]
-    assert len(same) >= 3, "the fixture needs several captions of one token length"
+    captions = CAPTIONS
+    assert len({len(tok.encode(c)) for c in captions}) > 1, "the fixture needs captions of different lengths"
     codes = run / "codes"
     codes.mkdir()
 
     def records(n, seed, prefix):
         out = code_records(n, grid, vocab, seed, prefix)
         for i, (_, members) in enumerate(out):
-            members["txt"] = same[i % len(same)].encode()
+            members["txt"] = captions[i % len(captions)].encode()
         return out
 
     train = records(n_train, 0, "s")

@@ -595,6 +595,43 @@ def test_train_dvae_picks_the_preset_from_the_image_size(tmp_path):
     assert isinstance(result.exception, UserError) and "--preset" in str(result.exception)
 
 
+def test_larger_shards_get_the_papers_random_crops_and_encode_whole(tmp_path, capfd):
+    """128 px shards and --preset tiny-vq (64 px): train-dvae crops and resizes each
+    image at random (App. A.2), which shards at the model's size cannot get; encode resizes each one whole.
+    Shards of a size between the presets' (96 px) take the preset below it."""
+    import numpy as np
+    from PIL import Image
+
+    from dallecli.codes import read_code_manifest
+    from dallecli.imageutil import dvae_augment
+    from tests.fixtures import cli
+    from tests.fixtures.runs import make_dvae_run
+
+    ramp = Image.fromarray(np.tile(np.arange(96, dtype=np.uint8), (96, 1)), "L").convert("RGB")
+    views = [np.asarray(dvae_augment(ramp, 64, np.random.default_rng(i), flip=False)) for i in range(8)]
+    assert all(v.shape == (64, 64, 3) for v in views)
+    assert len({v.tobytes() for v in views}) > 4  # crops and scales at random
+    same = Image.new("RGB", (64, 64), (10, 20, 30))
+    assert np.array_equal(np.asarray(dvae_augment(same, 64, np.random.default_rng(0))), np.asarray(same))
+
+    run = make_dvae_run(tmp_path / "run", n_train=8, n_val=2, per_shard=8, size=128)
+    result = cli.run_inprocess(["train-dvae", "--run", run, "--preset", "tiny-vq", "--steps", 1, "--batch-size", 2,
+                                "--eval-every", 0, "--cpu"], capfd)
+    assert result.returncode == 0, result.stderr
+    assert "are 128 px: each is cropped and resized at random to the dVAE's 64 px" in " ".join(result.stderr.split())
+    ck = checkpoint.load(checkpoint.latest(run / "dvae"), "dvae")
+    assert from_dict(DVAEConfig, ck.model_config) == PRESETS["tiny-vq"]
+    result = cli.run_inprocess(["encode", "--run", run, "--batch-size", 4, "--cpu"], capfd)
+    assert result.returncode == 0, result.stderr
+    assert "each is resized whole to the dVAE's 64 px" in " ".join(result.stderr.split())
+    assert read_code_manifest(run / "codes")["dvae"]["grid"] == 8
+    from dallecli.commands.train_dvae import preset_for_size
+
+    assert [preset_for_size(s) for s in (64, 96, 128, 200, 256, 384)] == ["tiny-vq", "tiny-vq", "small-vq",
+                                                                           "small-vq", "paper", "paper"]
+    assert preset_for_size(48) is None
+
+
 def test_default_precision():
     from dallecli.hardware import cpu_has_bf16, default_precision
 

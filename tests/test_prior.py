@@ -430,3 +430,36 @@ def test_training_reduces_the_loss():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_accumulated_micro_batches_weigh_every_caption_token_alike(tmp_path):
+    """A batch of 8 in one go, or as 2 accumulated micro-batches of 4: the same samples, with captions of
+    different lengths. The text loss is averaged over the tokens of the whole batch either way (§2.2), not per
+    micro-batch (which weighs a micro-batch of short captions more), so the losses and the weights agree."""
+    import json
+
+    from dallecli import checkpoint
+    from dallecli.train.loop import train
+    from tests.fixtures import tasks
+    from tests.fixtures.runs import make_prior_run
+
+    run = make_prior_run(tmp_path / "run")
+    cfg = dataclasses.replace(tasks.PRIOR_CFG, steps=3, eval_every=0, save_every=3, ema_decay=None)
+    outs = {}
+    for name, batch, accum in (("one", 8, 1), ("accumulated", 4, 2)):
+        outs[name] = tmp_path / name
+        train(tasks.prior_task(run, batch_size=batch, dropout=0.0),
+              dataclasses.replace(cfg, batch_size=batch, grad_accum=accum), outs[name])
+
+    def logged(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["text_loss"], r["image_loss"]) for r in rows if r["split"] == "train"]
+
+    one, accumulated = logged(outs["one"]), logged(outs["accumulated"])
+    assert len(one) == len(accumulated) == 3
+    for a, b in zip(one, accumulated):
+        assert b == pytest.approx(a, rel=1e-5)
+    wa = checkpoint.load(outs["one"], "prior").weights(ema=False)
+    wb = checkpoint.load(outs["accumulated"], "prior").weights(ema=False)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)

@@ -36,10 +36,10 @@ def record_keys(task, stop_at=None):
         seen.extend(batch.keys)
         return count(batch)
 
-    def stopping(model, data, step):
+    def stopping(model, data, step, **kw):
         if step == stop_at:
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; the loop finishes this step
-        return loss(model, data, step)
+        return loss(model, data, step, **kw)
 
     task.count, task.loss = counting, stopping
     return seen

@@ -50,12 +50,12 @@ def poisoned(task, nan_at=(), inf_grad_at=(), corrupt_at=(), start=0):
     advance)."""
     loss, calls = task.loss, iter(range(start, 1 << 30))
 
-    def poisoned_loss(model, data, updates):
+    def poisoned_loss(model, data, updates, **kw):
         step = next(calls)  # one micro-batch per step here
         if step in corrupt_at:
             with torch.no_grad():
                 next(model.parameters()).view(-1)[0] = math.nan
-        value, parts = loss(model, data, updates)
+        value, parts = loss(model, data, updates, **kw)
         if step in nan_at:
             value = value * math.nan
         if step in inf_grad_at:  # + 0·sqrt(0): the value stays finite, the gradient is not

@@ -18,8 +18,15 @@ DEFAULTS = {"paper": (3_000_000, 8, 1e-4), "small": (20_000, 32, 1e-4), "small-v
             "tiny": (2000, 32, 1e-4), "tiny-vq": (2000, 32, 1e-3)}
 # Without --preset, the shards' image size picks one. At 64 px it is tiny-vq, not the paper's gumbel dVAE
 # (`tiny`): in a five-minute run the gumbel relaxation collapses onto a handful of codes (see PRESETS in
-# dallecli/models/dvae.py).
+# dallecli/models/dvae.py). Shards of a size between (e.g. 320 px) take the preset below it: App. A.2's random
+# crops and resizes then have room to work.
 PRESET_FOR_SIZE = {64: "tiny-vq", 128: "small-vq", 256: "paper"}
+
+
+def preset_for_size(size: int) -> str | None:
+    """The preset for shards of `size` px: made for that size, or for the largest size below it (random crops)."""
+    fits = [s for s in PRESET_FOR_SIZE if s <= size]
+    return PRESET_FOR_SIZE[max(fits)] if fits else None
 
 
 def command(
@@ -27,7 +34,9 @@ def command(
     preset: Annotated[Optional[str], typer.Option(help="Model: tiny, tiny-vq (64 px), small, small-vq (128 px) or paper "
                                                      "(256 px). Default: by the shards' image size, 64 px tiny-vq (an EMA "
                                                      "vector quantiser: the paper's gumbel dVAE, `tiny`, collapses onto a few "
-                                                     "codes in a five-minute run), 128 px small-vq, 256 px paper.")] = None,
+                                                     "codes in a five-minute run), 128 px small-vq, 256 px paper; larger "
+                                                     "images take the preset below their size and are cropped at random "
+                                                     "(App. A.2).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per process per update (default: per preset).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, cosine to 1.25% of it (paper: 1e-4 → 1.25e-6; "
@@ -60,10 +69,10 @@ def command(
     import sys
 
     from dallecli.config import RunDir
-    from dallecli.console import UserError
+    from dallecli.console import UserError, info
     from dallecli.models.dvae import PRESETS
     from dallecli.train.dvae_task import DVAETask, check_image_size, schedule_for, shard_image_size
-    from dallecli.train.launch import maybe_relaunch
+    from dallecli.train.launch import launched, maybe_relaunch
     from dallecli.train.loop import TrainConfig, exit_code_for, train
 
     if preset is not None and preset not in PRESETS:
@@ -76,12 +85,15 @@ def command(
     out = out or rd.dvae
     if preset is None:
         size = shard_image_size(shards)
-        if size not in PRESET_FOR_SIZE:
+        preset = preset_for_size(size)
+        if preset is None:
             raise UserError(f"no dVAE preset is made for the {size} px images in {shards}; rebuild the shards with "
                             f"--size 64, 128 or 256, or pass --preset")
-        preset = PRESET_FOR_SIZE[size]
     config = PRESETS[preset]
-    check_image_size(config, shards, preset)
+    size = check_image_size(config, shards, preset)
+    if size > config.image_size and not launched():
+        info(f"the images in {shards} are {size} px: each is cropped and resized at random to the dVAE's "
+             f"{config.image_size} px as it is read (App. A.2; {preset} preset)")
     maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
     default_steps, default_batch, default_lr = DEFAULTS.get(preset, (10_000, 32, 1e-4))
     steps = default_steps if steps is None else steps

@@ -387,15 +387,22 @@ class StaticDecoder(nn.Module):
         return m._logits(m.image_head, m.ln_f(x)[:, 0])
 
 
-def prior_loss(text_logits, image_logits, text, image, pad_id):
+def text_targets(text: torch.Tensor, pad_id: int) -> int:
+    """The text tokens `prior_loss` scores in a batch (its padding left out)."""
+    return int((text[:, 1:] != pad_id).sum())
+
+
+def prior_loss(text_logits, image_logits, text, image, pad_id, text_norm: float | None = None):
     """§2.2: 1/8 · text CE + 7/8 · image CE, each averaged over its own tokens in the batch.
 
     text (B, text_len) and image (B, grid²) are the model's inputs; the targets are text[:, 1:] and image.
     Text targets equal to `pad_id` are left out of the text loss: the per-position padding tokens are
     determined by the caption's length, so scoring them would mostly reward counting. A batch with no text
-    target (all captions empty) has text loss 0. Returns (loss, {"text_loss", "image_loss"}) (detached)."""
+    target (all captions empty) has text loss 0. `text_norm` replaces this batch's own text token count where
+    the batch is one of several micro-batches (the training loop passes the global batch's mean count per
+    micro-batch). Returns (loss, {"text_loss", "image_loss"}) (detached)."""
     targets = text[:, 1:]
-    count = (targets != pad_id).sum().clamp(min=1)
+    count = (targets != pad_id).sum().clamp(min=1) if text_norm is None else text_norm
     text_loss = F.cross_entropy(text_logits.float().flatten(0, 1), targets.flatten(),
                                 ignore_index=pad_id, reduction="sum") / count
     image_loss = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())

@@ -49,7 +49,9 @@ class Task(Protocol):
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
     def loader(self, start_batch: int, rank: int, world: int) -> Iterable[Batch]: ...
     def count(self, batch: Batch) -> int: ...
-    # `updates`: the updates made so far (skipped steps not counted), the clock of the task's own schedules
+    # `updates`: the updates made so far (skipped steps not counted), the clock of the task's own schedules.
+    # A task with a `loss_norm(data) -> float` method (the prior: its text tokens) also gets `norm=`: that
+    # quantity's global-batch mean per micro-batch, to divide by instead of each micro-batch's own.
     def loss(self, model: nn.Module, data: Any, updates: int) -> tuple[torch.Tensor, dict[str, float]]: ...
     def evaluate(self, model: nn.Module, step: int) -> dict[str, float]: ...
     def check_resume(self, ck: checkpoint.Checkpoint) -> None: ...
@@ -266,8 +268,8 @@ class _Trainer:
         The task's loss gets `updates` (steps that changed the weights): its schedules (the dVAE's τ and β)
         keep the learning rate's clock."""
         cfg, model, step, world = self.cfg, self.model, self.step, self.world
-        losses, parts, count = [], {}, 0
-        for micro in range(cfg.grad_accum):
+        losses, parts, count, datas = [], {}, 0, []
+        for _ in range(cfg.grad_accum):  # first the step's micro-batches (the loss may be normalised by all)
             try:
                 batch = next(loader)
             except Exception:
@@ -289,12 +291,21 @@ class _Trainer:
                     warn(f"step {step + 1}: another process had no readable sample; micro-batch skipped")
                 continue
             count += self.task.count(batch)
-            sync = micro == cfg.grad_accum - 1
+            datas.append(batch.data)
+        extra = {}
+        norm_of = getattr(self.task, "loss_norm", None)
+        if norm_of is not None and datas:
+            # The task's per-token average spans the whole global batch (§2.2 normalises by the batch's own
+            # token count), not each micro-batch: every micro-batch divides by the mean count per micro-batch.
+            total = self.synced(float(sum(norm_of(d) for d in datas)))[0]
+            extra["norm"] = max(total, 1.0) / (cfg.grad_accum * world)
+        for micro, data in enumerate(datas):
+            sync = micro == len(datas) - 1  # the last one exchanges the gradients, even if a later one was skipped
             if self.sharded:
                 distributed.set_gradient_sync(model, sync)
             with (self.accelerator.no_sync(model) if not sync and world > 1 and not self.sharded else nullcontext()):
                 with _autocast(self.device, self.autocast_dtype):
-                    loss, part = self.task.loss(model, batch.data, updates)
+                    loss, part = self.task.loss(model, data, updates, **extra)
                 self.accelerator.backward(self.scaler.scale(loss / cfg.grad_accum))
             losses.append(loss.detach())
             for k, v in part.items():

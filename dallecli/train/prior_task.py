@@ -15,7 +15,8 @@ from dallecli.codes import read_code_manifest
 from dallecli.config import to_dict
 from dallecli.console import UserError
 from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_caption, read_codes
-from dallecli.models.prior import PriorConfig, PriorTransformer, flops_per_token, param_groups, prior_loss
+from dallecli.models.prior import (PriorConfig, PriorTransformer, flops_per_token, param_groups, prior_loss,
+                                   text_targets)
 from dallecli.text import Tokenizer
 
 
@@ -75,11 +76,16 @@ class PriorTask:
     def count(self, batch):
         return len(batch.keys) * self.config.seq_len
 
-    def loss(self, model, data, updates):
+    def loss(self, model, data, updates, norm=None):
         device = next(model.parameters()).device
         text, image = (t.to(device, non_blocking=True) for t in data)
         text_logits, image_logits = model(text, image)
-        return prior_loss(text_logits, image_logits, text, image, self.config.pad_id)
+        return prior_loss(text_logits, image_logits, text, image, self.config.pad_id, text_norm=norm)
+
+    def loss_norm(self, data) -> int:
+        """The text loss's normaliser: with accumulation or several processes the loop sums it over the global
+        batch, so that every caption token weighs alike (a micro-batch of short captions no more than others)."""
+        return text_targets(data[0], self.config.pad_id)
 
     def check_resume(self, ck: checkpoint.Checkpoint) -> None:
         check_prior_meta(ck, self.dvae_fingerprint, self.tokenizer.fingerprint)
