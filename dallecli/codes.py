@@ -30,7 +30,7 @@ from PIL import Image
 
 from dallecli import checkpoint
 from dallecli.config import read_json, write_json_atomic
-from dallecli.console import UserError, info, progress, summary, warn
+from dallecli.console import UserError, counted, info, progress, summary, warn
 from dallecli.data.loader import BadSample, read_caption, read_image, read_meta
 from dallecli.data.records import (SHARD_RE, ShardError, install_staged, iter_records, list_shards,
                                    write_tar)
@@ -103,7 +103,7 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
         _prepare(out, work, overwrite)
         resumed = len(_finished_parts(work, ck.fingerprint)) if work != out else 0
         if resumed:
-            info(f"resuming the unfinished encode in {work}: {resumed} of {len(jobs)} shard(s) already done")
+            info(f"resuming the unfinished encode in {work}: {resumed} of {counted(len(jobs), 'shard')} already done")
     barrier()
     on_gpu = torch.device(device).type == "cuda"
     precision = precision or default_precision(on_gpu)

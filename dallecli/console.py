@@ -26,8 +26,19 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+
+
+def _console(stderr: bool) -> Console:
+    """Off a terminal (a log file, a pipe) rich would wrap and cut lines at 80 columns: paths in a summary
+    ended in "…". There, lines are as long as they need (COLUMNS still sets a width)."""
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = 1000
+    return console
+
+
+err = _console(stderr=True)
+out = _console(stderr=False)
 
 
 @dataclass

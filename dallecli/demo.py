@@ -159,7 +159,7 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
         if name in state["done"]:
             info(f"[{i}/{len(stages)}] {name}: done earlier ({state['done'][name]:.0f} s), skipped")
             continue
-        left = sum(s for n, s, _ in stages[i - 1:] if n not in state["done"]) / total * minutes
+        left = _minutes_left(stages, state["done"], minutes)
         err.rule(f"[bold]stage {i} of {len(stages)}: {name}[/]  ·  about {left:.1f} min left")
         t0 = time.perf_counter()
         action()
@@ -168,6 +168,18 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
     state["seconds"] = time.perf_counter() - started
     write_json_atomic(state_path, state)
     return _final_summary(run, data, state)
+
+
+def _minutes_left(stages: list[tuple[str, float, Callable]], done: dict[str, float], minutes: float) -> float:
+    """The budget's share of the stages not done, at the pace of those done: on a machine slower than the
+    one the budget was sized on (or a busy one), the estimate grows once the finished stages show it."""
+    total = sum(share for _, share, _ in stages)
+    planned = {name: share / total * minutes * 60 for name, share, _ in stages}
+    finished = [name for name in planned if name in done]
+    pace = 1.0
+    if sum(planned[n] for n in finished) >= 0.025 * minutes * 60:  # enough to tell (the first two stages)
+        pace = sum(done[n] for n in finished) / sum(planned[n] for n in finished)
+    return sum(planned[n] for n in planned if n not in done) * pace / 60
 
 
 def _final_summary(run: Path, data: str, state: dict) -> dict:

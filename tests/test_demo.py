@@ -13,6 +13,21 @@ def test_budget_scales_with_minutes():
     assert Budget.for_minutes(0.01).prior_steps >= 20  # never below a run that can save and sample
 
 
+@pytest.mark.parametrize("data", ["emoji", "shapes"])
+def test_the_default_run_is_the_one_make_demo_uses(data, monkeypatch):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import dallecli.demo
+    from dallecli.cli import app
+
+    called = {}
+    monkeypatch.setattr(dallecli.demo, "run_demo", lambda data, minutes, run, **kw: called.update(run=run))
+    assert CliRunner().invoke(app, ["demo", "--data", data]).exit_code == 0
+    assert called["run"] == Path(f"runs/demo-{data}")  # Makefile: RUN ?= runs/demo-$(DATA)
+
+
 def test_refuses_another_demo_in_the_same_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -87,3 +102,14 @@ def test_demo_evaluates_all_of_a_small_val_split_without_asking_for_more(tmp_pat
     monkeypatch.setattr(demo, "gallery_clip_check", lambda run: None)
     demo._evaluate("emoji", tmp_path, True, types.SimpleNamespace(command=lambda **kw: calls.append(kw)), {})
     assert calls[0]["count"] == count and count >= FEW_IMAGES  # and no "few images" warning either
+
+
+def test_minutes_left_follow_the_pace_of_the_finished_stages():
+    """The stage header's estimate was the budget alone: "about 9.7 min left" through a 50-minute dVAE stage."""
+    from dallecli.demo import _minutes_left
+
+    stages = [("a", 0.1, None), ("b", 0.4, None), ("c", 0.5, None)]
+    assert _minutes_left(stages, {}, 10) == pytest.approx(10)
+    assert _minutes_left(stages, {"a": 60.0}, 10) == pytest.approx(9)  # on schedule: a took its 1 minute
+    assert _minutes_left(stages, {"a": 240.0}, 10) == pytest.approx(36)  # 4× slower: so will b and c be
+    assert _minutes_left(stages, {"a": 240.0, "b": 240.0}, 10) == pytest.approx(5 * 480 / 300)

@@ -435,6 +435,17 @@ def test_convert_dvae_refuses_without_trust_pickle(released):
     message = str(result.exception)
     assert "--trust-pickle" in message and "runs code" in message and "\n" not in message
 
+def test_convert_dvae_says_unpickling_only_when_it_does(released, tmp_path, capfd):
+    from tests.fixtures import cli
+
+    _, _, enc_path, dec_path = released
+    refused = cli.run_inprocess(["convert-dvae", "--openai", enc_path, dec_path, "--run", tmp_path / "run"], capfd)
+    said = [line for line in refused.stderr.splitlines() if line.startswith("unpickling")]
+    assert refused.returncode == 2 and "--trust-pickle" in refused.stderr and not said, refused.stderr
+    done = cli.run_inprocess(["convert-dvae", "--openai", enc_path, dec_path, "--trust-pickle", "--run",
+                              tmp_path / "run"], capfd)
+    assert done.returncode == 0 and f"unpickling {enc_path}" in " ".join(done.stderr.split()), done.stderr
+
 
 def test_convert_dvae_writes_a_checkpoint(released, tmp_path):
     enc, dec, enc_path, dec_path = released

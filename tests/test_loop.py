@@ -247,6 +247,32 @@ def test_zero_is_refused_not_read_as_the_default(args, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize("args, message", [
+    (["train-prior", "--dropout", "2"], "--dropout must be in [0, 1) (got 2.0)"),
+    (["train-prior", "--ema-decay", "2"], "--ema-decay must be in [0, 1) (got 2.0"),
+    (["train-prior", "--warmup", "-5"], "--warmup must be ≥ 0 (got -5)"),
+    (["train-clip", "--weight-decay", "-1"], "--weight-decay must be ≥ 0 (got -1.0)"),
+])
+def test_rates_outside_their_range_are_refused(args, message, tmp_path):
+    """These trained on (or failed with a traceback, for --dropout 2) instead of one line before anything ran."""
+    from typer.testing import CliRunner
+
+    from dallecli.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "run"), "-q"])
+    assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_config_refuses_what_the_loop_cannot_use():
+    from dallecli.train.config import check_config
+
+    for changes, message in (({"ema_decay": 1.5}, "--ema-decay must be in [0, 1)"), ({"warmup": -1}, "--warmup"),
+                             ({"weight_decay": -0.1}, "--weight-decay"), ({"grad_clip": 0.0}, "gradient clip")):
+        with pytest.raises(UserError, match=message.replace("[", r"\[").replace(")", r"\)")):
+            check_config(replace(CFG, **changes))
+
+
 def test_a_cpu_run_projected_to_take_too_long_is_warned_about_once(tmp_path, monkeypatch, capfd):
     """A CPU run whose remaining steps would take longer than CPU_LONG_RUN_S at the speed of its first steps
     gets one warning naming the time and the way out (--steps, a smaller preset); a short one gets none."""

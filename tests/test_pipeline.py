@@ -130,6 +130,16 @@ def test_dvae_size_mismatch_and_wrong_kind(shapes_run):
     assert isinstance(result.exception, UserError) and "kind" in str(result.exception)
 
 
+def test_the_command_line_imports_no_torch_until_a_command_runs():
+    """`dalle --help` stays instant: registering the commands imports neither torch nor open_clip."""
+    import subprocess
+    import sys
+
+    code = "import sys, dallecli.cli; print(sorted(m for m in ('torch', 'open_clip', 'numpy') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
 def test_cli_help_lists_every_command():
     result = ok("--help")
     for name in ("build-shards", "tokenize", "train-dvae", "encode", "train-prior", "sample", "demo"):

@@ -1,5 +1,6 @@
 """Reranking: scores and ranks written back into samples.jsonl, missing images, the ranked grid, the command."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,6 +164,22 @@ def test_command_reranks_the_newest_samples_and_writes_the_grid(tmp_path, stub_c
     assert [r["rank"] for r in rows] == [3, 1, 1, 2, 2, 3, 4] and sum(r["kept"] for r in rows) == 2
     assert Image.open(path.parent / "ranked.png").size[0] > 0
     assert "rerank: done" in result.output
+
+
+def test_a_sample_folder_without_run_is_ranked_by_its_own_runs_clip(tmp_path, stub_clip, monkeypatch):
+    """`dalle rerank runs/x/samples/NAME` used runs/default's CLIP (and failed where there is none)."""
+    from typer.testing import CliRunner
+
+    folder = tmp_path / "runs" / "x" / "samples" / "20250101-000000"
+    make_samples(folder)
+    (tmp_path / "runs" / "x" / "clip").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["dalle", "rerank", str(folder)])
+    assert CliRunner().invoke(_app(), ["rerank", str(folder), "--quiet"]).exit_code == 0
+    assert stub_clip["run_dir"].resolve() == tmp_path / "runs" / "x"
+    monkeypatch.setattr("sys.argv", ["dalle", "rerank", str(folder), "--run", "runs/default"])  # an explicit --run
+    assert CliRunner().invoke(_app(), ["rerank", str(folder), "--run", "runs/default", "--quiet"]).exit_code == 0
+    assert stub_clip["run_dir"] == Path("runs/default")
 
 
 def test_command_ranks_a_folder_against_a_prompt(tmp_path, stub_clip):

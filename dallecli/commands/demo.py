@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -18,7 +18,8 @@ class Data(str, Enum):
 def command(
     data: Annotated[Data, typer.Option(help="emoji: rendered emoji with their names; shapes: the composition benchmark.")] = Data.emoji,
     minutes: Annotated[float, typer.Option(help="Time budget on two CPU cores; step counts scale with it.")] = 10.0,
-    run: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    run: Annotated[Optional[Path], typer.Option(
+        help="Run directory (default: runs/demo-DATA, as `make demo` uses).", show_default=False)] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the run directory and start over.")] = False,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
     quiet: QuietOpt = False,
@@ -29,4 +30,4 @@ def command(
     start(quiet, debug)
     from dallecli.demo import run_demo
 
-    run_demo(data.value, minutes, run, fresh=fresh, cpu=cpu)
+    run_demo(data.value, minutes, run or Path(f"runs/demo-{data.value}"), fresh=fresh, cpu=cpu)

@@ -29,7 +29,9 @@ def _within(path: Path, folder: Path) -> bool:
 
 def command(
     run: RunOpt = DEFAULT_RUN,
-    name: Annotated[Optional[str], typer.Option(help="Output folder RUN/eval/NAME (default: date and time).")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="Output folder RUN/eval/NAME (default: date and time). An earlier evaluation of that name is replaced "
+             "once this one succeeds (and kept if it fails).")] = None,
     count: Annotated[Optional[int], typer.Option(help="Captions to generate for, and real val images to compare with "
                                                       "(default 1000).", show_default=False)] = None,
     captions: Annotated[Optional[Path], typer.Option(help="Prompts from this file (one per line) instead of the val captions.")] = None,
@@ -41,7 +43,9 @@ def command(
     clip: Annotated[Optional[str], typer.Option(help="CLIP for CLIP scores and reranking: a name, file or folder (default: RUN/clip).")] = None,
     rerank: Annotated[Optional[int], typer.Option(help="Headline metrics on the best of K candidates per caption (CLIP reranking).")] = None,
     rerank_sizes: Annotated[Optional[str], typer.Option(help="Metrics against the number of candidates reranked, e.g. 1,2,4,8 (Fig. 9c).")] = None,
-    composition_count: Annotated[int, typer.Option(help="Shapes world: captions rendered from each test split.")] = 200,
+    composition_count: Annotated[int, typer.Option(
+        help="Shapes world: captions rendered from each test split. The composition table counts these and the "
+             "main evaluation's shapes captions (--count).")] = 200,
     size: Annotated[Optional[int], typer.Option(help="Compare at this side (default: the smaller of samples and references).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch (generation and features).")] = 32,
     workers: Annotated[int, typer.Option(help="Image decoding processes per GPU.")] = 0,

@@ -43,6 +43,7 @@ def command(
     from dallecli.commands.common import start
 
     start(quiet, debug)
+    import sys
     import time
 
     import torch
@@ -76,7 +77,12 @@ def command(
         raise UserError("--out goes with --images: a samples.jsonl is scored in place (ranked.png beside it)")
     else:
         path = _samples_path(samples, RunDir(run).samples)
-        info(f"reranking {path}")
+        owner = _run_of(path)
+        if owner is not None and owner != Path(run) and not any(a.startswith("--run") for a in sys.argv[1:]):
+            run = owner  # RUN/samples/NAME/samples.jsonl without --run: that run's CLIP, not runs/default's
+            info(f"reranking {path} (with the CLIP of its run, {run})")
+        else:
+            info(f"reranking {path}")
     device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
     scorer = load_clip(clip, run, device, model=clip_model, batch_size=batch_size)
     tic = time.perf_counter()
@@ -101,6 +107,14 @@ def command(
     if keep is not None:
         rows_out["kept"] = f"top {keep} per prompt ({sum(bool(r.get('kept')) for r in rows)} samples)"
     summary("rerank: done", {**rows_out, "scores": path, "grid": sheet})
+
+
+def _run_of(path: Path) -> Path | None:
+    """The run a RUN/samples/NAME/samples.jsonl belongs to (where RUN has a clip folder), else None."""
+    folder = path.resolve().parent
+    if folder.parent.name == "samples" and (folder.parent.parent / "clip").is_dir():
+        return folder.parent.parent
+    return None
 
 
 def _samples_path(samples: Path | None, samples_root: Path) -> Path:

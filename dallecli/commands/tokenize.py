@@ -43,7 +43,7 @@ def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_
 
     from dallecli.checkpoint import prior_trained_with
     from dallecli.config import RunDir
-    from dallecli.console import UserError, info, progress, summary, warn
+    from dallecli.console import UserError, counted, info, progress, summary, warn
     from dallecli.data.records import ShardError, iter_records, list_shards
     from dallecli.text import caption_stats, train_tokenizer
 
@@ -110,7 +110,7 @@ def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_
     sampled = "" if len(sample) == counts["seen"] else f" (sample of {len(sample):,})"
     summary("tokenizer", {
         "written": f"{out / 'tokenizer.json'}, {out / 'config.json'}",
-        "captions": f"{counts['seen']:,} from {len(paths)} train shard(s)",
+        "captions": f"{counts['seen']:,} from {counted(len(paths), 'train shard')}",
         "vocabulary": f"{tok.vocab_size:,} (asked {vocab_size:,}; pad id {tok.pad_id})",
         "vocabulary used": f"{100 * stats['vocab_used']:.1f} %{sampled}",
         "tokens per caption": f"mean {stats['tokens_mean']:.1f}, p95 {stats['tokens_p95']}, "

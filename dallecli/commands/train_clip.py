@@ -59,6 +59,8 @@ def command(
     if (steps is not None and steps < 1) or (batch_size is not None and batch_size < 2):
         raise UserError("--steps must be at least 1 and --batch-size at least 2 (a contrastive batch needs negatives)")
     refuse_nonpositive(lr=lr)
+    if not weight_decay >= 0:
+        raise UserError(f"--weight-decay must be ≥ 0 (got {weight_decay})")
     import torch
 
     from dallecli.data.records import list_shards

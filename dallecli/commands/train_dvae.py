@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.commands.common import DEFAULT_RUN, DebugOpt, TrainPrecision, QuietOpt, RunOpt
-from dallecli.hardware import default_precision
 
 
 # Per preset: (steps, batch size per process, peak learning rate). `paper` is App. A.2's 3M updates of 512
@@ -70,6 +69,7 @@ def command(
 
     from dallecli.config import RunDir
     from dallecli.console import UserError, info
+    from dallecli.hardware import default_precision
     from dallecli.models.dvae import PRESETS
     from dallecli.train.dvae_task import DVAETask, check_image_size, schedule_for, shard_image_size
     from dallecli.train.launch import launched, maybe_relaunch

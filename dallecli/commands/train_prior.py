@@ -91,9 +91,14 @@ def command(
 
     if preset not in PRESETS:
         raise UserError(f"unknown prior preset '{preset}'; choose one of {', '.join(PRESETS)}")
-    if not 0 <= bpe_dropout < 1 or not 0 <= cond_drop < 1:
-        raise UserError("--bpe-dropout and --cond-drop must be in [0, 1)")
+    for flag, rate in (("--dropout", dropout), ("--bpe-dropout", bpe_dropout), ("--cond-drop", cond_drop)):
+        if rate is not None and not 0 <= rate < 1:
+            raise UserError(f"{flag} must be in [0, 1) (got {rate})")
     refuse_nonpositive(steps=steps, batch_size=batch_size, lr=lr, global_batch=global_batch)
+    if warmup is not None and warmup < 0:
+        raise UserError(f"--warmup must be ≥ 0 (got {warmup})")
+    if not 0 <= ema_decay < 1:
+        raise UserError(f"--ema-decay must be in [0, 1) (got {ema_decay}; the paper's is 0.99)")
     on_gpu = torch.cuda.is_available() and not cpu
     precision_name = precision.value if precision else default_precision(on_gpu)
     check_options(strategy, powersgd_rank, precision_name)  # here, not once in every relaunched process

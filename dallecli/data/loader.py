@@ -149,8 +149,9 @@ class ResumableSampler(Sampler):
         self.global_batch = batch_size * world
         self.batches_per_epoch = n // self.global_batch
         if self.batches_per_epoch < 1:
-            raise UserError(f"the split has {n} samples, fewer than one global batch of {self.global_batch}; "
-                            "lower --batch-size or add data")
+            needed = f"--batch-size {batch_size}" + (f" × {world} processes = {self.global_batch}" if world > 1 else "")
+            raise UserError(f"the split has {n} samples, fewer than one batch ({needed}); lower --batch-size or "
+                            "add data")
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:

@@ -53,14 +53,17 @@ _pickle_module.Unpickler = _Unpickler
 _pickle_module.load = lambda f, **kwargs: _Unpickler(f, **kwargs).load()
 
 
-def load_openai_pickle(path: Path, trust_pickle: bool) -> nn.Module:
-    """Unpickle one released module (this runs code from the file: only with `trust_pickle`)."""
+def load_openai_pickle(path: Path, trust_pickle: bool, check_only: bool = False) -> nn.Module | None:
+    """Unpickle one released module (this runs code from the file: only with `trust_pickle`). `check_only`:
+    only refuse a missing file or a missing --trust-pickle (before saying that anything is unpickled)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such file: {path}; give the encoder.pkl and decoder.pkl of OpenAI's dall_e release")
     if not trust_pickle:
         raise UserError(f"{path} is a pickled Python module, and unpickling runs code from the file; "
                         "pass --trust-pickle if you trust where it came from (OpenAI's dall_e release)")
+    if check_only:
+        return None
     try:
         with warnings.catch_warnings():  # legacy-format files warn that the stand-ins' source differs
             warnings.simplefilter("ignore", UserWarning)

@@ -49,6 +49,11 @@ def check_config(cfg: TrainConfig) -> None:
              (cfg.max_errors >= 1, "--max-errors must be at least 1"),
              (cfg.max_nonfinite >= 1, "the non-finite step limit must be at least 1"),
              (cfg.workers >= 0, "--workers must be ≥ 0"), (cfg.lr >= 0, "--lr must be ≥ 0"),
+             (cfg.warmup >= 0, f"--warmup must be ≥ 0 (got {cfg.warmup})"),
+             (cfg.weight_decay >= 0, f"--weight-decay must be ≥ 0 (got {cfg.weight_decay})"),
+             (cfg.ema_decay is None or 0 <= cfg.ema_decay < 1,
+              f"--ema-decay must be in [0, 1) (got {cfg.ema_decay}; the paper's are 0.999 and 0.99)"),
+             (cfg.grad_clip is None or cfg.grad_clip > 0, f"the gradient clip must be > 0 (got {cfg.grad_clip})"),
              (cfg.schedule in ("cosine", "plateau", "constant"), "the schedule must be cosine, plateau or constant"),
              (cfg.precision in ("fp32", "bf16", "fp16"),
               f"--precision must be fp32, bf16 or fp16 (got {cfg.precision})")]
