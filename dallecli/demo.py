@@ -153,7 +153,6 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
     write_json_atomic(state_path, state)  # at once: from here on the folder is a demo run (and --fresh may go)
     budget = Budget.for_minutes(minutes)
     stages = _stages(data, run, budget, {"cpu": cpu} if cpu else {})
-    total = sum(share for _, share, _ in stages)
     started = time.perf_counter()
     for i, (name, share, action) in enumerate(stages, 1):
         if name in state["done"]:
