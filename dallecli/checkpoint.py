@@ -65,6 +65,14 @@ def latest(root: Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
+def _usual_mode(path: Path) -> None:
+    """safetensors creates its files owner-only (0600); give them the mode every other file gets (0666 less
+    the umask), so that a checkpoint shared with a group or a serving account is readable there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -105,8 +113,10 @@ def save(
     training_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     keep: int | None = None,
+    extra_json: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for `step` atomically, then prune to the newest `keep` (if given)."""
+    """Write a complete checkpoint for `step` atomically, then prune to the newest `keep` (if given).
+    `extra_json`: more JSON files for the folder, by name (a CLIP's open_clip_config.json), written before DONE."""
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}")
     root = Path(root)
@@ -125,6 +135,7 @@ def save(
             if tensors is not None:
                 plain = _plain(tensors)
                 save_file(plain, tmp / name, metadata={"kind": kind})
+                _usual_mode(tmp / name)
                 _fsync_file(tmp / name)
                 fingerprint = weights_fingerprint(plain)
                 del plain  # one host copy at a time
@@ -141,6 +152,8 @@ def save(
             "model": model_config,
             "meta": meta or {},
         })
+        for name, data in (extra_json or {}).items():
+            write_json_atomic(tmp / name, data)
         (tmp / "DONE").touch()
         _fsync_file(tmp / "DONE")
         fsync_dir(tmp)
@@ -353,6 +366,21 @@ def load(path: Path, kind: str) -> Checkpoint:
             raise UserError(f"{folder}/config.json lacks the field '{key}'")
     return Checkpoint(path=folder, kind=kind, step=int(config["step"]), fingerprint=config["fingerprint"],
                       model_config=config["model"], meta=config.get("meta", {}))
+
+
+def load_weights_into(model: torch.nn.Module, ck: Checkpoint, ema: bool = True) -> None:
+    """`ck`'s weights (EMA by default) into `model`, built from its config.json: a missing, extra or
+    differently shaped tensor (a config edited, or weights from another model) is one clear error."""
+    try:
+        missing, unexpected = model.load_state_dict(ck.weights(ema=ema), strict=False)
+    except RuntimeError as exc:  # shapes that differ: torch lists every one
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise UserError(f"{ck.path}: the weights do not fit the {ck.kind} its config.json describes "
+                        f"({(lines or [str(exc).splitlines()[0]])[0][:200]}); use a checkpoint whose config.json "
+                        "was not edited") from None
+    if missing or unexpected:
+        raise UserError(f"{ck.path}: the weights do not match the {ck.kind} its config.json describes "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def step_with_fingerprint(root: Path, fingerprint: str | None) -> Path | None:

@@ -125,8 +125,16 @@ def _terminate_as_exit() -> None:
     def handler(signum, frame):
         raise Terminated(143)
 
-    try:  # the training loop installs its own handlers (finish the step, save) and restores this one after
+    def interrupt(signum, frame):
+        # Ctrl-C stops the command; more of them would break into the clean-up it triggers (a folder put
+        # back, worker processes joined, exit handlers) and end in a traceback: they are ignored from here.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    try:  # the training loop installs its own handlers (finish the step, save) and restores these after
         signal.signal(signal.SIGTERM, handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+            signal.signal(signal.SIGINT, interrupt)
     except ValueError:  # not the main thread (an embedding application): leave signals alone
         pass
 

@@ -114,7 +114,7 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
     mine = jobs[rank::world]
     try:
         done_images = _encode_jobs(model, ck, mine, work, parts, batch_size, device, max_errors, precision,
-                                   _source_ids(shards, [p for _, p in mine]))
+                                   _source_ids(shards, [p for _, p in mine]), _listed_counts(shards))
     except BaseException:
         if world == 1 and work != out and not _finished_parts(work, ck.fingerprint):
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave nothing behind
@@ -142,6 +142,15 @@ def _source_ids(shards: Path, paths: list[Path]) -> dict[str, str]:
     return ids
 
 
+def _listed_counts(shards: Path) -> dict[str, int]:
+    """Samples per image shard, as the shard manifest lists them (none where there is no manifest)."""
+    manifest = _json_or_none(Path(shards) / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        return {}
+    return {e["name"]: e["count"] for e in manifest["shards"]
+            if isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("count"), int)}
+
+
 def _json_or_none(path: Path):
     try:
         return json.loads(path.read_text())
@@ -150,7 +159,7 @@ def _json_or_none(path: Path):
 
 
 def _encode_jobs(model, ck, mine, work: Path, parts: Path, batch_size: int, device: str, max_errors: int,
-                 precision: str, sources: dict[str, str]) -> int:
+                 precision: str, sources: dict[str, str], listed: dict[str, int]) -> int:
     cfg = model.config
     done_images = 0
     with progress("encode", total=len(mine), unit="img") as bar:
@@ -199,7 +208,12 @@ def _encode_jobs(model, ck, mine, work: Path, parts: Path, batch_size: int, devi
             n_tail = len(batch)
             flush()
             bar.advance(1, rate_count=n_tail)
-            rejects += [{"shard": e.shard, "key": e.key, "reason": e.reason} for e in shard_errors]
+            read = len(records) + len(rejects)
+            lost = listed.get(path.name, read) - read  # a damaged tail takes the samples after it along
+            rejects += [{"shard": e.shard, "key": e.key,
+                         "reason": e.reason + (f"; {lost} of the {listed[path.name]} samples of this shard are lost "
+                                               "(rebuild it with `dalle build-shards`)" if lost > 0 else "")}
+                        for e in shard_errors]
             for r in rejects:
                 warn(f"skipping {r['shard']}:{r['key']}: {r['reason']}")
             write_tar(work / path.name, records)

@@ -88,12 +88,12 @@ def _evaluate(data: str, run: Path, quiet: bool, eval_cmd, device_flags: dict) -
     count = min(DEMO_EVAL_COUNT, val) if isinstance(val, int) and val >= 2 else DEMO_EVAL_COUNT
     if data == "shapes":
         # The composition table, with and without reranking (best of 4 by the run's CLIP vs the first draw).
-        eval_cmd.command(run=run, name="demo", count=count, features="clip", composition_count=100,
+        eval_cmd.command(run=run, name="demo", overwrite=True, count=count, features="clip", composition_count=100,
                          rerank=DEMO_RERANK, rerank_sizes=f"1,{DEMO_RERANK}", guidance=DEMO_GUIDANCE, quiet=quiet,
                          **device_flags)
     else:
-        eval_cmd.command(run=run, name="demo", count=count, features="clip", guidance=DEMO_GUIDANCE, quiet=quiet,
-                         **device_flags)
+        eval_cmd.command(run=run, name="demo", overwrite=True, count=count, features="clip", guidance=DEMO_GUIDANCE,
+                         quiet=quiet, **device_flags)
     gallery_clip_check(run)
 
 
@@ -159,7 +159,11 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
             info(f"[{i}/{len(stages)}] {name}: done earlier ({state['done'][name]:.0f} s), skipped")
             continue
         left = _minutes_left(stages, state["done"], minutes)
-        err.rule(f"[bold]stage {i} of {len(stages)}: {name}[/]  ·  about {left:.1f} min left")
+        header = f"stage {i} of {len(stages)}: {name}  ·  about {left:.1f} min left"
+        if err.is_terminal:
+            err.rule(f"[bold]{header}[/]")
+        else:  # a log file: one line, not a rule as wide as the (unbounded) log's width
+            info(f"── {header} ──")
         t0 = time.perf_counter()
         action()
         state["done"][name] = time.perf_counter() - t0

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from dallecli.console import UserError, progress, warn
 from dallecli.imageutil import center_square, grid
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # what build-shards reads
 
 
 class Scorer(Protocol):

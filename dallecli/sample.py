@@ -10,6 +10,7 @@ from __future__ import annotations
 
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,14 +53,14 @@ class SamplingConfig:
     guidance: float = 1.0  # 1 = plain conditional sampling
 
     def validate(self) -> None:
-        if self.temperature <= 0:
-            raise UserError(f"--temperature must be > 0 (got {self.temperature})")
+        if not 0 < self.temperature < math.inf:  # NaN too: it drew near-white images with NaN log-probabilities
+            raise UserError(f"--temperature must be a finite number > 0 (got {self.temperature})")
         if self.top_k is not None and self.top_k < 1:
             raise UserError(f"--top-k must be at least 1 (got {self.top_k})")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if self.guidance < 0:
-            raise UserError(f"--guidance must be ≥ 0 (got {self.guidance})")
+        if not 0 <= self.guidance < math.inf:
+            raise UserError(f"--guidance must be a finite number ≥ 0 (got {self.guidance})")
 
 
 _M32 = 0xFFFFFFFF
@@ -325,10 +326,20 @@ def image_prompt_codes(pipe: Pipeline, image_path: Path, rows: int) -> torch.Ten
     return pipe.dvae.encode(x).flatten(1)[:, : rows * grid]
 
 
+MAX_SEED = 2**62  # image seeds are seed + i·n + j, kept in a 64-bit integer
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and 2**62 (got {seed})")
+
+
 def check_request(prompts: list[str], cfg: SamplingConfig, *, n: int, rerank: int | None, batch_size: int,
-                  image_prompt: Path | None, prompt_rows: int | None, out: Path, precision: str | None) -> None:
+                  image_prompt: Path | None, prompt_rows: int | None, out: Path, precision: str | None,
+                  seed: int = 0) -> None:
     """The options of a sampling request, checked before any model is loaded."""
     cfg.validate()
+    check_seed(seed)
     if not prompts:
         raise UserError("no prompts: give captions as arguments or --prompts FILE")
     if n < 1 or batch_size < 1:
@@ -361,7 +372,7 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
     cfg = SamplingConfig(temperature, top_k, top_p, guidance)
     out = Path(out) if out else Path(run) / "samples" / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     check_request(prompts, cfg, n=n, rerank=rerank, batch_size=batch_size, image_prompt=image_prompt,
-                  prompt_rows=prompt_rows, out=out, precision=precision)
+                  prompt_rows=prompt_rows, out=out, precision=precision, seed=seed)
     pipe = load_pipeline(run, prior, dvae, device=device, precision=precision)
     if rerank is not None and scorer is None:  # before drawing, in every process: a bad --clip fails in seconds
         from dallecli.models.clip import load_clip

@@ -160,3 +160,13 @@ def test_resave_same_step_replaces(tmp_path):
     checkpoint.save(tmp_path, 7, kind="dvae", model_config={"width": 3}, weights={"w": torch.zeros(1)})
     assert checkpoint.load(tmp_path, "dvae").model_config == {"width": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000007"]
+
+
+def test_weights_files_get_the_mode_of_every_other_file(tmp_path):
+    """safetensors made model.safetensors and ema.safetensors 0600 while config.json was 0644."""
+    import stat
+
+    path = checkpoint.save(tmp_path, 1, kind="prior", model_config={}, weights={"w": torch.zeros(2)},
+                           ema={"w": torch.zeros(2)})
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes["model.safetensors"] == modes["ema.safetensors"] == modes["config.json"], modes

@@ -671,3 +671,19 @@ def test_vq_summary_leaves_out_the_constant_kl_and_labels_bits_per_dim():
     assert shown["mse"] == metrics["mse"] and "kl" in metrics and "bpd" in metrics  # the caller's dict untouched
     gumbel = DVAETask(config=PRESETS["tiny"], shards=Path("unused"), schedule=DVAESchedule(), batch_size=2, seed=0)
     assert gumbel.summary_metrics(metrics) == metrics
+
+
+def test_validation_on_train_images_says_so(tmp_path, capfd):
+    """Shards without a val split: the val_* metrics come from train images, and a warning says it."""
+    import dataclasses
+
+    from dallecli.train.loop import train
+    from tests.fixtures import tasks
+    from tests.fixtures.runs import make_dvae_run
+
+    run = make_dvae_run(tmp_path / "run", n_train=8, n_val=0, per_shard=8, size=16)
+    cfg = dataclasses.replace(tasks.DVAE_CFG, steps=2, eval_every=2, save_every=2)
+    capfd.readouterr()
+    train(tasks.dvae_task(run / "shards", steps=2), cfg, tmp_path / "out")
+    err = " ".join(capfd.readouterr().err.split())
+    assert "no val shards in" in err and "measured on the first 8 train images" in err

@@ -632,6 +632,10 @@ def test_eval_failing_mid_sampling_puts_the_earlier_evaluation_of_its_name_back(
         (Path(out) / "000-000.png").write_bytes(b"half a new sample")
         raise UserError("the sampler failed")
 
+    refused = CliRunner().invoke(app, args)  # the same name again, without --overwrite
+    assert isinstance(refused.exception, UserError) and "--overwrite" in str(refused.exception)
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    args.append("--overwrite")
     monkeypatch.setattr(sample, "sample_to_folder", dies_half_way)
     failed = CliRunner().invoke(app, args)
     assert isinstance(failed.exception, UserError) and "the sampler failed" in str(failed.exception)
@@ -664,10 +668,12 @@ def test_eval_of_samples_inside_its_own_folder_evaluates_them_in_place(tmp_path,
     samples = val_samples(run / "eval" / "here" / "samples")
     args = ["command", "--run", str(run), "--samples", str(samples), "--features", str(net_file), "--blur", "0",
             "--name", "here", "--no-reconstruction", "--cpu", "-q"]
-    for _ in range(2):
-        result = CliRunner().invoke(app, args)
+    for again in ([], ["--overwrite"]):
+        result = CliRunner().invoke(app, [*args, *again])
         assert result.exit_code == 0, result.output
         assert (run / "eval" / "here" / "metrics.json").is_file() and samples.is_file()
+    refused = CliRunner().invoke(app, args)
+    assert isinstance(refused.exception, UserError) and "--overwrite" in str(refused.exception)
 
 
 def test_eval_inputs_inside_its_own_folder_stay_put(tmp_path, net_file, no_clip, monkeypatch):
@@ -686,13 +692,13 @@ def test_eval_inputs_inside_its_own_folder_stay_put(tmp_path, net_file, no_clip,
     assert CliRunner().invoke(app, args).exit_code == 0
     captions = run / "eval" / "x" / "prompts.txt"
     captions.write_text("a red circle\na blue square\na green triangle\n")
-    again = CliRunner().invoke(app, [*args, "--captions", str(captions)])
+    again = CliRunner().invoke(app, [*args, "--captions", str(captions), "--overwrite"])
     assert again.exit_code == 0, repr(again.exception)
     assert captions.is_file()
 
     link = run / "eval" / "x" / "linked"
     link.symlink_to(val_samples(tmp_path / "elsewhere").parent, target_is_directory=True)
-    linked = CliRunner().invoke(app, [*args, "--samples", str(link / "samples.jsonl")])
+    linked = CliRunner().invoke(app, [*args, "--samples", str(link / "samples.jsonl"), "--overwrite"])
     assert linked.exit_code == 0, repr(linked.exception)
     assert link.is_symlink() and (run / "eval" / "x" / "metrics.json").is_file()
 

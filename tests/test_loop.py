@@ -162,6 +162,28 @@ def test_the_task_schedules_keep_the_clock_of_updates(tmp_path):
     assert Recording.clock == [0, 1, 2, 2, 3]
 
 
+def test_a_second_ctrl_c_stops_at_once_and_names_the_checkpoint_left(tmp_path, capfd):
+    import os
+    import signal
+
+    class Interrupted(ToyTask):
+        calls = 0
+
+        def loss(self, model, x, updates):
+            Interrupted.calls += 1
+            if Interrupted.calls == 4:  # in step 4, after step 2's checkpoint
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().loss(model, x, updates)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(Interrupted(make_code_shards(tmp_path / "shards")), replace(CFG, steps=6, save_every=2),
+              tmp_path / "run")
+    err = " ".join(capfd.readouterr().err.split())
+    assert "stopped at once by a second Ctrl-C: the last checkpoint" in err and "step-00000002) is intact" in err
+    assert checkpoint.latest(tmp_path / "run").name == "step-00000002"
+
+
 def test_nonfinite_in_a_row_aborts(tmp_path):
     shards = make_code_shards(tmp_path / "shards")
     task = ToyTask(shards)

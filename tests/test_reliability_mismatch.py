@@ -131,6 +131,39 @@ def test_sampler_and_encoder_refuse_the_wrong_kind_and_another_dvae(base, tmp_pa
     assert cli.matches(r"kind: prior != dvae", cli.error_message(result))
 
 
+def test_a_checkpoint_whose_config_was_edited_is_one_clear_error(base, tmp_path, capfd):
+    """config.json says 2× the codes its weights have: torch's size-mismatch RuntimeError was a traceback."""
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    config_path = checkpoint.latest(run / "dvae") / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"]["vocab_size"] *= 2
+    config_path.write_text(json.dumps(config))
+    result = cli.run_inprocess(["encode", "--run", run, "--preview", 1], capfd)
+    assert cli.matches(r"the weights do not fit the dvae its config\.json describes \(size mismatch",
+                       cli.error_message(result))
+
+
+def test_ctrl_c_again_during_the_clean_up_is_ignored():
+    """Ctrl-C pressed several times during start-up ended in a traceback from the clean-up (exit handlers)
+    that the first one started: after the first, SIGINT is ignored until the process ends."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from dallecli import cli\n"
+            "cli._terminate_as_exit()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(1)\n"
+            "except KeyboardInterrupt:\n"
+            "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+            "    print('clean-up finished')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "clean-up finished", done.stderr[-2000:]
+
+
 def test_error_is_one_line_when_piped(capfd):
     from dallecli.console import print_error
 
@@ -143,6 +176,11 @@ def test_error_is_one_line_when_piped(capfd):
     (["train-dvae", "--steps", "abc"], "Invalid value for '--steps'"),
     (["build-shards", "--count", "0"], "Invalid value for '--count'"),
     (["no-such-command"], "No such command 'no-such-command' (see 'dalle --help')"),
+    (["build-shards", "--source", "shapes", "--size", "100"], "--size 100: the shapes world renders at 32, 64"),
+    (["sample", "x", "--seed", "99999999999999999999"], "--seed must be between 0 and 2**62"),
+    (["sample", "x", "--name", "../../escape"], "--name '../../escape' is not usable"),
+    (["train-prior", "--text-len", "0"], "--text-len must be at least 1"),
+    (["eval", "--temperature", "nan", "--features", "clip"], "--temperature must be a finite number"),
 ])
 def test_bad_flags_are_one_line_errors(args, message, capfd):
     """click's usage errors, through the entry point: one `error:` line naming the command's --help, exit 2."""

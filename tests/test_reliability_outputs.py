@@ -284,3 +284,18 @@ def test_tokenizer_save_failure_keeps_the_old_one(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert text.Tokenizer.load(tmp_path / "tokenizer").fingerprint == old.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+def test_a_truncated_image_shard_says_how_many_samples_it_lost(run, capfd):
+    """A shard cut short lost every sample after the damage, and the only sign was one reject ("skipped
+    samples 1"): with the shard manifest's count, the warning says how many are gone."""
+    shards = run / "shards"
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    listed = [{"name": n, "split": n.split("-")[0], "count": 4} for n in names]
+    (shards / "manifest.json").write_text(json.dumps({"shards": listed}))
+    cut = shards / names[0]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 3])
+    result = encode(run, capfd, "--dvae", run / "dvae1")
+    assert result.returncode == 0, result.stderr
+    err = " ".join(result.stderr.split())
+    assert cli.matches(r"corrupt or truncated tar.*; [1-4] of the 4 samples of this shard are lost", err), err

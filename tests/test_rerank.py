@@ -172,14 +172,17 @@ def test_a_sample_folder_without_run_is_ranked_by_its_own_runs_clip(tmp_path, st
 
     folder = tmp_path / "runs" / "x" / "samples" / "20250101-000000"
     make_samples(folder)
-    (tmp_path / "runs" / "x" / "clip").mkdir()
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["dalle", "rerank", str(folder)])
     assert CliRunner().invoke(_app(), ["rerank", str(folder), "--quiet"]).exit_code == 0
     assert stub_clip["run_dir"].resolve() == tmp_path / "runs" / "x"
-    monkeypatch.setattr("sys.argv", ["dalle", "rerank", str(folder), "--run", "runs/default"])  # an explicit --run
+    link = tmp_path / "elsewhere"  # a link to the folder: the run is still found
+    link.symlink_to(folder, target_is_directory=True)
+    assert CliRunner().invoke(_app(), ["rerank", str(link), "--quiet"]).exit_code == 0
+    assert stub_clip["run_dir"].resolve() == tmp_path / "runs" / "x"
     assert CliRunner().invoke(_app(), ["rerank", str(folder), "--run", "runs/default", "--quiet"]).exit_code == 0
-    assert stub_clip["run_dir"] == Path("runs/default")
+    assert stub_clip["run_dir"] == Path("runs/default")  # an explicit --run wins
+    assert CliRunner().invoke(_app(), ["rerank", str(folder), "--clip", "local-dir:x", "--quiet"]).exit_code == 0
+    assert stub_clip["run_dir"] == Path("runs/default")  # --clip names the CLIP: the run is not needed
 
 
 def test_command_ranks_a_folder_against_a_prompt(tmp_path, stub_clip):

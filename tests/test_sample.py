@@ -407,3 +407,14 @@ def test_a_clip_without_rerank_is_said_to_be_unused(tiny_run):
     assert result.exit_code == 0, result.output
     assert "--clip some-clip is used only with --rerank" in result.output.replace("\n", " ")
     assert "clip_score" not in (tiny_run / "samples" / "w" / "samples.jsonl").read_text()
+
+
+@pytest.mark.parametrize("field, value", [("temperature", float("nan")), ("temperature", float("inf")),
+                                          ("temperature", 0.0), ("guidance", float("nan")),
+                                          ("guidance", float("inf")), ("guidance", -1.0)])
+def test_sampling_options_must_be_finite(field, value):
+    """`--temperature nan` drew near-white images and wrote NaN into samples.jsonl and sampling.json."""
+    from dallecli.console import UserError
+
+    with pytest.raises(UserError, match=f"--{field} must be a finite number"):
+        SamplingConfig(**{field: value}).validate()

@@ -132,6 +132,12 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
         raise UserError(f"--source {source} renders its own images; drop the input path {path}")
     if not builtin and path is None:
         raise UserError(f"--source {source} needs an input path, e.g. `dalle build-shards photos/`")
+    if source == "shapes" and size is not None:
+        from dallecli.data.shapes import SUPPORTED_SIZES
+
+        if size not in SUPPORTED_SIZES:  # the scenes are drawn at these sizes (shared/specs/shapes-world.md)
+            raise UserError(f"--size {size}: the shapes world renders at {', '.join(map(str, SUPPORTED_SIZES))} px; "
+                            "pick one of those")
     if max_caption_chars < (min_caption_chars or 1):
         raise UserError(f"--max-caption-chars {max_caption_chars} is below --min-caption-chars {min_caption_chars}")
     # Only what shapes the output of this source is recorded (and compared when resuming).
@@ -157,6 +163,12 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
     except OSError as exc:  # disk full, an unwritable folder: the complete shards stay, a rerun resumes
         if isinstance(exc, UserError):
             raise
+        import errno
+
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST) and blocking is not None:  # --run or --out is a file
+            raise UserError(f"cannot make the shard folder {folder}: {blocking} is a file, not a folder; give "
+                            "another --run or --out") from None
         raise UserError(f"cannot write the shards in {folder}: {exc.strerror or exc}; the shards already "
                         "written are intact: free space (or fix the folder) and rerun the same command") from None
 

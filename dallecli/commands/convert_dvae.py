@@ -38,6 +38,8 @@ def command(
         # Step 0 beside a trained dVAE would never be "latest": encode and sample would ignore it.
         raise UserError(f"{root} already holds dVAE checkpoints ({checkpoint.latest(root).name}); pass --out with "
                         "another folder for the converted one (and --dvae that folder to encode or sample)")
+    if any(str(p).startswith("--") for p in openai):
+        raise UserError(f"--openai takes two files, ENCODER.pkl DECODER.pkl (got {' '.join(map(str, openai))})")
     for path in openai:  # both, before saying that they are unpickled
         load_openai_pickle(path, trust_pickle, check_only=True)
     info(f"unpickling {encoder_path} and {decoder_path}")

@@ -31,7 +31,7 @@ def command(
     from dallecli.codes import encode_shards, install, preview as write_preview, write_manifest
     from dallecli.config import RunDir
     from dallecli.console import UserError, summary
-    from dallecli.train.launch import maybe_relaunch
+    from dallecli.train.launch import launched, maybe_relaunch
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
@@ -43,12 +43,15 @@ def command(
         device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
         write_preview(dvae, shards, rd.dvae / "preview", preview, device)
         return
-    if gpus > 1:  # the inputs, checked before launching: a missing one fails in seconds, and once
+    if gpus > 1 and not launched():  # the inputs, checked before launching: a bad one fails in seconds, once
         from dallecli import checkpoint
-        from dallecli.codes import shard_jobs
+        from dallecli.codes import check_image_size, shard_jobs
 
-        checkpoint.load(dvae, "dvae")
-        shard_jobs(shards)
+        ck = checkpoint.load(dvae, "dvae")
+        size = ck.model_config.get("image_size")
+        paths = [p for _, p in shard_jobs(shards)]
+        if isinstance(size, int):
+            check_image_size(shards, paths, size, ck.path)
     maybe_relaunch(gpus, cpu=cpu)
     from accelerate import PartialState
 

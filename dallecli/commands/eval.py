@@ -30,8 +30,11 @@ def _within(path: Path, folder: Path) -> bool:
 def command(
     run: RunOpt = DEFAULT_RUN,
     name: Annotated[Optional[str], typer.Option(
-        help="Output folder RUN/eval/NAME (default: date and time). An earlier evaluation of that name is replaced "
-             "once this one succeeds (and kept if it fails).")] = None,
+        help="Output folder RUN/eval/NAME (default: date and time). An existing one is refused unless "
+             "--overwrite.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing RUN/eval/NAME, once this evaluation succeeds (it is kept if this "
+                            "one fails).")] = False,
     count: Annotated[Optional[int], typer.Option(help="Captions to generate for, and real val images to compare with "
                                                       "(default 1000).", show_default=False)] = None,
     captions: Annotated[Optional[Path], typer.Option(help="Prompts from this file (one per line) instead of the val captions.")] = None,
@@ -70,7 +73,7 @@ def command(
     import torch
 
     from dallecli.config import RunDir
-    from dallecli.console import summary
+    from dallecli.console import UserError, summary
     from dallecli.evaluate.report import PLOTS, print_tables
     from dallecli.evaluate.run import EvalConfig, evaluate
     from dallecli.train.launch import launched, maybe_relaunch
@@ -94,7 +97,10 @@ def command(
     folder = RunDir(run).eval / name
     inputs = (samples, composition_samples, captions, features, inception_weights, clip, shards, prior, dvae)
     inside = any(p is not None and _within(Path(p), folder) for p in inputs)
-    with ReplacedFolder(folder, overwrite=True, active=not launched() and not inside, what="evaluation",
+    if inside and not overwrite and not launched() and (folder / "metrics.json").exists():
+        raise UserError(f"evaluation folder {folder} already exists; choose another --name, or pass --overwrite to "
+                        "replace its results")
+    with ReplacedFolder(folder, overwrite=overwrite, active=not launched() and not inside, what="evaluation",
                         flags="--name"):
         maybe_relaunch(gpus, cpu=cpu)  # --gpus N: N copies of this command under accelerate, each a rank
         from accelerate import PartialState

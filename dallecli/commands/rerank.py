@@ -10,6 +10,7 @@ from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
 
 
 def command(
+    ctx: typer.Context,
     samples: Annotated[Optional[Path], typer.Argument(
         help="A samples.jsonl, or the sample folder holding it (default: the newest under RUN/samples).",
         show_default=False)] = None,
@@ -43,7 +44,6 @@ def command(
     from dallecli.commands.common import start
 
     start(quiet, debug)
-    import sys
     import time
 
     import torch
@@ -77,9 +77,10 @@ def command(
         raise UserError("--out goes with --images: a samples.jsonl is scored in place (ranked.png beside it)")
     else:
         path = _samples_path(samples, RunDir(run).samples)
-        owner = _run_of(path)
-        if owner is not None and owner != Path(run) and not any(a.startswith("--run") for a in sys.argv[1:]):
-            run = owner  # RUN/samples/NAME/samples.jsonl without --run: that run's CLIP, not runs/default's
+        owner = _run_of(path) if samples is not None and clip is None else None
+        if (owner is not None and ctx.get_parameter_source("run").name == "DEFAULT"
+                and owner.resolve() != Path(run).resolve()):
+            run = owner  # RUN/samples/NAME without --run: that run's CLIP, not runs/default's
             info(f"reranking {path} (with the CLIP of its run, {run})")
         else:
             info(f"reranking {path}")
@@ -110,10 +111,10 @@ def command(
 
 
 def _run_of(path: Path) -> Path | None:
-    """The run a RUN/samples/NAME/samples.jsonl belongs to (where RUN has a clip folder), else None."""
-    folder = path.resolve().parent
-    if folder.parent.name == "samples" and (folder.parent.parent / "clip").is_dir():
-        return folder.parent.parent
+    """The run RUN of a RUN/samples/NAME/samples.jsonl (as given, or with its links followed), else None."""
+    for folder in (path.absolute().parent, path.resolve().parent):
+        if folder.parent.name == "samples":
+            return folder.parent.parent
     return None
 
 

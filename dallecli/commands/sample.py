@@ -71,6 +71,9 @@ def command(
         from dallecli.console import warn
 
         warn(f"--clip {clip} is used only with --rerank K: these samples are not scored")
+    if name is not None and (not name or name.startswith(".") or "/" in name or "\\" in name):
+        raise UserError(f"--name {name!r} is not usable: give a plain folder name for RUN/samples/NAME (no '/', no "
+                        "leading '.'), or --out FOLDER for a folder elsewhere")
     # One name for every process, so that the parts land in one folder.
     name = name or datetime.now().strftime("%Y%m%d-%H%M%S")
     if gpus > 1 and "--name" not in __import__("sys").argv:
@@ -86,7 +89,7 @@ def command(
 
         check_request(texts, SamplingConfig(temperature, top_k, top_p, guidance), n=n, rerank=rerank,
                       batch_size=batch_size, image_prompt=image_prompt, prompt_rows=prompt_rows, out=folder,
-                      precision=precision.value if precision else None)
+                      precision=precision.value if precision else None, seed=seed)
         checkpoint.load(prior or RunDir(run).prior, "prior")
         checkpoint.load(dvae or RunDir(run).dvae, "dvae")
     with ReplacedFolder(folder, overwrite, active=not launched()):

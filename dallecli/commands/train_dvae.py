@@ -45,7 +45,7 @@ def command(
     beta_steps: Annotated[Optional[int], typer.Option(help="β warm-up length (paper 5,000; default min(5,000, 10% of --steps)).")] = None,
     tau_steps: Annotated[Optional[int], typer.Option(help="τ annealing length (paper 150,000; default min(150,000, 50% of --steps)).")] = None,
     save_every: Annotated[int, typer.Option(help="Save a checkpoint every N updates.")] = 500,
-    eval_every: Annotated[int, typer.Option(help="Validate (MSE, PSNR, bits/dim, codebook use, a grid PNG) every N updates.")] = 250,
+    eval_every: Annotated[int, typer.Option(help="Validate (MSE, PSNR, bits/dim, codebook use, a grid PNG) every N updates; 0: never.")] = 250,
     keep: Annotated[int, typer.Option(help="Keep the newest N checkpoints.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 0,

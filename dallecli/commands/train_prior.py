@@ -50,7 +50,7 @@ def command(
     cond_drop: Annotated[float, typer.Option(help="Drop the caption with this probability, for classifier-free guidance when sampling.")] = 0.1,
     ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights (paper 0.99).")] = 0.99,
     save_every: Annotated[int, typer.Option(help="Save a checkpoint every N updates.")] = 500,
-    eval_every: Annotated[int, typer.Option(help="Validation loss (text and image) every N updates.")] = 250,
+    eval_every: Annotated[int, typer.Option(help="Validation loss (text and image) every N updates; 0: never.")] = 250,
     keep: Annotated[int, typer.Option(help="Keep the newest N checkpoints.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 0,
@@ -95,6 +95,8 @@ def command(
         if rate is not None and not 0 <= rate < 1:
             raise UserError(f"{flag} must be in [0, 1) (got {rate})")
     refuse_nonpositive(steps=steps, batch_size=batch_size, lr=lr, global_batch=global_batch)
+    if text_len is not None and text_len < 1:
+        raise UserError(f"--text-len must be at least 1 (got {text_len}; the paper's is 256)")
     if warmup is not None and warmup < 0:
         raise UserError(f"--warmup must be ≥ 0 (got {warmup})")
     if not 0 <= ema_decay < 1:

@@ -85,6 +85,10 @@ class EvalConfig:
                            ("--composition-samples", self.composition_samples)):
             if path is not None and not Path(path).is_file():
                 raise UserError(f"{flag} {path}: no such file")
+        from dallecli.sample import SamplingConfig, check_seed
+
+        SamplingConfig(self.temperature, self.top_k, self.top_p, self.guidance).validate()
+        check_seed(self.seed)
         nets.check_features(self.features, self.inception_weights)  # names and files; evaluate() loads them
 
 

@@ -119,11 +119,15 @@ def tokenizer_for(model_cfg: dict[str, Any]) -> Callable[[Sequence[str]], torch.
     return open_clip.SimpleTokenizer(context_length=context)
 
 
+def open_clip_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    """open_clip_config.json: beside a checkpoint's weights, `open_clip.create_model("local-dir:" + folder)`
+    builds the same model from it and finds `model.safetensors` there."""
+    return {"model_cfg": model_config["model_cfg"], "preprocess_cfg": model_config["preprocess_cfg"]}
+
+
 def write_open_clip_config(folder: Path, model_config: dict[str, Any]) -> Path:
-    """Write open_clip_config.json beside a checkpoint's weights so `open_clip.create_model("local-dir:" + folder)`
-    builds the same model and finds `model.safetensors` there."""
     path = Path(folder) / OPEN_CLIP_CONFIG
-    write_json_atomic(path, {"model_cfg": model_config["model_cfg"], "preprocess_cfg": model_config["preprocess_cfg"]})
+    write_json_atomic(path, open_clip_config(model_config))
     return path
 
 

@@ -64,6 +64,12 @@ class ClipTask:
     def meta(self) -> dict[str, Any]:
         return {"shards": str(self.shards)}
 
+    def extra_json(self) -> dict[str, Any]:
+        """In every checkpoint folder, from its save on (a killed run's included): open_clip loads it as is."""
+        from dallecli.models.clip import OPEN_CLIP_CONFIG, open_clip_config
+
+        return {OPEN_CLIP_CONFIG: open_clip_config(self.model_config())}
+
     def build_model(self) -> torch.nn.Module:
         return model_from_config(self.model_cfg)
 

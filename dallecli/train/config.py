@@ -50,6 +50,7 @@ def check_config(cfg: TrainConfig) -> None:
              (cfg.max_nonfinite >= 1, "the non-finite step limit must be at least 1"),
              (cfg.workers >= 0, "--workers must be ≥ 0"), (cfg.lr >= 0, "--lr must be ≥ 0"),
              (cfg.warmup >= 0, f"--warmup must be ≥ 0 (got {cfg.warmup})"),
+             (0 <= cfg.seed < 2**63, f"--seed must be between 0 and 2**63 − 1 (got {cfg.seed})"),
              (cfg.weight_decay >= 0, f"--weight-decay must be ≥ 0 (got {cfg.weight_decay})"),
              (cfg.ema_decay is None or 0 <= cfg.ema_decay < 1,
               f"--ema-decay must be in [0, 1) (got {cfg.ema_decay}; the paper's are 0.999 and 0.99)"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from dallecli import checkpoint
 from dallecli.config import to_dict
-from dallecli.console import UserError
+from dallecli.console import UserError, warn
 from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_caption, read_image, read_meta
 from dallecli.data.records import iter_records, list_shards
 from dallecli.imageutil import center_square, dvae_augment, grid, to_pil, to_tensor
@@ -131,6 +132,10 @@ class DVAETask:
                 index = ShardIndex(self.shards, "val")
             except UserError:
                 index = ShardIndex(self.shards, "train")
+                if os.environ.get("RANK", "0") == "0":
+                    warn(f"no val shards in {self.shards}: the val_* metrics are measured on the first "
+                         f"{min(len(index), self.val_images)} train images, which the dVAE trains on (rebuild the "
+                         "shards with --val-fraction above 0 for held-out ones)")
             images, captions, metas = [], [], []
             for i in range(min(len(index), self.val_images)):
                 _, members = index.read(i)
@@ -204,9 +209,6 @@ def load_dvae(path: Path, device: str | torch.device = "cpu", ema: bool = True) 
     ck = checkpoint.load(path, "dvae")
     config = from_dict(DVAEConfig, ck.model_config, where=f"{ck.path}/config.json")
     model = DVAE(config)
-    missing, unexpected = model.load_state_dict(ck.weights(ema=ema), strict=False)
-    if missing or unexpected:
-        raise UserError(f"{ck.path}: weights do not match the dVAE config "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    checkpoint.load_weights_into(model, ck, ema=ema)
     return model.to(device).eval(), ck
 

@@ -77,8 +77,15 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
     if Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file, not a folder; give a folder for the checkpoints")
     with StopSignals() as stop:  # at once: a signal during set-up stops before the first step
-        return _Trainer(task, cfg, Path(out), stop, fresh=fresh, cpu=cpu, scaler=scaler,
-                        wrap_model=wrap_model).run()
+        trainer = None
+        try:
+            trainer = _Trainer(task, cfg, Path(out), stop, fresh=fresh, cpu=cpu, scaler=scaler, wrap_model=wrap_model)
+            return trainer.run()
+        except KeyboardInterrupt:  # a second Ctrl-C: out at once, without saving the step it was on
+            if trainer is not None and trainer.main:
+                again = "; rerun to continue from it" if trainer.saved["path"] else ""
+                info(f"stopped at once by a second Ctrl-C: {trainer.kept()}{again}")
+            raise
 
 
 class _Trainer:
@@ -296,9 +303,11 @@ class _Trainer:
         norm_of = getattr(self.task, "loss_norm", None)
         if norm_of is not None and datas:
             # The task's per-token average spans the whole global batch (§2.2 normalises by the batch's own
-            # token count), not each micro-batch: every micro-batch divides by the mean count per micro-batch.
+            # token count), not each micro-batch: every micro-batch divides by the mean count per micro-batch
+            # that has data (skips are the same on every process), so a step with a skipped micro-batch
+            # shrinks this part as it shrinks the others (each loss is divided by grad_accum below).
             total = self.synced(float(sum(norm_of(d) for d in datas)))[0]
-            extra["norm"] = max(total, 1.0) / (cfg.grad_accum * world)
+            extra["norm"] = max(total, 1.0) / (len(datas) * world)
         for micro, data in enumerate(datas):
             sync = micro == len(datas) - 1  # the last one exchanges the gradients, even if a later one was skipped
             if self.sharded:
@@ -354,8 +363,7 @@ class _Trainer:
                      f"({counters.nonfinite_in_a_row} in a row, {counters.nonfinite} in all)")
             if counters.nonfinite_in_a_row >= cfg.max_nonfinite:
                 raise UserError(f"{counters.nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; "
-                                f"lower --lr or use --precision fp32/bf16; the last checkpoint "
-                                f"({self.saved['path']}) is intact")
+                                f"lower --lr or use --precision fp32/bf16; {self.kept()}")
         self.optimizer.zero_grad(set_to_none=True)
         if self.powersgd is not None and (ratio := distributed.powersgd_ratio(self.powersgd)) is not None:
             parts["powersgd_ratio"] = round(ratio, 2)  # gradient numbers sent: this many times fewer
@@ -413,12 +421,14 @@ class _Trainer:
         bad = (first_nonfinite(weights, "weights") or first_nonfinite(ema_full or {}, "ema")
                or first_nonfinite(opt_state.get("state", {}), "optimizer"))
         if bad:
-            raise UserError(f"refusing to save step {at}: {bad} holds NaN or Inf; the last checkpoint "
-                            f"({self.saved['path']}) is intact; lower --lr or use --precision fp32/bf16")
+            raise UserError(f"refusing to save step {at}: {bad} holds NaN or Inf; {self.kept()}; lower --lr or use "
+                            "--precision fp32/bf16")
         state = {"optimizer": opt_state, "scaler": self.scaler.state_dict(), "step": at, **self.counters.state(),
                  "rng": rng_state(rng), "data_position": at * self.cfg.grad_accum}
+        extra = getattr(self.task, "extra_json", None)  # files a task's checkpoints also carry (the CLIP's)
         path = checkpoint.save(self.out, at, kind=self.task.kind, model_config=self.task.model_config(),
-                               weights=weights, ema=ema_full, training_state=state, meta=self.task.meta())
+                               weights=weights, ema=ema_full, training_state=state, meta=self.task.meta(),
+                               extra_json=extra() if extra is not None else None)
         checkpoint.remove_after(self.out, at)  # what is left of an earlier run (--fresh): never "latest" again
         checkpoint.prune(self.out, self.cfg.keep)
         self.saved.update(step=at, path=path)
@@ -460,6 +470,11 @@ class _Trainer:
             return list(flags)
         t = torch.tensor(flags, dtype=torch.float32, device=self.device)
         return self.accelerator.reduce(t, reduction="sum").tolist()
+
+    def kept(self) -> str:
+        """What a failure leaves, in words: the last checkpoint, or none."""
+        path = self.saved["path"]
+        return f"the last checkpoint ({path}) is intact" if path else "no checkpoint was saved yet"
 
     def interrupted(self) -> TrainResult:
         if self.main:

@@ -157,8 +157,5 @@ def load_prior(path: Path, device="cpu", ema: bool = True) -> tuple[PriorTransfo
     ck = checkpoint.load(path, "prior")
     config = from_dict(PriorConfig, ck.model_config, where=f"{ck.path}/config.json")
     model = PriorTransformer(config)
-    missing, unexpected = model.load_state_dict(ck.weights(ema=ema), strict=False)
-    if missing or unexpected:
-        raise UserError(f"{ck.path}: weights do not match the prior config "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    checkpoint.load_weights_into(model, ck, ema=ema)
     return model.to(device).eval(), ck
