@@ -33,6 +33,7 @@ def command(
     keep: Annotated[int, typer.Option(help="Keep the newest N checkpoints.")] = 3,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 0,
+    max_errors: Annotated[int, typer.Option(help="Stop after this many unreadable samples in a row.")] = 100,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming from the latest checkpoint.")] = False,
     shards: Annotated[Optional[Path], typer.Option(help="Image shards with captions (default RUN/shards).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Checkpoint folder (default RUN/clip).")] = None,
@@ -91,7 +92,8 @@ def command(
         betas=(0.9, 0.98), eps=1e-6, weight_decay=weight_decay,  # open_clip's AdamW settings for ViTs
         grad_clip=None, ema_decay=None,  # no EMA: model.safetensors is what open_clip's local-dir loads
         precision=(precision.value if precision else default_precision(on_gpu)),
-        save_every=save_every, eval_every=eval_every, log_every=10, keep=keep, seed=seed, workers=workers)
+        save_every=save_every, eval_every=eval_every, log_every=10, keep=keep, seed=seed, workers=workers,
+        max_errors=max_errors)
     task = ClipTask(name=model, model_cfg=model_cfg, preprocess_cfg=preprocess_cfg, shards=shards,
                     batch_size=cfg.batch_size, seed=seed, workers=workers, augment=augment)
     try:
