@@ -485,7 +485,8 @@ def test_a_stopped_launch_stops_its_processes_before_putting_the_old_folder_back
         "cli._run = work\n"
         "cli.main()\n")
     proc = subprocess.Popen([sys.executable, str(top), str(worker)], env=cli.cli_env(), cwd=cli.ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=cli.default_sigint)
     try:
         deadline = time.time() + 90
         while not list(folder.glob("new-1-*")) and time.time() < deadline:

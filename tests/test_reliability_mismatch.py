@@ -160,7 +160,8 @@ def test_ctrl_c_again_during_the_clean_up_is_ignored():
             "except KeyboardInterrupt:\n"
             "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
             "    print('clean-up finished')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          preexec_fn=cli.default_sigint)
     assert done.returncode == 0 and done.stdout.strip() == "clean-up finished", done.stderr[-2000:]
 
 
