@@ -175,13 +175,14 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
 
 def _minutes_left(stages: list[tuple[str, float, Callable]], done: dict[str, float], minutes: float) -> float:
     """The budget's share of the stages not done, at the pace of those done: on a machine slower than the
-    one the budget was sized on (or a busy one), the estimate grows once the finished stages show it."""
+    one the budget was sized on (or a busy one), the estimate grows once a finished training stage shows it.
+    Never below the budget: the small first stages finish well within their shares on any machine."""
     total = sum(share for _, share, _ in stages)
     planned = {name: share / total * minutes * 60 for name, share, _ in stages}
     finished = [name for name in planned if name in done]
     pace = 1.0
-    if sum(planned[n] for n in finished) >= 0.025 * minutes * 60:  # enough to tell (the first two stages)
-        pace = sum(done[n] for n in finished) / sum(planned[n] for n in finished)
+    if sum(planned[n] for n in finished) >= 0.2 * minutes * 60:  # a training stage is among them
+        pace = max(1.0, sum(done[n] for n in finished) / sum(planned[n] for n in finished))
     return sum(planned[n] for n in planned if n not in done) * pace / 60
 
 

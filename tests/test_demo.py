@@ -108,8 +108,11 @@ def test_minutes_left_follow_the_pace_of_the_finished_stages():
     """The stage header's estimate was the budget alone: "about 9.7 min left" through a 50-minute dVAE stage."""
     from dallecli.demo import _minutes_left
 
-    stages = [("a", 0.1, None), ("b", 0.4, None), ("c", 0.5, None)]
+    stages = [("a", 0.3, None), ("b", 0.2, None), ("c", 0.5, None)]
     assert _minutes_left(stages, {}, 10) == pytest.approx(10)
-    assert _minutes_left(stages, {"a": 60.0}, 10) == pytest.approx(9)  # on schedule: a took its 1 minute
-    assert _minutes_left(stages, {"a": 240.0}, 10) == pytest.approx(36)  # 4× slower: so will b and c be
-    assert _minutes_left(stages, {"a": 240.0, "b": 240.0}, 10) == pytest.approx(5 * 480 / 300)
+    assert _minutes_left(stages, {"a": 180.0}, 10) == pytest.approx(7)  # on schedule: a took its 3 minutes
+    assert _minutes_left(stages, {"a": 720.0}, 10) == pytest.approx(28)  # 4× slower: so will b and c be
+    assert _minutes_left(stages, {"a": 720.0, "b": 120.0}, 10) == pytest.approx(5 * 840 / 300)
+    assert _minutes_left(stages, {"a": 18.0}, 10) == pytest.approx(7)  # faster: the budget still stands
+    small = [("shards", 0.02, None), ("rest", 0.98, None)]
+    assert _minutes_left(small, {"shards": 1.0}, 10) == pytest.approx(9.8)  # too little to tell the pace
