@@ -66,14 +66,14 @@ def make_run(run: Path, n_train: int = 48, n_val: int = 8, per_shard: int = 12, 
     return run
 
 
-def launch(run: Path, out: str, *args, processes: int = 2) -> subprocess.CompletedProcess:
+def launch(run: Path, out: str, *args, processes: int = 2, **env) -> subprocess.CompletedProcess:
     """(Each process records its random state as every loss starts, in RUN/noise-OUT.RANK.)"""
     """`dalle train-prior` as `processes` CPU processes (a parent of several would relaunch this way)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--main_process_port", free_port(), "--mixed_precision", "no",
            "--dynamo_backend", "no", str(cli.INJECT), "train-prior", "--run", str(run), "--out", str(run / out),
            "--cpu", *map(str, args)]
-    env = cli.cli_env(DALLE_LAUNCHED="1", DALLE_TEST_NOISE=run / f"noise-{out}")
+    env = cli.cli_env(DALLE_LAUNCHED="1", DALLE_TEST_NOISE=run / f"noise-{out}", **env)
     result = subprocess.run(cmd, cwd=cli.ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -203,6 +203,31 @@ def test_fsdp_resumes_exactly(runs):
 def noise(run: Path, out: str, rank: int) -> dict[int, str]:
     lines = (run / f"noise-{out}.{rank}").read_text().split("\n")
     return {int(u): d for u, d in (line.split() for line in lines if line)}
+
+
+@pytest.mark.slow
+def test_a_skipped_last_micro_batch_still_exchanges_the_gradients(tmp_path):
+    """The last micro-batch of a step used to be the one that all-reduces the gradients; where it had no
+    readable sample (on any process, so every process skips it) none did, and the processes' weights parted.
+    Now the last micro-batch with data exchanges them: the weights stay equal on both processes."""
+    from dallecli.data.loader import ResumableSampler, ShardIndex
+    from dallecli.data.records import iter_records, write_tar
+
+    run = make_run(tmp_path / "run")
+    index = ShardIndex(run / "codes", "train")
+    # --batch-size 2, 2 processes, --global-batch 8: 2 micro-batches per step. Step 1's second one is the
+    # loader's global batch 1; process 0 takes its first 2 indices: make both unreadable.
+    order = ResumableSampler(len(index), 2, 0, world=2).order(0)
+    bad = {index.entries[i].key for i in order[4:6].tolist()}
+    for path in sorted((run / "codes").glob("train-*.tar")):
+        records = [(r.key, {**r.members, "codes": b"\x00" * 3} if r.key in bad else r.members)
+                   for r in iter_records(path)]
+        write_tar(path, records)
+    result = launch(run, "skipped", "--batch-size", 2, "--global-batch", 8, *common(steps=3),
+                    DALLE_TEST_WEIGHTS=run / "weights-skipped")  # DDP: every process holds whole weights
+    assert "skipping" in result.stderr  # the bad samples were met (and reported)
+    zero, one = (run / f"weights-skipped.{r}" for r in (0, 1))
+    assert zero.read_text() == one.read_text() and len(zero.read_text().splitlines()) >= 5
 
 
 def test_each_process_draws_its_own_noise(runs):
