@@ -145,3 +145,12 @@ def test_cli_help_lists_every_command():
     for name in ("build-shards", "tokenize", "train-dvae", "encode", "train-prior", "sample", "demo"):
         assert name in result.output
     assert ok("--version").output.startswith("dalle ")
+
+
+def test_preset_choices_are_the_models_presets():
+    """`--preset` lists its choices in --help (enums: no torch at registration); they must stay the models'."""
+    from dallecli.commands import train_dvae, train_prior
+    from dallecli.models import dvae, prior
+
+    assert [p.value for p in train_prior.Preset] == list(prior.PRESETS)
+    assert sorted(p.value for p in train_dvae.Preset) == sorted(dvae.PRESETS)

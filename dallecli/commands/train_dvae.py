@@ -1,6 +1,7 @@
 """`dalle train-dvae`: stage 1, the discrete VAE (§2.1, App. A)."""
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,6 +23,14 @@ DEFAULTS = {"paper": (3_000_000, 8, 1e-4), "small": (20_000, 32, 1e-4), "small-v
 PRESET_FOR_SIZE = {64: "tiny-vq", 128: "small-vq", 256: "paper"}
 
 
+class Preset(str, Enum):  # the keys of dallecli.models.dvae.PRESETS (a test keeps them equal)
+    tiny = "tiny"
+    tiny_vq = "tiny-vq"
+    small = "small"
+    small_vq = "small-vq"
+    paper = "paper"
+
+
 def preset_for_size(size: int) -> str | None:
     """The preset for shards of `size` px: made for that size, or for the largest size below it (random crops)."""
     fits = [s for s in PRESET_FOR_SIZE if s <= size]
@@ -30,7 +39,7 @@ def preset_for_size(size: int) -> str | None:
 
 def command(
     run: RunOpt = DEFAULT_RUN,
-    preset: Annotated[Optional[str], typer.Option(help="Model: tiny, tiny-vq (64 px), small, small-vq (128 px) or paper "
+    preset: Annotated[Optional[Preset], typer.Option(help="Model: tiny, tiny-vq (64 px), small, small-vq (128 px) or paper "
                                                      "(256 px). Default: by the shards' image size, 64 px tiny-vq (an EMA "
                                                      "vector quantiser: the paper's gumbel dVAE, `tiny`, collapses onto a few "
                                                      "codes in a five-minute run), 128 px small-vq, 256 px paper; larger "
@@ -75,6 +84,7 @@ def command(
     from dallecli.train.launch import launched, maybe_relaunch
     from dallecli.train.loop import TrainConfig, exit_code_for, train
 
+    preset = getattr(preset, "value", preset)  # a Preset from the command line, a str from the demo
     if preset is not None and preset not in PRESETS:
         raise UserError(f"unknown dVAE preset '{preset}'; choose one of {', '.join(PRESETS)}")
     refuse_nonpositive(steps=steps, batch_size=batch_size, lr=lr)

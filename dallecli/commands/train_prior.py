@@ -16,6 +16,13 @@ class Attention(str, Enum):
     paper = "paper"
 
 
+class Preset(str, Enum):  # the keys of dallecli.models.prior.PRESETS (a test keeps them equal)
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+    paper = "paper"
+
+
 class Schedule(str, Enum):
     plateau = "plateau"
     cosine = "cosine"
@@ -34,7 +41,7 @@ SHORT_RUN_PRESETS = ("tiny", "small")
 
 def command(
     run: RunOpt = DEFAULT_RUN,
-    preset: Annotated[str, typer.Option(help="Model size: tiny (tests), small (CPU: d 256, 4 layers), base (one GPU) or paper.")] = "small",
+    preset: Annotated[Preset, typer.Option(help="Model size: tiny (tests), small (CPU: d 256, 4 layers), base (one GPU) or paper.")] = Preset.small,
     steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Captions per process per micro-batch (default: per preset).")] = None,
     global_batch: Annotated[Optional[int], typer.Option(help="Accumulate gradients up to this global batch (paper: 1024).")] = None,
@@ -89,6 +96,7 @@ def command(
     from dallecli.train.loop import TrainConfig, exit_code_for, train
     from dallecli.train.prior_task import PriorTask, codes_info
 
+    preset = getattr(preset, "value", preset)  # a Preset from the command line, a str from the demo
     if preset not in PRESETS:
         raise UserError(f"unknown prior preset '{preset}'; choose one of {', '.join(PRESETS)}")
     for flag, rate in (("--dropout", dropout), ("--bpe-dropout", bpe_dropout), ("--cond-drop", cond_drop)):
