@@ -82,7 +82,7 @@ def folder_samples(folder: Path, prompt: str, root: Path | None = None) -> list[
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     files = [p for p in files if p.name != "ranked.png"]  # our own output from an earlier run
     if not files:
-        raise UserError(f"--images {folder}: no .png/.jpg/.webp images there")
+        raise UserError(f"--images {folder}: no images there ({'/'.join(IMAGE_SUFFIXES)})")
     root = folder if root is None else Path(root)
     return [{"prompt": prompt, "image": _relative(p, root), "index": i} for i, p in enumerate(files)]
 

@@ -184,6 +184,16 @@ def test_a_second_ctrl_c_stops_at_once_and_names_the_checkpoint_left(tmp_path, c
     assert checkpoint.latest(tmp_path / "run").name == "step-00000002"
 
 
+def test_fresh_replaces_every_checkpoint_of_the_earlier_run_at_its_first_save(tmp_path):
+    """The earlier run saved every 2 steps, the new one every 5: its steps 2 and 4 had stayed beside the new
+    run's 5 (only checkpoints above the new step were removed)."""
+    shards = make_code_shards(tmp_path / "shards")
+    train(ToyTask(shards), replace(CFG, steps=6, save_every=2, ema_decay=None), tmp_path / "run")
+    assert [s for s, _ in checkpoint.complete_steps(tmp_path / "run")] == [2, 4, 6]
+    train(ToyTask(shards), replace(CFG, steps=7, save_every=5, ema_decay=None), tmp_path / "run", fresh=True)
+    assert [s for s, _ in checkpoint.complete_steps(tmp_path / "run")] == [5, 7]
+
+
 def test_nonfinite_in_a_row_aborts(tmp_path):
     shards = make_code_shards(tmp_path / "shards")
     task = ToyTask(shards)

@@ -33,7 +33,8 @@ def command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing samples folder of that name (the "
                                                                "old one is kept until the new one is complete).")] = False,
     prior: Annotated[Optional[Path], typer.Option(help="Prior checkpoint (default RUN/prior, latest).")] = None,
-    dvae: Annotated[Optional[Path], typer.Option(help="dVAE checkpoint (default RUN/dvae, latest).")] = None,
+    dvae: Annotated[Optional[Path], typer.Option(
+        help="dVAE checkpoint (default: the RUN/dvae checkpoint the prior was trained with, else the latest).")] = None,
     gpus: Annotated[int, typer.Option(help="Processes (one per GPU); prompts are split between them.")] = 1,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the decode step with torch.compile (on a GPU: one "

@@ -128,6 +128,7 @@ class _Trainer:
         self.rejects: list[dict] = []
         self.last_metrics: dict[str, float] = {}
         ck, resume_optimizer = self._resume(fresh)
+        self.replacing = fresh  # --fresh: the first save of the new run removes the earlier run's checkpoints
         self.start_step = self.step
         self._place(ck, resume_optimizer)
         self.metrics_path = self.rejects_path = None
@@ -430,6 +431,11 @@ class _Trainer:
                                weights=weights, ema=ema_full, training_state=state, meta=self.task.meta(),
                                extra_json=extra() if extra is not None else None)
         checkpoint.remove_after(self.out, at)  # what is left of an earlier run (--fresh): never "latest" again
+        if self.replacing:  # and those below this step too: none of the earlier run outlives the first save
+            for step, old in checkpoint.complete_steps(self.out):
+                if step != at:
+                    checkpoint.remove(old)
+            self.replacing = False
         checkpoint.prune(self.out, self.cfg.keep)
         self.saved.update(step=at, path=path)
         return path
