@@ -213,11 +213,12 @@ def remove(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def remove_after(root: Path, step: int) -> list[Path]:
-    """Delete complete checkpoints above `step`: what is left of an earlier run that `--fresh` replaces."""
+def remove_all_but(root: Path, step: int) -> list[Path]:
+    """Delete every complete checkpoint but `step`'s: the earlier run that `--fresh` replaces, at its first save.
+    Highest first: cut short, it leaves `step` the latest (what a rerun resumes), never an older run's."""
     removed = []
-    for s, path in complete_steps(root):
-        if s > step:
+    for s, path in reversed(complete_steps(root)):
+        if s != step:
             remove(path)
             removed.append(path)
     return removed

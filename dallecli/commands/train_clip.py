@@ -68,7 +68,8 @@ def command(
     from dallecli.models.clip import architecture, default_preprocess, export_open_clip
     from dallecli.train.clip_task import ClipTask
     from dallecli.train.dvae_task import shard_image_size
-    from dallecli.train.loop import TrainConfig, exit_code_for, train
+    from dallecli.train.loop import TrainConfig, train
+    from dallecli.train.task import exit_code_for
 
     rd = RunDir(run)
     shards = shards or rd.shards

@@ -82,7 +82,8 @@ def command(
     from dallecli.models.dvae import PRESETS
     from dallecli.train.dvae_task import DVAETask, check_image_size, schedule_for, shard_image_size
     from dallecli.train.launch import launched, maybe_relaunch
-    from dallecli.train.loop import TrainConfig, exit_code_for, train
+    from dallecli.train.loop import TrainConfig, train
+    from dallecli.train.task import exit_code_for
 
     preset = getattr(preset, "value", preset)  # a Preset from the command line, a str from the demo
     if preset is not None and preset not in PRESETS:
@@ -93,14 +94,14 @@ def command(
     rd = RunDir(run)
     shards = shards or rd.shards
     out = out or rd.dvae
+    size = shard_image_size(shards)  # one image read: it picks the preset and is checked against it
     if preset is None:
-        size = shard_image_size(shards)
         preset = preset_for_size(size)
         if preset is None:
             raise UserError(f"no dVAE preset is made for the {size} px images in {shards}; rebuild the shards with "
                             f"--size 64, 128 or 256, or pass --preset")
     config = PRESETS[preset]
-    size = check_image_size(config, shards, preset)
+    check_image_size(config, size, shards, preset)
     if size > config.image_size and not launched():
         info(f"the images in {shards} are {size} px: each is cropped and resized at random to the dVAE's "
              f"{config.image_size} px as it is read (App. A.2; {preset} preset)")

@@ -93,7 +93,8 @@ def command(
     from dallecli.text import Tokenizer
     from dallecli.train.distributed import check_options
     from dallecli.train.launch import launched, maybe_relaunch
-    from dallecli.train.loop import TrainConfig, exit_code_for, train
+    from dallecli.train.loop import TrainConfig, train
+    from dallecli.train.task import exit_code_for
     from dallecli.train.prior_task import PriorTask, codes_info
 
     preset = getattr(preset, "value", preset)  # a Preset from the command line, a str from the demo

@@ -49,15 +49,13 @@ def shard_image_size(shards: Path, paths: list[Path] | None = None) -> int:
     raise UserError(f"the shards in {shards} hold no readable image; rebuild them with `dalle build-shards`")
 
 
-def check_image_size(config: DVAEConfig, shards: Path, preset: str) -> int:
-    """Shards at the model's size, or larger: App. A.2's augmentation then crops and resizes each image at
-    random (built at the model's size, an image only gets the random flip). Returns their size."""
-    size = shard_image_size(shards)
+def check_image_size(config: DVAEConfig, size: int, shards: Path, preset: str) -> None:
+    """Shards (of `size` px) at the model's size, or larger: App. A.2's augmentation then crops and resizes each
+    image at random (built at the model's size, an image only gets the random flip)."""
     if size < config.image_size:
         raise UserError(f"the images in {shards} are {size} px but the dVAE preset '{preset}' expects "
                         f"{config.image_size} px; rebuild the shards with --size {config.image_size} "
                         f"(or larger, for the paper's random crops) or choose a preset made for {size} px")
-    return size
 
 
 @dataclass

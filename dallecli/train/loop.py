@@ -8,7 +8,8 @@ autocast and gradient scaling are done here so the paper's per-resblock scheme c
 processes, `strategy="fsdp"` shards the model instead of replicating it and `powersgd_rank` compresses
 DDP's gradient all-reduce (train/distributed.py). Beside it: the settings (train/config.py), the optimizer
 and schedules (train/schedule.py), what a checkpoint's training state holds (train/state.py), the JSONL files
-(train/runfiles.py) and the stop signals (train/signals.py).
+(train/runfiles.py), the stop signals (train/signals.py) and the `Task` interface with the result of a run
+(train/task.py).
 """
 from __future__ import annotations
 
@@ -16,17 +17,14 @@ import math
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any
 
 import torch
-from torch import nn
 
 from dallecli import checkpoint
 from dallecli.config import to_dict, write_json_atomic
 from dallecli.console import UserError, info, progress, summary, warn
-from dallecli.data.loader import Batch
 from dallecli.hardware import cpu_has_bf16, matmul_peak, model_flops_utilisation
 from dallecli.train import distributed, runfiles
 from dallecli.train.precision import GlobalScaler, NoScaler
@@ -35,35 +33,7 @@ from dallecli.train.schedule import adamw, ema_decay_at, learning_rate
 from dallecli.train.signals import StopSignals
 from dallecli.train.state import (Counters, config_diff, first_nonfinite, process_step_seed, rng_snapshot, rng_state,
                                   seed_everything, set_rng_state, update_ema)
-
-
-class Task(Protocol):
-    """What the loop needs to know about a model and its data."""
-
-    kind: str  # checkpoint kind: dvae | prior | clip
-    unit: str  # what the progress rate counts: img | tok
-
-    def model_config(self) -> dict[str, Any]: ...
-    def meta(self) -> dict[str, Any]: ...
-    def build_model(self) -> nn.Module: ...
-    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
-    def loader(self, start_batch: int, rank: int, world: int) -> Iterable[Batch]: ...
-    def count(self, batch: Batch) -> int: ...
-    # `updates`: the updates made so far (skipped steps not counted), the clock of the task's own schedules.
-    # A task with a `loss_norm(data) -> float` method (the prior: its text tokens) also gets `norm=`: that
-    # quantity's global-batch mean per micro-batch, to divide by instead of each micro-batch's own.
-    def loss(self, model: nn.Module, data: Any, updates: int) -> tuple[torch.Tensor, dict[str, float]]: ...
-    def evaluate(self, model: nn.Module, step: int) -> dict[str, float]: ...
-    def check_resume(self, ck: checkpoint.Checkpoint) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    step: int
-    checkpoint: Path | None
-    metrics: dict[str, float] = field(default_factory=dict)
-    stopped_by: str | None = None
-    rejects: list[dict] = field(default_factory=list)  # bad samples skipped: {"shard", "key", "reason"}
+from dallecli.train.task import Task, TrainResult
 
 
 def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: bool = False,
@@ -430,11 +400,8 @@ class _Trainer:
         path = checkpoint.save(self.out, at, kind=self.task.kind, model_config=self.task.model_config(),
                                weights=weights, ema=ema_full, training_state=state, meta=self.task.meta(),
                                extra_json=extra() if extra is not None else None)
-        checkpoint.remove_after(self.out, at)  # what is left of an earlier run (--fresh): never "latest" again
-        if self.replacing:  # and those below this step too: none of the earlier run outlives the first save
-            for step, old in checkpoint.complete_steps(self.out):
-                if step != at:
-                    checkpoint.remove(old)
+        if self.replacing:  # --fresh: none of the earlier run outlives the new run's first save
+            checkpoint.remove_all_but(self.out, at)
             self.replacing = False
         checkpoint.prune(self.out, self.cfg.keep)
         self.saved.update(step=at, path=path)
@@ -510,8 +477,3 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def exit_code_for(result: TrainResult) -> int:
-    """128 + signal number, as shells report it: 143 for SIGTERM, 130 for SIGINT."""
-    return {"SIGTERM": 143, "SIGINT": 130}.get(result.stopped_by or "", 0)
