@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dallecli.config import fsync_dir, read_json, write_json_atomic
+from dallecli.config import fsync_dir, read_json, usual_mode, write_json_atomic
 from dallecli.console import UserError
 
 FORMAT = 1
@@ -63,14 +63,6 @@ def latest(root: Path) -> Path | None:
     """The highest step with a completion marker (never chosen by modification time)."""
     steps = complete_steps(root)
     return steps[-1][1] if steps else None
-
-
-def _usual_mode(path: Path) -> None:
-    """safetensors creates its files owner-only (0600); give them the mode every other file gets (0666 less
-    the umask), so that a checkpoint shared with a group or a serving account is readable there."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _fsync_file(path: Path) -> None:
@@ -135,7 +127,7 @@ def save(
             if tensors is not None:
                 plain = _plain(tensors)
                 save_file(plain, tmp / name, metadata={"kind": kind})
-                _usual_mode(tmp / name)
+                usual_mode(tmp / name)  # safetensors makes 0600 files
                 _fsync_file(tmp / name)
                 fingerprint = weights_fingerprint(plain)
                 del plain  # one host copy at a time

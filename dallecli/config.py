@@ -64,14 +64,21 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     return cls(**kwargs)
 
 
+def usual_mode(path: Path | str) -> None:
+    """Give a file the mode every other file gets (0666 less the umask). mkstemp and safetensors create theirs
+    owner-only (0600), and a manifest, a samples.jsonl or a checkpoint shared with a group or served to a
+    browser should read like any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file beside `path`, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a manifest should read like any other file
+    usual_mode(tmp)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=False)

@@ -18,6 +18,7 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dallecli.config import usual_mode
 from dallecli.console import UserError, progress, warn
 from dallecli.imageutil import center_square, grid
 
@@ -61,6 +62,7 @@ def write_samples(path: Path, rows: list[dict[str, Any]]) -> None:
     """Replace samples.jsonl atomically (temporary file beside it, fsync, rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    usual_mode(tmp)  # index.html reads it: not owner-only
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:

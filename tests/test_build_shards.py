@@ -303,7 +303,9 @@ def test_too_many_failures_stop_the_run(tmp_path):
     assert not list_shards(tmp_path / "out", "train")            # nothing a reader could take for shards
     staged = tmp_path / "out" / ".unfinished"
     assert f"see {staged / 'rejects.jsonl'}" in one_line(result)
-    assert len((staged / "rejects.jsonl").read_text().splitlines()) >= 20
+    # 18 broken of 35 inputs can no longer end at ≤ 50%: it stops there, not after reading them all
+    assert len((staged / "rejects.jsonl").read_text().splitlines()) == 18
+    assert "18 of the first 18 inputs failed" in one_line(result)
     # after reading rejects.jsonl, the same command with a generous limit finishes the job
     ok(src, "--out", tmp_path / "out", "--workers", "1", "--max-error-rate", "1")
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"] == {
@@ -317,8 +319,8 @@ def test_error_rate_is_checked_at_the_end_too(tmp_path):
     for i in range(3):
         (src / f"bad{i}.jpg").write_bytes(b"")
         (src / f"bad{i}.txt").write_text("caption")
-    result = cli(src, "--out", tmp_path / "out")
-    assert result.exit_code == 2 and "3 of 4 inputs failed" in result.output
+    result = cli(src, "--out", tmp_path / "out")  # below 20 inputs: stopped once 3 of 4 cannot pass
+    assert result.exit_code == 2 and "3 of the first 3 inputs failed" in one_line(result)
 
 
 def test_filters_alone_do_not_stop_the_run_but_nothing_kept_is_an_error(tmp_path):
@@ -610,7 +612,7 @@ def _bad_manifest(tmp_path: Path, problem: str) -> Path:
 
 
 @pytest.mark.parametrize("problem,message", [("filtered", "no sample passed the filters"),
-                                             ("missing", "6 of 6 inputs failed")])
+                                             ("missing", "4 of the first 4 inputs failed")])
 def test_a_failed_overwrite_keeps_the_old_shards(tmp_path, problem, message):
     src, out = good_folder(tmp_path / "photos", 6), tmp_path / "out"
     ok(src, "--out", out, "--size", "32", "--per-shard", "2")
@@ -620,7 +622,7 @@ def test_a_failed_overwrite_keeps_the_old_shards(tmp_path, problem, message):
     line = one_line(result)
     staged = out / ".unfinished" / "rejects.jsonl"
     assert message in line and f"see {staged}" in line and f"the shards in {out} are untouched" in line
-    assert len(staged.read_text().splitlines()) == 6
+    assert len(staged.read_text().splitlines()) == (6 if problem == "filtered" else 4)  # stopped once certain
     assert files(out) == before                                    # same files, same bytes
     assert "already complete" in ok(src, "--out", out, "--size", "32", "--per-shard", "2").output
     if problem == "missing":   # the failed build stays resumable (see the next test), and is not lost silently
@@ -631,6 +633,27 @@ def test_a_failed_overwrite_keeps_the_old_shards(tmp_path, problem, message):
         result = cli(tmp_path / "bad.jsonl", "--out", out, "--size", "32")
         assert result.exit_code == 2 and "was built with different arguments" in one_line(result)
     assert files(out) == before
+
+
+def test_broken_inputs_that_sort_first_do_not_stop_a_mostly_good_build(tmp_path):
+    """21 uncaptioned images sorting before 200 good ones (9.5% broken) stopped the build at its 20th input
+    (100% > 50%) whatever --max-error-rate below 1: mid-build, the rate is judged from a quarter of the inputs."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(21):
+        (src / f"a_uncaptioned_{i:02d}.png").write_bytes(image_bytes(i))
+    for i in range(200):
+        (src / f"z_good_{i:03d}.png").write_bytes(image_bytes(100 + i))
+        (src / f"z_good_{i:03d}.txt").write_text(f"picture {i}")
+    result = ok(src, "--out", tmp_path / "out", "--workers", "1", "--size", "32")
+    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    assert (counts["inputs"], counts["errors"], counts["train"] + counts["val"]) == (221, 21, 200), result.output
+    # a lower limit is judged at a quarter of the inputs (21 of 55 = 38% > 30%), not after 20 ...
+    bad = cli(src, "--out", tmp_path / "out2", "--workers", "1", "--size", "32", "--max-error-rate", "0.3")
+    assert bad.exit_code == 2 and "21 of the first 55 inputs failed" in one_line(bad)
+    # ... or at once where the end could not pass either (12 broken > 5% of 221)
+    bad = cli(src, "--out", tmp_path / "out3", "--workers", "1", "--size", "32", "--max-error-rate", "0.05")
+    assert bad.exit_code == 2 and "12 of the first 12 inputs failed" in one_line(bad)
 
 
 def test_a_failed_error_rate_overwrite_resumes_and_then_replaces(tmp_path):
@@ -806,3 +829,16 @@ def test_summary_counts_read_in_the_right_number(tmp_path):
     result = ok(src, "--out", tmp_path / "out", "--size", "32", "--val-fraction", "0", "--workers", "1")
     assert "1 (1 error)" in result.output and "1 errors" not in result.output
     assert re.search(r"4 samples in 1 shard\b(?!s)", result.output) and "0 samples in 0 shards" in result.output
+
+
+def test_caption_files_with_an_upper_case_suffix_are_found(tmp_path):
+    """Image suffixes were matched in any case (.JPG) but captions only as .txt: `upcap.TXT` was missing."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, suffix in enumerate([".txt", ".TXT", ".Txt"]):
+        (src / f"p{i}.JPG").write_bytes(image_bytes(i, "JPEG"))
+        (src / f"p{i}{suffix}").write_text(f"picture number {i}")
+    out = tmp_path / "out"
+    ok(src, "--out", out, "--size", "32", "--val-fraction", "0")
+    assert json.loads((out / "manifest.json").read_text())["counts"]["errors"] == 0
+    assert sorted(r.members["txt"].decode() for r in records(out, "train")) == [f"picture number {i}" for i in range(3)]

@@ -155,17 +155,36 @@ def test_two_fresh_runs_with_one_seed_are_bitwise_identical(tmp_path, model):
     assert all(math.isfinite(v) for v in a)
 
 
+def cpu_kind() -> str:
+    """The processor, as far as it decides which kernels run: vendor, family and model, and the instruction
+    sets oneDNN picks kernels by. Machines with one torch.backends.cpu capability ("AVX512") but another CPU
+    (an AMD one with AVX512-BF16, an Intel one without) differ in the last bits of a loss."""
+    try:
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    isa = sorted(set(fields.get("flags", "").split()) & {"avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
+                                                           "amx_bf16", "amx_tile", "amx_int8"})
+    return " ".join([fields.get("vendor_id", "?"), f"family {fields.get('cpu family', '?')}",
+                     f"model {fields.get('model', '?')}", *isa])
+
+
 def test_golden_20_step_losses(tmp_path):
     got = {model: trace(tmp_path, model, model) for model in ("prior", "dvae")}
-    env = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": 1}
+    env = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "cpu": cpu_kind(), "threads": 1}
     if os.environ.get("DALLE_WRITE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({**env, "note": "20 training steps of tests/fixtures tiny prior and dVAE, "
                                       "seed 0; see tests/test_reliability_numeric.py", **got}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())
-    exact = (golden["torch"], golden["cpu_capability"]) == (env["torch"], env["cpu_capability"])
+    exact = all(golden.get(k) == env[k] for k in ("torch", "cpu_capability", "cpu"))
     for model in ("prior", "dvae"):
-        if exact:  # bitwise on the recorded torch version and CPU kind
+        if exact:  # bitwise on the recorded torch version and processor
             assert bits(got[model]) == bits(golden[model]), model
         else:  # other torch versions or CPUs reorder float sums
             np.testing.assert_allclose(got[model], golden[model], rtol=1e-4, err_msg=model)

@@ -355,3 +355,19 @@ def test_one_caption_asked_twice_is_ranked_as_two_prompts():
     rank_rows(rows)
     assert [(r["prompt_index"], r["rank"], r["kept"]) for r in rows] == [(0, 1, True), (0, 2, False),
                                                                        (1, 1, True), (1, 2, False)]
+
+
+def test_rewritten_samples_jsonl_and_feature_caches_read_like_other_files(tmp_path):
+    """A rerank rewrote samples.jsonl owner-only (0600), so a gallery served to others could not fetch it;
+    eval's feature caches were 0600 too."""
+    import stat
+
+    from dallecli.evaluate.fid import save_cached
+    from dallecli.rerank import write_samples
+
+    (tmp_path / "index.html").write_text("<html></html>")
+    write_samples(tmp_path / "samples.jsonl", [{"prompt": "a", "image": "a.png"}])
+    cache = save_cached(tmp_path / "cache", "k", {"x": torch.zeros(2)}, {"what": "test"})
+    mode = stat.S_IMODE((tmp_path / "index.html").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "samples.jsonl").stat().st_mode) == mode
+    assert stat.S_IMODE(cache.stat().st_mode) == mode

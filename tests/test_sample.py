@@ -290,16 +290,41 @@ def test_a_failed_overwrite_puts_the_old_folder_back(tmp_path):
     folder = tmp_path / "s"
     folder.mkdir()
     (folder / "a.png").write_bytes(b"old")
+    (folder / "samples.jsonl").write_bytes(b"{}")
     with pytest.raises(RuntimeError):
         with ReplacedFolder(folder, overwrite=True):
             folder.mkdir()
             (folder / "b.png").write_bytes(b"new, partial")
             raise RuntimeError("interrupted")
-    assert _files(folder) == {"a.png": b"old"}
+    assert _files(folder) == {"a.png": b"old", "samples.jsonl": b"{}"}
     with pytest.raises(SystemExit):  # a launcher exiting with its workers' non-zero code
         with ReplacedFolder(folder, overwrite=True):
             raise SystemExit(3)
-    assert _files(folder) == {"a.png": b"old"}
+    assert _files(folder) == {"a.png": b"old", "samples.jsonl": b"{}"}
+
+
+def test_overwrite_replaces_only_a_samples_folder(tiny_run, tmp_path, monkeypatch):
+    """--overwrite with --out naming a folder of the user's own (no sampling.json / samples.jsonl) is refused
+    and the folder kept as it was; `--out .` writes into an empty current folder, and --overwrite never
+    replaces the folder the command runs in."""
+    runner = CliRunner()
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"mine")
+    res = runner.invoke(app, ["sample", "a red circle", "--n", "1", "--out", str(mine), "--overwrite",
+                              "--run", str(tiny_run), "-q"])
+    assert isinstance(res.exception, UserError) and "not a samples folder" in str(res.exception)
+    assert _files(mine) == {"holiday.jpg": b"mine"}
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    res = runner.invoke(app, ["sample", "a red circle", "--n", "1", "--out", ".", "--run", str(tiny_run), "-q"])
+    assert res.exit_code == 0, res.output
+    assert (here / "samples.jsonl").exists() and (here / "000-000.png").exists()
+    res = runner.invoke(app, ["sample", "a red circle", "--n", "1", "--out", ".", "--overwrite",
+                              "--run", str(tiny_run), "-q"])
+    assert isinstance(res.exception, UserError) and "current folder" in str(res.exception)
+    assert (here / "000-000.png").exists() and not list(tmp_path.glob(".*replaced"))
 
 
 def test_bad_prompt_and_output_paths(tiny_run, tmp_path):

@@ -55,14 +55,18 @@ class ReplacedFolder:
     sibling while the new one is written, is deleted once the command succeeds and comes back if it fails: a
     failed command loses nothing, and leaves no half-written folder behind (so that the same command can simply
     be run again). `what` names the folder's contents in messages ("samples", "evaluation"), `flags` the
-    options that choose the folder.
+    options that choose the folder. `markers` are the files (any one of them) that a folder this command wrote
+    holds: --overwrite replaces only such a folder, never one of the user's own (`--out ~/photos`).
     `active` False (a worker process of a launched run) does nothing: the launching process does it."""
 
     def __init__(self, folder: Path, overwrite: bool, active: bool = True, what: str = "samples",
-                 flags: str = "--name (or --out)"):
+                 flags: str = "--name (or --out)", markers: tuple[str, ...] = ("sampling.json", "samples.jsonl")):
+        import os
+
         self.folder, self.overwrite, self.active = Path(folder), overwrite, active
-        self.what, self.flags = what, flags
-        self.aside = self.folder.with_name(f".{self.folder.name}.replaced")
+        self.what, self.flags, self.markers = what, flags, markers
+        whole = Path(os.path.abspath(folder))  # `--out .` has no name of its own to put beside
+        self.aside = whole.with_name(f".{whole.name}.replaced")
         self.moved = self.new = False
 
     def __enter__(self) -> ReplacedFolder:
@@ -80,6 +84,13 @@ class ReplacedFolder:
             if not self.overwrite:
                 raise UserError(f"{self.what} folder {folder} already exists; choose another {self.flags}, or "
                                 "pass --overwrite to replace it")
+            if not any((folder / m).exists() for m in self.markers):
+                raise UserError(f"{folder} holds files but is not a {self.what} folder (no "
+                                f"{' or '.join(self.markers)}), so --overwrite will not replace it; choose a new "
+                                f"or empty folder with {self.flags}")
+            if Path.cwd().resolve().is_relative_to(folder.resolve()):
+                raise UserError(f"{folder} is the current folder or holds it, so --overwrite cannot replace it; "
+                                f"run the command from elsewhere or choose another {self.flags}")
             folder.rename(self.aside)
             self.moved = True
         self.new = not self.moved and not folder.exists()

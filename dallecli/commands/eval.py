@@ -101,7 +101,7 @@ def command(
         raise UserError(f"evaluation folder {folder} already exists; choose another --name, or pass --overwrite to "
                         "replace its results")
     with ReplacedFolder(folder, overwrite=overwrite, active=not launched() and not inside, what="evaluation",
-                        flags="--name"):
+                        flags="--name", markers=("metrics.json", "samples.jsonl", "samples")):
         maybe_relaunch(gpus, cpu=cpu)  # --gpus N: N copies of this command under accelerate, each a rank
         from accelerate import PartialState
 

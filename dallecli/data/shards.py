@@ -46,7 +46,8 @@ STATE = ".build-state.json"
 DEDUP = ".build-dedup"          # "sha256 key" per accepted image, while --dedup builds are in progress
 PARTIAL = ".partial"
 STAGE = ".unfinished"           # the build in progress, inside OUT; moved into OUT once complete
-MIN_INPUTS_FOR_RATE = 20        # --max-error-rate is judged only after this many inputs (and at the end)
+MIN_INPUTS_FOR_RATE = 20        # --max-error-rate is judged mid-build only after this many inputs (see below)
+MAX_INPUTS_FOR_RATE = 1000      # ... and at the latest after this many (or a quarter of the inputs, if fewer)
 _RECORD = tarfile.RECORDSIZE
 # A file name that is not UTF-8 (os.walk gives it as lone surrogates) is written as a \udcXX JSON escape.
 _UNDECODABLE = "backslashreplace"
@@ -366,10 +367,21 @@ class _Build:
     def _untouched(self) -> str:
         return f"; the shards in {self.final} are untouched" if (self.final / MANIFEST).exists() else ""
 
-    def check_error_rate(self, final: bool) -> None:
+    def check_error_rate(self, final: bool, total: int | None = None) -> None:
+        """Stop when more than --max-error-rate of the inputs are broken. Mid-build (`final` False) the rate so
+        far decides once it is a fair sample: after a quarter of the `total` inputs (at least 20, at most 1,000;
+        20 where the total is unknown), so that broken files sorting together at the start (a folder's
+        uncaptioned `a_*.png`) do not stop a build that is mostly good; or at once where the errors alone
+        already exceed the limit of the total, when the end could not pass either."""
         s, limit = self.stats, self.config.max_error_rate
-        if s.inputs and (final or s.inputs >= MIN_INPUTS_FOR_RATE) and s.errors / s.inputs > limit:
-            raise UserError(f"{s.errors} of {s.inputs} inputs failed ({s.errors / s.inputs:.0%} > "
+        if not s.inputs or s.errors / s.inputs <= limit:
+            return
+        judge_after = MIN_INPUTS_FOR_RATE if total is None else \
+            max(MIN_INPUTS_FOR_RATE, min(MAX_INPUTS_FOR_RATE, total // 4))
+        certain = total is not None and s.errors > limit * total
+        if final or certain or s.inputs >= judge_after:
+            read = f"{s.inputs}" if final or s.inputs == total else f"the first {s.inputs}"
+            raise UserError(f"{s.errors} of {read} inputs failed ({s.errors / s.inputs:.0%} > "
                             f"--max-error-rate {limit:g}): {s.summary_line()}; see {self.out / REJECTS}, then "
                             f"fix the inputs or rerun with a higher --max-error-rate to go on{self._untouched()}")
 
@@ -441,7 +453,7 @@ def build(config: BuildConfig, out: Path, *, workers: int = 1, overwrite: bool =
                 run.consume(index, prepared)
                 run.next_input = index + 1
                 bar.advance(1, kept=sum(run.stats.kept.values()), rejected=sum(run.stats.rejects.values()))
-                run.check_error_rate(final=False)
+                run.check_error_rate(final=False, total=source.total)
         run.checkpoint(run.next_input)
         run.check_error_rate(final=True)
         return {**run.finish(), "upscaled_median_side": run.stats.upscaled_median()}

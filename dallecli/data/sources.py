@@ -279,9 +279,18 @@ def folder_source(root: Path) -> Source:
             rel = path.relative_to(root)
             # the stem names the sample: dup.png + dup.jpg share dup.txt, a real duplicate (one key)
             yield Item(key=keys.key(str(rel.with_suffix(""))), source=str(rel), image=path,
-                       caption=path.with_suffix(".txt"))
+                       caption=_caption_file(path))
 
     return Source("folder", unique_keys(items()), len(files))
+
+
+def _caption_file(image: Path) -> Path:
+    """The image's caption file: same stem, `.txt` in any case (cameras and some tools write `.TXT`, as they
+    write `.JPG`); `stem.txt` where none exists, for the message that says it is missing."""
+    for suffix in (".txt", ".TXT", ".Txt"):
+        if image.with_suffix(suffix).is_file():
+            return image.with_suffix(suffix)
+    return image.with_suffix(".txt")
 
 
 def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:

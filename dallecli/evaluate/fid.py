@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageFilter
 
+from dallecli.config import usual_mode
 from dallecli.console import UserError
 
 KID_SUBSETS = 100      # torch-fidelity's and torchmetrics' default
@@ -167,6 +168,7 @@ def save_cached(folder: Path, key: str, tensors: dict[str, torch.Tensor], protoc
     tmp = folder / f".{key}.{os.getpid()}.tmp"
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
               metadata={"protocol": json.dumps(protocol, sort_keys=True, default=str)})
+    usual_mode(tmp)  # safetensors makes 0600 files
     os.replace(tmp, path)
     return path
 
