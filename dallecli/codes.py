@@ -357,16 +357,6 @@ def read_code_manifest(codes: Path) -> dict:
     return manifest
 
 
-def check_codes_match(codes: Path, dvae_fingerprint: str, where: str) -> dict:
-    """Refuse codes made by a dVAE other than `dvae_fingerprint`."""
-    manifest = read_code_manifest(codes)
-    made_by = manifest["dvae"]["fingerprint"]
-    if made_by != dvae_fingerprint:
-        raise UserError(f"dvae fingerprint mismatch: the codes in {codes} were made by dVAE {made_by}, but {where} "
-                        f"uses dVAE {dvae_fingerprint}; re-encode with `dalle encode` or use the matching dVAE")
-    return manifest
-
-
 def preview(dvae: Path, shards: Path, out: Path, n: int, device: str = "cpu") -> Path:
     """N val images: originals and reconstructions as PNGs, preview.jsonl and a grid (originals above)."""
     if n < 1:

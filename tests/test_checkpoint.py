@@ -170,3 +170,8 @@ def test_weights_files_get_the_mode_of_every_other_file(tmp_path):
                            ema={"w": torch.zeros(2)})
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
     assert modes["model.safetensors"] == modes["ema.safetensors"] == modes["config.json"], modes
+
+
+def test_fingerprint_covers_the_shape():
+    t = torch.arange(6.0)
+    assert checkpoint.weights_fingerprint({"w": t}) != checkpoint.weights_fingerprint({"w": t.view(2, 3)})

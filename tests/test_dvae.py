@@ -687,3 +687,28 @@ def test_validation_on_train_images_says_so(tmp_path, capfd):
     train(tasks.dvae_task(run / "shards", steps=2), cfg, tmp_path / "out")
     err = " ".join(capfd.readouterr().err.split())
     assert "no val shards in" in err and "measured on the first 8 train images" in err
+
+
+def test_gumbel_softmax_divides_by_the_temperature():
+    from dallecli.models.dvae_objective import gumbel_softmax
+
+    logits = torch.randn(64, 8, 2, 2)
+    torch.manual_seed(1)
+    y = gumbel_softmax(logits, tau=0.5)
+    torch.manual_seed(1)
+    u = torch.rand_like(logits).clamp_(min=torch.finfo(torch.float32).tiny)
+    expected = F.softmax((logits - torch.log(-torch.log(u))) / 0.5, dim=1)
+    torch.testing.assert_close(y, expected)
+    torch.manual_seed(0)
+    flat = torch.zeros(4000, 8)
+    assert gumbel_softmax(flat, tau=0.05).max(1).values.mean() > 0.95  # a cold sample is nearly one-hot
+    assert gumbel_softmax(flat, tau=20.0).max(1).values.mean() < 0.2  # a hot one nearly uniform
+
+
+def test_schedules_run_over_their_own_lengths():
+    from dallecli.models.dvae_objective import DVAESchedule
+
+    s = DVAESchedule()
+    assert s.tau(75_000) == pytest.approx((1.0 + 1 / 16) / 2)
+    assert s.beta(2_500) == pytest.approx(6.6 / 2)
+    assert s.lr(600_000) == pytest.approx((1e-4 + 1.25e-6) / 2)

@@ -758,3 +758,57 @@ def test_drawn_samples_record_which_candidates_were_measured(tmp_path, net_file,
                                    composition_samples=folder / "samples-composition" / "samples.jsonl"))
     assert again["blur"] == first["blur"] and again["composition"] == first["composition"]
     assert again["clip_score"]["generated"] == first["clip_score"]["generated"]
+
+
+def test_clip_scores_are_100_cosine_floored_at_zero():
+    class Fixed:
+        def image_features(self, images):
+            return torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.6, 0.8]])
+
+        def text_features(self, texts):
+            return torch.tensor([[2.0, 0.0]] * len(texts))
+
+    scores = nets.clip_scores(Fixed(), torch.rand(3, 3, 8, 8), ["a", "b", "c"])
+    assert scores.tolist() == pytest.approx([100.0, 0.0, 60.0])
+
+
+def test_composition_overall_counts_every_sample_alike():
+    from types import SimpleNamespace
+
+    from dallecli.evaluate.run import _composition
+
+    single, pair = "a red circle", "a red circle above a blue square"
+    cands = [SimpleNamespace(prompt=p) for p in [single] * 3 + [pair]]
+    acc, counts = _composition(cands, lambda c: c.prompt == single)
+    assert acc["seen_single"] == 1.0 and acc["relation_seen"] == 0.0
+    assert acc["overall"] == 0.75  # 3 of 4 samples, not the mean of the categories (0.5)
+
+
+def test_reconstruction_psnr_is_that_of_the_decoded_images(tmp_path):
+    from dallecli import checkpoint
+    from dallecli.config import to_dict
+    from dallecli.evaluate.run import evaluate
+    from dallecli.imageutil import to_tensor
+    from dallecli.models.dvae import DVAE, PRESETS
+
+    run = make_run(tmp_path / "run", n=8)
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    model = DVAE(cfg).eval()
+    checkpoint.save(run / "dvae", 1, kind="dvae", model_config=to_dict(cfg), weights=model.state_dict())
+    net = tmp_path / "net.pt"
+    torch.jit.script(TinyInception().eval()).save(str(net))
+    def absent(spec, run, device):
+        from dallecli.console import UserError
+        raise UserError("no CLIP")
+
+    nets_load, nets.load_scorer = nets.load_scorer, absent
+    try:
+        _, m = evaluate(run, quick(samples=val_samples(tmp_path / "s", n=8), features=str(net), reconstruction=True))
+    finally:
+        nets.load_scorer = nets_load
+    x = torch.stack([to_tensor(render_scene(0, i, 64, "val")[0]) for i in range(8)])
+    with torch.no_grad():
+        rec = model.decode_codes(model.encode(x)).float().clamp(0, 1)
+    expected = (-10 * torch.log10((rec - x).square().flatten(1).mean(1))).mean().item()
+    assert m["reconstruction"]["psnr"] == pytest.approx(expected, rel=1e-4)

@@ -319,3 +319,50 @@ def test_a_cpu_run_projected_to_take_too_long_is_warned_about_once(tmp_path, mon
     assert err.count("at this speed the remaining 19 steps take about") == 1 and "--steps N" in err
     assert loop._duration(3 * 365 * 86400) == "3 years" and loop._duration(3 * 86400) == "3 days"
     assert loop._duration(5400) == "1.5 hours"
+
+
+def test_code_bytes_are_uint16_little_endian_row_major():
+    from dallecli.codes import codes_to_bytes
+
+    codes = torch.arange(12).view(3, 4)[:, :3] * 1000 + 7  # (3, 3), values above 255, not symmetric
+    raw = codes_to_bytes(codes)
+    assert raw[:4] == (7).to_bytes(2, "little") + (1007).to_bytes(2, "little")  # (0, 0) then (0, 1)
+    assert torch.equal(read_codes({"codes": raw}, 3), codes)
+
+
+def test_resume_is_exact_with_accumulation(tmp_path):
+    shards = make_code_shards(tmp_path / "shards")
+    cfg = replace(CFG, steps=20, grad_accum=2)
+    train(ToyTask(shards), cfg, tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "step-00000020")
+    train(ToyTask(shards), cfg, tmp_path / "part")
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+
+
+def test_a_nan_loss_with_finite_gradients_is_skipped(tmp_path):
+    class NanLoss(ToyTask):
+        def loss(self, model, x, step):
+            loss, parts = super().loss(model, x, step)
+            if step == 3:
+                loss = loss + torch.tensor(math.nan)  # outside the graph: every gradient stays finite
+            return loss, parts
+
+    shards = make_code_shards(tmp_path / "shards")
+    cfg = replace(CFG, steps=6, save_every=100, ema_decay=None)
+    train(ToyTask(shards), replace(cfg, steps=3), tmp_path / "run")
+    before = checkpoint.load(tmp_path / "run", "prior")
+    train(NanLoss(shards), replace(cfg, steps=4), tmp_path / "run")
+    after = checkpoint.load(tmp_path / "run", "prior")
+    for k, v in before.weights().items():
+        assert torch.equal(v, after.weights()[k])
+    assert after.training_state()["nonfinite"] == 1
+
+
+def test_update_ema_takes_a_small_step_towards_the_weights():
+    from dallecli.train.state import update_ema
+
+    ema = {"w": torch.zeros(3), "n": torch.zeros(2, dtype=torch.long)}
+    update_ema(ema, {"w": torch.ones(3), "n": torch.tensor([4, 5])}, decay=0.9)
+    torch.testing.assert_close(ema["w"], torch.full((3,), 0.1))
+    assert ema["n"].tolist() == [4, 5]

@@ -463,3 +463,35 @@ def test_accumulated_micro_batches_weigh_every_caption_token_alike(tmp_path):
     wb = checkpoint.load(outs["accumulated"], "prior").weights(ema=False)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+def test_text_targets_count_what_prior_loss_normalises_by():
+    from dallecli.models.prior import prior_loss, text_targets
+
+    text = torch.tensor([[5, 6, 7, 0], [8, 0, 0, 0], [9, 4, 0, 0]])  # pad 0; position 0 is never a target
+    assert text_targets(text, 0) == 3
+    torch.manual_seed(0)
+    tl, il, image = torch.randn(3, 3, 10), torch.randn(3, 4, 6), torch.randint(6, (3, 4))
+    own, _ = prior_loss(tl, il, text, image, 0)
+    given, _ = prior_loss(tl, il, text, image, 0, text_norm=text_targets(text, 0))
+    torch.testing.assert_close(own, given)
+
+
+def test_decode_drops_captions_at_the_cond_drop_rate_and_evaluates_without_dropout(tmp_path):
+    import numpy as np
+
+    from tests.fixtures import tasks
+    from tests.fixtures.runs import make_prior_run
+
+    run = make_prior_run(tmp_path / "run", n_train=12, n_val=0, per_shard=12, grid=4, vocab=32)
+    task = tasks.prior_task(run, grid=4, vocab=32, cond_drop=0.2)
+    caption = "a green cross to the left of a yellow circle"
+    members = {"codes": np.zeros(16, "<u2").tobytes(), "txt": caption.encode()}
+    pad = task.config.pad_id
+    rng = np.random.default_rng(0)
+    empty = sum(bool((task.decode(members, rng)[0] == pad).all()) for _ in range(2000))
+    assert 320 < empty < 480  # ≈ 20 % of 2000
+    plain = task.tokenizer.encode(caption)[: task.config.text_len]
+    for seed in range(50):  # evaluation: neither caption dropout nor BPE-dropout
+        text, _ = task.decode(members, np.random.default_rng(seed), train=False)
+        assert text[: len(plain)].tolist() == plain and (text[len(plain):] == pad).all()

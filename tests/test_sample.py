@@ -443,3 +443,36 @@ def test_sampling_options_must_be_finite(field, value):
 
     with pytest.raises(UserError, match=f"--{field} must be a finite number"):
         SamplingConfig(**{field: value}).validate()
+
+
+def test_guidance_zero_is_unconditional_sampling(pipe):
+    c = pipe.prior.config
+    text = _text(pipe, ["a red circle", "a blue square above a green cross"])
+    empty = torch.full_like(text, c.pad_id)
+    prompt = torch.arange(c.grid).remainder(c.image_vocab)[None].expand(2, -1)
+    for p in (None, prompt):
+        zero, lp0 = generate_codes(pipe.prior, text, [3, 4], SamplingConfig(guidance=0.0), prompt=p,
+                                   precision="fp32")
+        uncond, lp1 = generate_codes(pipe.prior, empty, [3, 4], SamplingConfig(), prompt=p, precision="fp32")
+        assert torch.equal(zero, uncond)
+        torch.testing.assert_close(lp0, lp1)
+
+
+def test_temperature_divides_the_logits():
+    from dallecli.sample import _draw, uniform_noise
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, -1)
+    u = uniform_noise(torch.arange(20000), 1)[:, 0]
+    tokens, logp = _draw(logits, SamplingConfig(temperature=2.0), u)
+    freq = torch.bincount(tokens, minlength=4).float() / 20000
+    assert torch.allclose(freq, (logits[0] / 2).softmax(-1), atol=0.012)
+    assert torch.allclose(logp, (logits[0] / 2).log_softmax(-1)[tokens])
+
+
+def test_completing_an_image_from_its_own_rows_gives_the_same_image(pipe):
+    grid = pipe.prior.config.grid
+    text = _text(pipe, ["a red circle", "a green cross"])
+    full, _ = generate_codes(pipe.prior, text, [8, 9], SamplingConfig(), precision="fp32")
+    done, _ = generate_codes(pipe.prior, text, [8, 9], SamplingConfig(), prompt=full[:, : 2 * grid],
+                             precision="fp32")
+    assert torch.equal(done, full)  # token i draws the image's random number i, prompt or not

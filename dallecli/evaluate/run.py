@@ -430,7 +430,9 @@ def _checker():
 
 
 def _composition(cands: list[Candidate], ok) -> tuple[dict, dict]:
-    """GenEval-style accuracy per category over the samples whose prompt is a shapes caption."""
+    """GenEval-style accuracy per category over the samples whose prompt is a shapes caption; "overall" is the
+    share of all those samples judged correct (each sample counts alike: GenEval's overall averages the
+    categories instead)."""
     from dallecli.evaluate.shapes_check import category
 
     hits, totals = Counter(), Counter()
