@@ -216,12 +216,15 @@ def remove_all_but(root: Path, step: int) -> list[Path]:
     return removed
 
 
-def prune(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints, and stale temporary folders."""
+def prune(root: Path, keep: int, protect: frozenset[int] | set[int] = frozenset()) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (and those of the `protect` steps), and stale
+    temporary folders."""
     if keep < 1:
         raise UserError(f"--keep must be at least 1 (got {keep})")
     removed = []
-    for _, path in complete_steps(root)[:-keep]:
+    for step, path in complete_steps(root)[:-keep]:
+        if step in protect:
+            continue
         remove(path)
         removed.append(path)
     recover(root)

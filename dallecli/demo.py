@@ -153,12 +153,16 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
     write_json_atomic(state_path, state)  # at once: from here on the folder is a demo run (and --fresh may go)
     budget = Budget.for_minutes(minutes)
     stages = _stages(data, run, budget, {"cpu": cpu} if cpu else {})
+    pace = _expected_pace(cpu)
+    if pace > 1 and len(state["done"]) < len(stages):
+        info(f"this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so the models train in fp32, about "
+             f"{pace:g}× slower than the {minutes:g}-minute plan: expect about {pace * minutes:.0f} minutes")
     started = time.perf_counter()
     for i, (name, share, action) in enumerate(stages, 1):
         if name in state["done"]:
             info(f"[{i}/{len(stages)}] {name}: done earlier ({state['done'][name]:.0f} s), skipped")
             continue
-        left = _minutes_left(stages, state["done"], minutes)
+        left = _minutes_left(stages, state["done"], minutes, pace)
         header = f"stage {i} of {len(stages)}: {name}  ·  about {left:.1f} min left"
         if err.is_terminal:
             err.rule(f"[bold]{header}[/]")
@@ -173,14 +177,31 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
     return _final_summary(run, data, state)
 
 
-def _minutes_left(stages: list[tuple[str, float, Callable]], done: dict[str, float], minutes: float) -> float:
+# The demo's step counts were sized on a CPU with native bf16 (AVX512-BF16); in fp32 on one without, the
+# whole demo took 2.5× its plan (25.2 minutes for the 10-minute plan, on a 2-core Intel Xeon VM).
+FP32_CPU_PACE = 2.5
+
+
+def _expected_pace(cpu: bool) -> float:
+    """How much slower than the plan this machine is expected to run, before any stage has shown it."""
+    import torch
+
+    from dallecli.hardware import default_precision
+
+    on_gpu = torch.cuda.is_available() and not cpu
+    return FP32_CPU_PACE if default_precision(on_gpu) == "fp32" else 1.0
+
+
+def _minutes_left(stages: list[tuple[str, float, Callable]], done: dict[str, float], minutes: float,
+                  expected_pace: float = 1.0) -> float:
     """The budget's share of the stages not done, at the pace of those done: on a machine slower than the
     one the budget was sized on (or a busy one), the estimate grows once a finished training stage shows it.
-    Never below the budget: the small first stages finish well within their shares on any machine."""
+    Until then the `expected_pace` (`FP32_CPU_PACE` on a CPU without native bf16). Never below the budget:
+    the small first stages finish well within their shares on any machine."""
     total = sum(share for _, share, _ in stages)
     planned = {name: share / total * minutes * 60 for name, share, _ in stages}
     finished = [name for name in planned if name in done]
-    pace = 1.0
+    pace = expected_pace
     if sum(planned[n] for n in finished) >= 0.2 * minutes * 60:  # a training stage is among them
         pace = max(1.0, sum(done[n] for n in finished) / sum(planned[n] for n in finished))
     return sum(planned[n] for n in planned if n not in done) * pace / 60

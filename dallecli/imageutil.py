@@ -1,7 +1,10 @@
 """Small image helpers shared by the stages: tensors ↔ PIL, the paper's crops, captioned grids."""
 from __future__ import annotations
 
+import functools
 import textwrap
+import unicodedata
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,9 +61,9 @@ def grid(images: list[Image.Image], cols: int, captions: list[str] | None = None
     w, h = w * scale, h * scale
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
-    font = ImageFont.load_default()
+    font, readable = _label_font()
     line_h = 11
-    lines = [textwrap.wrap(c, max(8, w // 6))[:3] if c else [] for c in captions] if captions else None
+    lines = [textwrap.wrap(readable(c), max(8, w // 6))[:3] if c else [] for c in captions] if captions else None
     cap_h = line_h * max((len(ls) for ls in lines), default=0) + 2 if lines else 0
     sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + cap_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
@@ -72,3 +75,20 @@ def grid(images: list[Image.Image], cols: int, captions: list[str] | None = None
             for j, line in enumerate(lines[i]):
                 draw.text((x, y + h + 1 + j * line_h), line, fill=(0, 0, 0), font=font)
     return sheet
+
+
+@functools.cache
+def _label_font() -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, Callable[[str], str]]:
+    """The grids' caption font, and what makes a caption drawable in it. DejaVu Sans (on most Linux systems)
+    draws accents and most scripts; Pillow's built-in font only ASCII, so without DejaVu an accented letter
+    loses its accent ("carré" → "carre") and what has no ASCII form becomes "?", instead of an empty box."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", 10), lambda text: text
+    except OSError:
+        pass
+
+    def ascii_only(text: str) -> str:
+        plain = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+        return plain.encode("ascii", "replace").decode("ascii")
+
+    return ImageFont.load_default(), ascii_only

@@ -214,11 +214,12 @@ def rerank_samples(samples_jsonl: Path, scorer: Scorer, keep: int | None = None,
     samples_jsonl = Path(samples_jsonl)
     if keep is not None and keep < 1:
         raise UserError(f"--keep must be at least 1 (got {keep})")
+    listed = f" listed in {samples_jsonl}" if rows is None else ""  # not yet written for a folder of images
     rows = read_samples(samples_jsonl) if rows is None else rows
     missing = score_rows(rows, samples_jsonl.parent, scorer)
     if missing:
         share = len(missing) / len(rows)
-        message = (f"{len(missing)} of {len(rows)} images listed in {samples_jsonl} are missing or unreadable "
+        message = (f"{len(missing)} of {len(rows)} images{listed} are missing or unreadable "
                    f"(first: {samples_jsonl.parent / missing[0]})")
         if share > max_missing or len(missing) == len(rows):
             raise UserError(f"{message}; more than {max_missing:.0%}: nothing was written. Fix the paths "

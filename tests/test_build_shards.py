@@ -254,7 +254,8 @@ def test_upscaled_images_are_counted_and_warned_about(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "big" / "manifest.json").read_text())["counts"]["upscaled"] == 10
     warning = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert warning == ["warning: 10 of 10 kept images (100%) were smaller than --size 64 and were upscaled "
-                       "(median shorter side 40 px); pass --size 40 to keep them at their own resolution"]
+                       "(median shorter side 40 px); they are below the smallest dVAE preset's 64 px, so "
+                       "upscaling them is what lets `train-dvae` use them (or pass --min-size 64 to leave them out)"]
     assert "warning:" not in ok(src, "--out", tmp_path / "big", "--size", "64", *args).output   # only confirmed
 
     result = ok(src, "--out", tmp_path / "small", "--size", "32", *args)
@@ -269,6 +270,14 @@ def test_upscaled_images_are_counted_and_warned_about(tmp_path, monkeypatch):
         "36 px); pass --min-size 40 to leave them out"]
     (src / "zz.png").unlink()
     (src / "zz.txt").unlink()
+    mid = tmp_path / "mid"   # 150 px images: the advice is a size train-dvae has a preset for, not 150
+    mid.mkdir()
+    for i in range(4):
+        (mid / f"m{i}.png").write_bytes(image_bytes(i, size=(150, 150)))
+        (mid / f"m{i}.txt").write_text("a middling picture")
+    result = ok(mid, "--out", tmp_path / "mid-out", "--size", "256", *args)
+    assert [line for line in result.output.splitlines() if line.startswith("warning:")][0].endswith(
+        "(median shorter side 150 px); pass --size 128 (a dVAE preset's size) not to upscale them")
 
     out = tmp_path / "resumed"                                  # the count survives an interruption
     with monkeypatch.context() as m:
@@ -842,3 +851,47 @@ def test_caption_files_with_an_upper_case_suffix_are_found(tmp_path):
     ok(src, "--out", out, "--size", "32", "--val-fraction", "0")
     assert json.loads((out / "manifest.json").read_text())["counts"]["errors"] == 0
     assert sorted(r.members["txt"].decode() for r in records(out, "train")) == [f"picture number {i}" for i in range(3)]
+
+
+def test_a_rerun_over_changed_inputs_is_refused_not_skipped(tmp_path):
+    """Adding images or editing a caption and rerunning said "already complete (nothing to do)" and kept the
+    old shards; an unfinished build resumed by its position in a list that had changed."""
+    src, out = good_folder(tmp_path / "photos", 6), tmp_path / "out"
+    ok(src, "--out", out, "--size", "32")
+    assert "already complete" in ok(src, "--out", out, "--size", "32").output   # nothing changed
+    before = files(out)
+    (src / "img100.png").write_bytes(image_bytes(100))
+    (src / "img100.txt").write_text("one more picture")
+    result = cli(src, "--out", out, "--size", "32")
+    assert result.exit_code == 2 and "inputs changed" in one_line(result) and "6 → 7 images" in one_line(result)
+    assert files(out) == before
+    ok(src, "--out", out, "--size", "32", "--overwrite")
+    assert json.loads((out / "manifest.json").read_text())["counts"]["inputs"] == 7
+    caption = src / "img002.txt"
+    caption.write_text("an edited caption")
+    os.utime(caption, ns=(caption.stat().st_atime_ns, caption.stat().st_mtime_ns + 10**9))
+    result = cli(src, "--out", out, "--size", "32")
+    assert result.exit_code == 2 and "some of them modified" in one_line(result)
+
+
+def test_a_run_folder_inside_the_input_folder_is_not_read(tmp_path, monkeypatch):
+    """`dalle build-shards .` in a folder that holds its run read the run's sample PNGs as inputs (each one a
+    missing caption, counting towards --max-error-rate)."""
+    src = good_folder(tmp_path / "photos", 6)
+    samples = src / "runs" / "default" / "samples" / "s1"
+    samples.mkdir(parents=True)
+    for i in range(3):
+        (samples / f"000-00{i}.png").write_bytes(image_bytes(50 + i))
+    monkeypatch.chdir(src)
+    ok(".", "--size", "32", "--overwrite")
+    counts = json.loads((src / "runs" / "default" / "shards" / "manifest.json").read_text())["counts"]
+    assert (counts["inputs"], counts["errors"]) == (6, 0)
+
+
+def test_a_semicolon_csv_and_a_csv_given_as_shards_say_what_they_are(tmp_path):
+    src = good_folder(tmp_path / "photos", 3)
+    (src / "list.csv").write_text("image;caption\n" + "".join(f"img{i:03d}.png;picture {i}\n" for i in range(3)))
+    line = one_line(cli(src / "list.csv", "--out", tmp_path / "out", "--size", "32"))
+    assert "seems to use ';' between columns" in line and "save it with ','" in line
+    result = cli(src / "list.csv", "--source", "webdataset", "--out", tmp_path / "out2", "--size", "32")
+    assert result.exit_code == 2 and "is not a tar file" in one_line(result)

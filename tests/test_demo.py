@@ -116,3 +116,7 @@ def test_minutes_left_follow_the_pace_of_the_finished_stages():
     assert _minutes_left(stages, {"a": 18.0}, 10) == pytest.approx(7)  # faster: the budget still stands
     small = [("shards", 0.02, None), ("rest", 0.98, None)]
     assert _minutes_left(small, {"shards": 1.0}, 10) == pytest.approx(9.8)  # too little to tell the pace
+    # a CPU without native bf16 trains in fp32: 2.5× the plan expected until a training stage shows the pace
+    assert _minutes_left(stages, {}, 10, expected_pace=2.5) == pytest.approx(25)
+    assert _minutes_left(small, {"shards": 1.0}, 10, expected_pace=2.5) == pytest.approx(24.5)
+    assert _minutes_left(stages, {"a": 360.0}, 10, expected_pace=2.5) == pytest.approx(14)  # 2× measured wins

@@ -712,3 +712,30 @@ def test_schedules_run_over_their_own_lengths():
     assert s.tau(75_000) == pytest.approx((1.0 + 1 / 16) / 2)
     assert s.beta(2_500) == pytest.approx(6.6 / 2)
     assert s.lr(600_000) == pytest.approx((1e-4 + 1.25e-6) / 2)
+
+
+def test_keep_spares_the_dvae_that_the_codes_and_the_prior_need(tmp_path, capsys):
+    """Training the dVAE further with --keep pruned the checkpoint RUN/codes were encoded with, and so the one
+    the prior was trained on: sampling then had no dVAE that decodes the prior's codes. Pruning keeps it."""
+    import dataclasses
+    import json
+
+    from dallecli.train.loop import train
+    from tests.fixtures import tasks
+    from tests.fixtures.runs import make_dvae_run
+
+    run = make_dvae_run(tmp_path / "run", n_train=16, n_val=0, per_shard=8, size=16)
+    cfg = dataclasses.replace(tasks.DVAE_CFG, steps=2, save_every=1, eval_every=0, keep=5)
+    train(tasks.dvae_task(run / "shards", out=run / "dvae"), cfg, run / "dvae")
+    encoded_with = checkpoint.load(run / "dvae" / "step-00000002", "dvae").fingerprint
+    (run / "codes").mkdir()
+    (run / "codes" / "manifest.json").write_text(json.dumps({"kind": "codes", "dvae": {"fingerprint": encoded_with}}))
+    task = tasks.dvae_task(run / "shards", out=run / "dvae")
+    assert set(task.protected_steps()) == {2}
+    train(task, dataclasses.replace(cfg, steps=5, keep=1), run / "dvae")
+    assert [s for s, _ in checkpoint.complete_steps(run / "dvae")] == [2, 5]
+    assert capsys.readouterr().err.count("keeping step 2 beyond --keep 1") == 1
+    # a prior trained on step 5's codes spares that one too
+    checkpoint.save(run / "prior", 1, kind="prior", model_config={}, weights={"w": torch.zeros(1)},
+                    meta={"dvae_fingerprint": checkpoint.load(run / "dvae", "dvae").fingerprint})
+    assert set(task.protected_steps()) == {2, 5}

@@ -209,3 +209,28 @@ def test_png_output_is_deterministic():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 50, 3), np.uint8))
     data = save(img, "PNG")
     assert process_image(data, PNG).data == process_image(data, PNG).data
+
+
+def test_grid_captions_keep_their_letters_without_a_unicode_font(monkeypatch):
+    """Grid captions were drawn in Pillow's ASCII-only font, so "carré" came out as "carr▯". DejaVu Sans is used
+    where installed; without it accents are dropped and the rest of a caption stays readable."""
+    from PIL import ImageFont
+
+    from dallecli import imageutil
+
+    imageutil._label_font.cache_clear()
+    truetype = ImageFont.truetype
+
+    def without_dejavu(font=None, *args, **kwargs):
+        if font == "DejaVuSans.ttf":
+            raise OSError("cannot open resource")
+        return truetype(font, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFont, "truetype", without_dejavu)
+    try:
+        _, readable = imageutil._label_font()
+        assert readable("un carré rouge 🟥, Ærø") == "un carre rouge ?, ?r?"
+        sheet = imageutil.grid([Image.new("RGB", (32, 32), "red")], 1, ["un carré rouge"])
+        assert sheet.size == (36, 2 + 32 + 2 * 11 + 2 + 2)  # two lines: "un carre", "rouge"
+    finally:
+        imageutil._label_font.cache_clear()

@@ -336,6 +336,10 @@ def test_bad_prompt_and_output_paths(tiny_run, tmp_path):
     as_file = runner.invoke(app, ["sample", "a red circle", "--out", str(a_file), "--run", str(tiny_run), "-q"])
     assert isinstance(as_file.exception, UserError) and "is a file" in str(as_file.exception)
     assert a_file.read_text() == "keep me"
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    res = runner.invoke(app, ["sample", "--prompts", str(blank), "--run", str(tiny_run), "-q"])
+    assert isinstance(res.exception, UserError) and "holds no caption (only blank lines)" in str(res.exception)
     with pytest.raises(UserError, match="--prompt-rows 4"):
         sample_to_folder(tiny_run, ["a red circle"], device="cpu", quiet=True, image_prompt=a_file)
 

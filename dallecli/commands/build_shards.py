@@ -191,9 +191,17 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
     summary("build-shards", rows)
     upscaled, kept = counts.get("upscaled", 0), counts["train"] + counts["val"]
     if upscaled and not manifest.get("already_complete"):
+        from dallecli.commands.train_dvae import PRESET_FOR_SIZE
+
         median = manifest["upscaled_median_side"]
-        advice = (f"pass --size {max(8, median)} to keep them at their own resolution"  # 8: --size's minimum
-                  if 2 * upscaled >= kept else f"pass --min-size {image.size} to leave them out")
+        fits = [s for s in PRESET_FOR_SIZE if s <= median]  # the sizes train-dvae has a preset for
+        if 2 * upscaled < kept:
+            advice = f"pass --min-size {image.size} to leave them out"
+        elif fits:
+            advice = f"pass --size {max(fits)} (a dVAE preset's size) not to upscale them"
+        else:
+            advice = (f"they are below the smallest dVAE preset's {min(PRESET_FOR_SIZE)} px, so upscaling them is "
+                      f"what lets `train-dvae` use them (or pass --min-size {image.size} to leave them out)")
         warn(f"{upscaled} of {kept} kept images ({upscaled / kept:.0%}) were smaller than --size {image.size} and "
              f"were upscaled (median shorter side {median} px); {advice}")
     return manifest

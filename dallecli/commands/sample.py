@@ -66,6 +66,8 @@ def command(
             raise UserError(f"prompts file {prompts_file} is not UTF-8 text") from None
         except OSError as exc:
             raise UserError(f"cannot read prompts file {prompts_file}: {exc.strerror or exc}") from None
+    if not texts and prompts_file is not None:
+        raise UserError(f"--prompts {prompts_file} holds no caption (only blank lines); write one caption per line")
     if not texts:
         raise UserError('no prompts: give captions as arguments (dalle sample "a red circle") or --prompts FILE')
     if clip is not None and rerank is None and not launched():

@@ -112,6 +112,12 @@ def command(
     import torch
 
     on_gpu = torch.cuda.is_available() and not cpu
+    if not on_gpu and preset == "paper" and not launched():  # 256 px shards, build-shards' default size
+        from dallecli.console import warn
+
+        warn(f"the paper dVAE ({size} px shards → the `paper` preset, 97.6M parameters, {steps:,} steps) takes "
+             "many seconds a step on a CPU; for a CPU run, rebuild the shards with --size 64 (the tiny-vq preset "
+             "trains in minutes) or 128")
     cfg = TrainConfig(
         steps=steps, batch_size=default_batch if batch_size is None else batch_size, lr=lr, min_lr=1.25e-6 * lr / 1e-4,
         decay_steps=min(1_200_000, steps), schedule="cosine",

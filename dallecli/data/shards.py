@@ -46,6 +46,7 @@ STATE = ".build-state.json"
 DEDUP = ".build-dedup"          # "sha256 key" per accepted image, while --dedup builds are in progress
 PARTIAL = ".partial"
 STAGE = ".unfinished"           # the build in progress, inside OUT; moved into OUT once complete
+RUN_FOLDERS = ("tokenizer", "dvae", "codes", "prior", "clip", "samples", "eval")  # what marks a run folder
 MIN_INPUTS_FOR_RATE = 20        # --max-error-rate is judged mid-build only after this many inputs (see below)
 MAX_INPUTS_FOR_RATE = 1000      # ... and at the latest after this many (or a quarter of the inputs, if fewer)
 _RECORD = tarfile.RECORDSIZE
@@ -206,9 +207,21 @@ def _install(out: Path) -> None:
     install_staged(out, out / STAGE, {e["name"] for e in manifest["shards"]} | {REJECTS}, _is_ours)
 
 
-def _open_folder(out: Path, args: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+def _inputs_changed(recorded: Any, inputs: dict[str, Any] | None) -> str | None:
+    """How the inputs differ from those a build `recorded` (None: the same, or either side unknown)."""
+    if not isinstance(recorded, dict) or inputs is None or recorded.get("digest") == inputs.get("digest"):
+        return None
+    before, now = recorded.get("files"), inputs.get("files")
+    unit = inputs.get("unit", "files")
+    return f"{before} → {now} {unit}" if before != now else f"{now} {unit}, some of them modified"
+
+
+def _open_folder(out: Path, args: dict[str, Any], overwrite: bool,
+                 inputs: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Decide what to do with the output folder. Returns the finished manifest when the same build is
-    already complete in OUT, None when there is work to do in OUT/STAGE (fresh or resumed)."""
+    already complete in OUT, None when there is work to do in OUT/STAGE (fresh or resumed). A build, complete
+    or not, over inputs that changed since (`inputs`, the source's signature) is refused: the shards would no
+    longer be theirs, and a resumed build counts its position in the list of inputs."""
     out.mkdir(parents=True, exist_ok=True)
     stage = out / STAGE
     if (stage / MANIFEST).exists():             # a crash cut an install short: finish it
@@ -222,6 +235,10 @@ def _open_folder(out: Path, args: dict[str, Any], overwrite: bool) -> dict[str, 
         missing = [s["name"] for s in complete["shards"] if not (out / s["name"]).is_file()]
         if missing:
             raise UserError(f"{out} is complete but {missing[0]} is missing; rebuild with --overwrite")
+        changed = _inputs_changed(complete.get("inputs"), inputs)
+        if changed:
+            raise UserError(f"the inputs changed since the shards in {out} were built ({changed}); pass "
+                            "--overwrite to build them again from the inputs as they are now")
         for stale in (STATE, DEDUP):
             (out / stale).unlink(missing_ok=True)
         return complete
@@ -231,6 +248,10 @@ def _open_folder(out: Path, args: dict[str, Any], overwrite: bool) -> dict[str, 
             raise UserError(f"{stage} holds an unfinished build with different arguments "
                             f"({_differences(state.get('arguments'), args)}); rerun that command to finish it, "
                             "or pass --overwrite to start this one instead")
+        changed = _inputs_changed(state.get("inputs"), inputs)
+        if changed:
+            raise UserError(f"the inputs changed since the unfinished build in {stage} began ({changed}), so it "
+                            "cannot resume where it stopped; pass --overwrite to start it again")
         return None
     if complete is not None:
         raise _refuse_different(out, complete.get("arguments"), args)
@@ -278,9 +299,10 @@ class Stats:
 class _Build:
     """The mutable side of one build: writers, logs, counts, checkpoints."""
 
-    def __init__(self, final: Path, config: BuildConfig, args: dict[str, Any]):
+    def __init__(self, final: Path, config: BuildConfig, args: dict[str, Any],
+                 inputs: dict[str, Any] | None = None):
         self.final, self.out = final, final / STAGE     # OUT, and the stage this build writes in
-        self.config, self.args = config, args
+        self.config, self.args, self.inputs = config, args, inputs
         out = self.out
         state = read_json(out / STATE, "build state") if (out / STATE).exists() else None
         state = state or {"next_input": 0, "writers": {}, "shards": [], "rejects_offset": 0,
@@ -321,7 +343,8 @@ class _Build:
                 f.flush()
                 os.fsync(f.fileno())
         write_json_atomic(self.out / STATE, {
-            "arguments": self.args, "next_input": next_input, "writers": writers, "shards": self.shards,
+            "arguments": self.args, "inputs": self.inputs, "next_input": next_input, "writers": writers,
+            "shards": self.shards,
             "rejects_offset": self.rejects.tell(),
             "dedup_offset": self.dedup_file.tell() if self.dedup_file is not None else 0,
             "stats": dataclasses.asdict(self.stats)})
@@ -399,6 +422,7 @@ class _Build:
         manifest = {
             "format": "dalle-shards/1", "created_by": "dalle build-shards",
             "arguments": self.args,
+            "inputs": self.inputs,
             "counts": {"inputs": self.stats.inputs, **self.stats.kept,
                        "rejected": sum(self.stats.rejects.values()), "errors": self.stats.errors,
                        "upscaled": self.stats.upscaled},
@@ -435,13 +459,20 @@ def build(config: BuildConfig, out: Path, *, workers: int = 1, overwrite: bool =
         src = Path(config.source.path).resolve()
         if out.resolve() in (src, src.parent if src.is_file() else src):
             raise UserError(f"the output folder {out} is the input; pass --out DIR to write elsewhere")
-    source = open_source(config.source, config.prepare.image.size, config.val_fraction)
+    skip = []
+    if config.source.kind == "folder":  # `dalle build-shards .` in a folder holding its run: not its samples
+        root, out_abs = Path(config.source.path).resolve(), out.resolve()
+        skip = [out_abs] if out_abs.is_relative_to(root) else []
+        run = out_abs.parent  # the run folder, if it is one (samples, eval grids, checkpoints' PNGs)
+        if run != root and run.is_relative_to(root) and any((run / d).is_dir() for d in RUN_FOLDERS):
+            skip.append(run)
+    source = open_source(config.source, config.prepare.image.size, config.val_fraction, skip)
     items = _peek(source.items)
     args = to_dict(config)
-    done = _open_folder(out, args, overwrite)
+    done = _open_folder(out, args, overwrite, source.inputs)
     if done is not None:
         return {**done, "already_complete": True}
-    run = _Build(out, config, args)
+    run = _Build(out, config, args, source.inputs)
     start = run.next_input
     try:
         batch = 16 if config.source.kind == "manifest" else 8   # manifests may hold URLs: download more at once

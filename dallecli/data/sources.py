@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import re
+import tarfile
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,6 +91,25 @@ class Source:
     kind: str
     items: Iterator[Item]
     total: int | None          # number of items when known in advance (for the progress bar)
+    # What the inputs are on disk: {"files": n, "digest": …[, "unit": "images"]}, the digest over the names,
+    # sizes and modification times of the files read (None for the built-in sources). A rerun over changed
+    # inputs is refused, not skipped.
+    inputs: dict[str, Any] | None = None
+
+
+def files_signature(root: Path, paths: Iterable[Path]) -> dict[str, Any]:
+    """{"files", "digest"} of the files that exist among `paths`: their names relative to `root`, sizes and
+    modification times (no contents read: cheap on a million files)."""
+    h, n = hashlib.sha256(), 0
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        rel = os.path.relpath(path, root) if path != root else path.name
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "backslashreplace"))
+        n += 1
+    return {"files": n, "digest": h.hexdigest()[:16]}
 
 
 # ---- keys and captions -------------------------------------------------------------------------
@@ -258,18 +279,22 @@ def detect_kind(path: Path) -> str:
     raise UserError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
 
 
-def _walk_images(root: Path) -> Iterator[Path]:
-    """Image files under `root`, recursively, in sorted order; hidden files and folders are skipped."""
+def _walk_images(root: Path, skip: Iterable[Path] = ()) -> Iterator[Path]:
+    """Image files under `root`, recursively, in sorted order; hidden files and folders, and the folders in
+    `skip` (absolute paths), are skipped."""
+    skip = {os.path.abspath(p) for p in skip}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.abspath(os.path.join(dirpath, d)) not in skip)
         for name in sorted(filenames):
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
                 yield Path(dirpath) / name
 
 
-def folder_source(root: Path) -> Source:
-    """Images with captions in same-stem .txt files beside them (`cat.jpg` + `cat.txt`)."""
-    files = list(_walk_images(root))
+def folder_source(root: Path, skip: Iterable[Path] = ()) -> Source:
+    """Images with captions in same-stem .txt files beside them (`cat.jpg` + `cat.txt`); the folders in `skip`
+    (the run folder, when it lies inside the input) are not read."""
+    files = list(_walk_images(root, skip))
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
 
@@ -281,7 +306,9 @@ def folder_source(root: Path) -> Source:
             yield Item(key=keys.key(str(rel.with_suffix(""))), source=str(rel), image=path,
                        caption=_caption_file(path))
 
-    return Source("folder", unique_keys(items()), len(files))
+    captions = (_caption_file(p) for p in files)
+    inputs = files_signature(root, itertools.chain(files, captions))
+    return Source("folder", unique_keys(items()), len(files), {**inputs, "files": len(files), "unit": "images"})
 
 
 def _caption_file(image: Path) -> Path:
@@ -353,6 +380,12 @@ def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
     for name in candidates:
         if name in columns:
             return name
+    sep = MANIFEST_SUFFIXES.get(path.suffix.lower())
+    other = next((d for d in (";", "\t", ",", "|") if sep is not None and d != sep
+                  and len(columns) == 1 and d in columns[0]), None)
+    if other is not None:  # one column whose name holds another separator: a semicolon CSV (European Excel)
+        raise UserError(f"{path}: its header {columns[0]!r} is one column when split at {sep!r}; the file seems "
+                        f"to use {other!r} between columns: save it with {sep!r} as separator")
     raise UserError(f"{path}: no {what} column found among {', '.join(columns) or 'no columns'}; "
                     f"name it with {flag}")
 
@@ -394,7 +427,7 @@ def manifest_source(path: Path, image_column: str | None, caption_column: str | 
                 target = base / image
             yield Item(key, f"{where}: {image[:200]}", target, caption, meta)
 
-    return Source("manifest", unique_keys(items()), total)
+    return Source("manifest", unique_keys(items()), total, files_signature(path.parent, [path]))
 
 
 def webdataset_source(path: Path) -> Source:
@@ -406,6 +439,9 @@ def webdataset_source(path: Path) -> Source:
                                                 if p.name.lower().endswith(TAR_SUFFIXES))
     if not tars:
         raise UserError(f"no .tar shards in {path}")
+    if path.is_file() and not tarfile.is_tarfile(path):
+        raise UserError(f"{path} is not a tar file; --source webdataset reads .tar shards (a manifest is "
+                        "--source manifest)")
 
     def items() -> Iterator[Item]:
         keys = KeyNumbering()  # the same key in two tars: a duplicate; `x y` beside `x_y`: two samples
@@ -427,7 +463,8 @@ def webdataset_source(path: Path) -> Source:
                 yield Item(make_key(e.key or ""), f"{tar.name}:{e.key or ''}", None, None,
                            reject=Rejected("corrupt-shard", e.reason))
 
-    return Source("webdataset", unique_keys(items()), None)
+    return Source("webdataset", unique_keys(items()), None,
+                  files_signature(path if path.is_dir() else path.parent, tars))
 
 
 def shapes_source(spec: SourceSpec, size: int, val_fraction: float) -> Source:
@@ -461,7 +498,8 @@ def emoji_source(spec: SourceSpec, size: int) -> Source:
     return Source("emoji", unique_keys(items()), None)
 
 
-def open_source(spec: SourceSpec, size: int, val_fraction: float) -> Source:
+def open_source(spec: SourceSpec, size: int, val_fraction: float, skip: Iterable[Path] = ()) -> Source:
+    """The source `spec` names; a folder source leaves out the folders in `skip`."""
     if spec.kind in BUILTIN:
         return shapes_source(spec, size, val_fraction) if spec.kind == "shapes" else emoji_source(spec, size)
     path = Path(spec.path) if spec.path else None
@@ -472,7 +510,7 @@ def open_source(spec: SourceSpec, size: int, val_fraction: float) -> Source:
     if spec.kind == "folder":
         if not path.is_dir():
             raise UserError(f"--source folder needs a folder, but {path} is a file")
-        return folder_source(path)
+        return folder_source(path, skip)
     if spec.kind == "manifest":
         if not path.is_file() or path.suffix.lower() not in MANIFEST_SUFFIXES:
             raise UserError(f"--source manifest needs a {', '.join(MANIFEST_SUFFIXES)} file, got {path}")

@@ -146,6 +146,8 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     seed_world = shapes_world(shards, refs.captions)
     prompts = refs.captions
     if cfg.captions is not None:
+        if Path(cfg.captions).is_dir():
+            raise UserError(f"--captions {cfg.captions} is a folder; give a text file with one caption per line")
         prompts = [ln.strip() for ln in Path(cfg.captions).read_text().splitlines() if ln.strip()][: count]
         if len(prompts) < 2:
             raise UserError(f"--captions {cfg.captions} holds {len(prompts)} caption(s); at least 2 are needed")

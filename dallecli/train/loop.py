@@ -97,6 +97,7 @@ class _Trainer:
         self.ema: dict[str, torch.Tensor] | None = None
         self.rejects: list[dict] = []
         self.last_metrics: dict[str, float] = {}
+        self.told: set[int] = set()  # protected steps already reported as kept beyond --keep
         ck, resume_optimizer = self._resume(fresh)
         self.replacing = fresh  # --fresh: the first save of the new run removes the earlier run's checkpoints
         self.start_step = self.step
@@ -403,7 +404,7 @@ class _Trainer:
         if self.replacing:  # --fresh: none of the earlier run outlives the new run's first save
             checkpoint.remove_all_but(self.out, at)
             self.replacing = False
-        checkpoint.prune(self.out, self.cfg.keep)
+        checkpoint.prune(self.out, self.cfg.keep, self._protected())
         self.saved.update(step=at, path=path)
         return path
 
@@ -443,6 +444,18 @@ class _Trainer:
             return list(flags)
         t = torch.tensor(flags, dtype=torch.float32, device=self.device)
         return self.accelerator.reduce(t, reduction="sum").tolist()
+
+    def _protected(self) -> set[int]:
+        """The steps the task asks --keep to spare (said once each, when one falls outside the newest --keep)."""
+        asked = getattr(self.task, "protected_steps", None)
+        steps = asked() if asked is not None else {}
+        complete = [s for s, _ in checkpoint.complete_steps(self.out)]
+        older = set(complete[:-self.cfg.keep])
+        for step, why in steps.items():
+            if step in older and step not in self.told:
+                self.told.add(step)
+                info(f"keeping step {step} beyond --keep {self.cfg.keep}: {why}")
+        return set(steps)
 
     def kept(self) -> str:
         """What a failure leaves, in words: the last checkpoint, or none."""
