@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import textwrap
 import unicodedata
 from typing import Callable
 
@@ -62,8 +61,8 @@ def grid(images: list[Image.Image], cols: int, captions: list[str] | None = None
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
     font, readable = _label_font()
-    line_h = 11
-    lines = [textwrap.wrap(readable(c), max(8, w // 6))[:3] if c else [] for c in captions] if captions else None
+    line_h = font.getbbox("Ágy")[3] + 1  # the font's own height, accents and descenders included
+    lines = [_wrap(readable(c), font, w)[:3] if c else [] for c in captions] if captions else None
     cap_h = line_h * max((len(ls) for ls in lines), default=0) + 2 if lines else 0
     sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + cap_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
@@ -75,6 +74,23 @@ def grid(images: list[Image.Image], cols: int, captions: list[str] | None = None
             for j, line in enumerate(lines[i]):
                 draw.text((x, y + h + 1 + j * line_h), line, fill=(0, 0, 0), font=font)
     return sheet
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Lines of `text` no wider than `width` pixels in `font` (at word breaks; a word wider than a line is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        while font.getlength(word) > width and len(word) > 1:  # a word wider than a line: its own lines
+            cut = 1
+            while cut < len(word) and font.getlength(word[: cut + 1]) <= width:
+                cut += 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 @functools.cache

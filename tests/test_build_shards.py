@@ -270,6 +270,9 @@ def test_upscaled_images_are_counted_and_warned_about(tmp_path, monkeypatch):
         "36 px); pass --min-size 40 to leave them out"]
     (src / "zz.png").unlink()
     (src / "zz.txt").unlink()
+    result = ok(src, "--out", tmp_path / "big256", "--size", "256", *args)   # 40 px at 256: 64 upscales less
+    assert [line for line in result.output.splitlines() if line.startswith("warning:")][0].endswith(
+        "pass --size 64 (the smallest dVAE preset's size) to upscale them less")
     mid = tmp_path / "mid"   # 150 px images: the advice is a size train-dvae has a preset for, not 150
     mid.mkdir()
     for i in range(4):
@@ -865,13 +868,30 @@ def test_a_rerun_over_changed_inputs_is_refused_not_skipped(tmp_path):
     result = cli(src, "--out", out, "--size", "32")
     assert result.exit_code == 2 and "inputs changed" in one_line(result) and "6 → 7 images" in one_line(result)
     assert files(out) == before
-    ok(src, "--out", out, "--size", "32", "--overwrite")
+    # an --overwrite over the changed inputs, interrupted, finishes on a rerun without --overwrite
+    calls = []
+    real_consume = shards_mod._Build.consume
+
+    def consume_then_stop(self, index, prepared):
+        calls.append(index)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_consume(self, index, prepared)
+
+    shards_mod._Build.consume = consume_then_stop
+    try:
+        stopped = cli(src, "--out", out, "--size", "32", "--overwrite")
+    finally:
+        shards_mod._Build.consume = real_consume
+    assert stopped.exit_code != 0 and files(out) == before and (out / ".unfinished" / ".build-state.json").exists()
+    assert "done" in ok(src, "--out", out, "--size", "32").output  # the same arguments as the complete build
     assert json.loads((out / "manifest.json").read_text())["counts"]["inputs"] == 7
+    ok(src, "--out", out, "--size", "32", "--overwrite")
     caption = src / "img002.txt"
     caption.write_text("an edited caption")
     os.utime(caption, ns=(caption.stat().st_atime_ns, caption.stat().st_mtime_ns + 10**9))
     result = cli(src, "--out", out, "--size", "32")
-    assert result.exit_code == 2 and "some of them modified" in one_line(result)
+    assert result.exit_code == 2 and "some with other sizes or modification times" in one_line(result)
 
 
 def test_a_run_folder_inside_the_input_folder_is_not_read(tmp_path, monkeypatch):
@@ -882,10 +902,20 @@ def test_a_run_folder_inside_the_input_folder_is_not_read(tmp_path, monkeypatch)
     samples.mkdir(parents=True)
     for i in range(3):
         (samples / f"000-00{i}.png").write_bytes(image_bytes(50 + i))
+    (samples / "sampling.json").write_text("{}")
     monkeypatch.chdir(src)
-    ok(".", "--size", "32", "--overwrite")
+    result = ok(".", "--size", "32")
+    assert "not read as input: 1 folder written by dalle" in result.output
     counts = json.loads((src / "runs" / "default" / "shards" / "manifest.json").read_text())["counts"]
     assert (counts["inputs"], counts["errors"]) == (6, 0)
+    # another run beside it (its shards and samples), and the run being the input folder itself (--run .)
+    ok(".", "--size", "32", "--run", "runs/second")
+    assert json.loads((src / "runs" / "second" / "shards" / "manifest.json").read_text())["counts"]["inputs"] == 6
+    (src / "samples" / "s2").mkdir(parents=True)
+    (src / "samples" / "s2" / "000-000.png").write_bytes(image_bytes(60))
+    (src / "samples" / "s2" / "sampling.json").write_text("{}")
+    ok(".", "--size", "32", "--run", ".")
+    assert json.loads((src / "shards" / "manifest.json").read_text())["counts"]["inputs"] == 6
 
 
 def test_a_semicolon_csv_and_a_csv_given_as_shards_say_what_they_are(tmp_path):
@@ -893,5 +923,8 @@ def test_a_semicolon_csv_and_a_csv_given_as_shards_say_what_they_are(tmp_path):
     (src / "list.csv").write_text("image;caption\n" + "".join(f"img{i:03d}.png;picture {i}\n" for i in range(3)))
     line = one_line(cli(src / "list.csv", "--out", tmp_path / "out", "--size", "32"))
     assert "seems to use ';' between columns" in line and "save it with ','" in line
+    named = cli(src / "list.csv", "--image-column", "image", "--caption-column", "caption", "--out",
+                tmp_path / "out", "--size", "32")
+    assert "seems to use ';' between columns" in one_line(named)
     result = cli(src / "list.csv", "--source", "webdataset", "--out", tmp_path / "out2", "--size", "32")
     assert result.exit_code == 2 and "is not a tar file" in one_line(result)

@@ -739,3 +739,11 @@ def test_keep_spares_the_dvae_that_the_codes_and_the_prior_need(tmp_path, capsys
     checkpoint.save(run / "prior", 1, kind="prior", model_config={}, weights={"w": torch.zeros(1)},
                     meta={"dvae_fingerprint": checkpoint.load(run / "dvae", "dvae").fingerprint})
     assert set(task.protected_steps()) == {2, 5}
+    # --fresh replaces them all: it says which of them the codes and the prior need, and what to redo
+    train(task, dataclasses.replace(cfg, steps=1, keep=1), run / "dvae", fresh=True)
+    err = capsys.readouterr().err
+    assert "--fresh also replaces step 2, step 5" in err and "dalle encode --overwrite" in err
+    # a codes manifest that cannot be read does not stop training; it is said once
+    (run / "codes" / "manifest.json").write_text("[1, 2]")
+    train(task, dataclasses.replace(cfg, steps=3, keep=1), run / "dvae")
+    assert capsys.readouterr().err.count("could not tell which checkpoints") == 1

@@ -231,6 +231,18 @@ def test_grid_captions_keep_their_letters_without_a_unicode_font(monkeypatch):
         _, readable = imageutil._label_font()
         assert readable("un carré rouge 🟥, Ærø") == "un carre rouge ?, ?r?"
         sheet = imageutil.grid([Image.new("RGB", (32, 32), "red")], 1, ["un carré rouge"])
-        assert sheet.size == (36, 2 + 32 + 2 * 11 + 2 + 2)  # two lines: "un carre", "rouge"
+        assert sheet.size[0] == 36 and sheet.size[1] > 36  # a caption under the image
     finally:
         imageutil._label_font.cache_clear()
+
+
+def test_grid_caption_lines_fit_their_cell_in_the_font_drawn():
+    """The wrap assumed 6 px per character, so a caption of wide letters ran past its cell, and the line height
+    (11 px) was less than DejaVu Sans's, so lines overlapped."""
+    from dallecli.imageutil import _label_font, _wrap
+
+    font, _ = _label_font()
+    for text in ["lines MMMM WWWW mmm", "supercalifragilisticexpialidocious", "a red circle above a blue square"]:
+        lines = _wrap(text, font, 128)
+        assert all(font.getlength(line) <= 128 for line in lines), lines
+        assert "".join(lines).replace(" ", "") == text.replace(" ", "")

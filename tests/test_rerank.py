@@ -365,9 +365,13 @@ def test_rewritten_samples_jsonl_and_feature_caches_read_like_other_files(tmp_pa
     from dallecli.evaluate.fid import save_cached
     from dallecli.rerank import write_samples
 
-    (tmp_path / "index.html").write_text("<html></html>")
-    write_samples(tmp_path / "samples.jsonl", [{"prompt": "a", "image": "a.png"}])
-    cache = save_cached(tmp_path / "cache", "k", {"x": torch.zeros(2)}, {"what": "test"})
-    mode = stat.S_IMODE((tmp_path / "index.html").stat().st_mode)
-    assert stat.S_IMODE((tmp_path / "samples.jsonl").stat().st_mode) == mode
-    assert stat.S_IMODE(cache.stat().st_mode) == mode
+    import os
+
+    old = os.umask(0o022)  # the usual umask: files 0644 (under 077 the bug would not show)
+    try:
+        write_samples(tmp_path / "samples.jsonl", [{"prompt": "a", "image": "a.png"}])
+        cache = save_cached(tmp_path / "cache", "k", {"x": torch.zeros(2)}, {"what": "test"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "samples.jsonl").stat().st_mode) == 0o644
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o644

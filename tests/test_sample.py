@@ -314,6 +314,8 @@ def test_overwrite_replaces_only_a_samples_folder(tiny_run, tmp_path, monkeypatc
     res = runner.invoke(app, ["sample", "a red circle", "--n", "1", "--out", str(mine), "--overwrite",
                               "--run", str(tiny_run), "-q"])
     assert isinstance(res.exception, UserError) and "not a samples folder" in str(res.exception)
+    res = runner.invoke(app, ["sample", "a red circle", "--n", "1", "--out", str(mine), "--run", str(tiny_run), "-q"])
+    assert "not a samples folder" in str(res.exception) and "--overwrite never" in str(res.exception)
     assert _files(mine) == {"holiday.jpg": b"mine"}
     here = tmp_path / "here"
     here.mkdir()
@@ -325,6 +327,19 @@ def test_overwrite_replaces_only_a_samples_folder(tiny_run, tmp_path, monkeypatc
                               "--run", str(tiny_run), "-q"])
     assert isinstance(res.exception, UserError) and "current folder" in str(res.exception)
     assert (here / "000-000.png").exists() and not list(tmp_path.glob(".*replaced"))
+    # an image prompt inside the folder --overwrite replaces would be moved away before it is read
+    res = runner.invoke(app, ["sample", "a red circle", "--n", "1", "--out", str(here), "--overwrite",
+                              "--image-prompt", str(here / "000-000.png"), "--prompt-rows", "1",
+                              "--run", str(tiny_run), "-q"])
+    assert isinstance(res.exception, UserError) and "copy the image elsewhere" in str(res.exception)
+    # --out a symbolic link to a samples folder: replaced twice without a stale ".replaced" left in between
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(here)
+    for _ in range(2):
+        res = runner.invoke(app, ["sample", "a red circle", "--n", "1", "--out", "link", "--overwrite",
+                                  "--run", str(tiny_run), "-q"])
+        assert res.exit_code == 0, res.output
+    assert not list(tmp_path.glob(".*replaced"))
 
 
 def test_bad_prompt_and_output_paths(tiny_run, tmp_path):

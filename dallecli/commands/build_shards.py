@@ -66,8 +66,8 @@ def command(
         "--dedup/--no-dedup", help="Drop images whose bytes repeat an earlier one (keeps the first).")] = False,
     max_error_rate: Annotated[float, typer.Option(
         "--max-error-rate", min=0.0, max=1.0, help="Stop (exit 2) when more than this share of inputs are "
-        "broken: an image or caption that cannot be read or is missing, a duplicate key (judged at the end, and "
-        "before it from a quarter of the inputs on: at least 20, at most 1,000). Filtered samples (size, aspect ratio, caption length, duplicate images) do not count.")] = 0.5,
+        "broken: an image or caption that cannot be read or is missing, a duplicate key (judged at the end, "
+        "before it from a quarter of the inputs on (at least 20, at most 1,000), and at once when the end cannot pass). Filtered samples (size, aspect ratio, caption length, duplicate images) do not count.")] = 0.5,
     image_column: Annotated[Optional[str], typer.Option(
         "--image-column", help="Manifest column with the image path or URL (default: the first of "
         "image, url, path, file, filename, image_path, img).", show_default=False)] = None,
@@ -199,6 +199,8 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
             advice = f"pass --min-size {image.size} to leave them out"
         elif fits:
             advice = f"pass --size {max(fits)} (a dVAE preset's size) not to upscale them"
+        elif image.size > min(PRESET_FOR_SIZE):
+            advice = f"pass --size {min(PRESET_FOR_SIZE)} (the smallest dVAE preset's size) to upscale them less"
         else:
             advice = (f"they are below the smallest dVAE preset's {min(PRESET_FOR_SIZE)} px, so upscaling them is "
                       f"what lets `train-dvae` use them (or pass --min-size {image.size} to leave them out)")

@@ -81,13 +81,13 @@ class ReplacedFolder:
             raise UserError(f"an earlier command replacing {folder} was interrupted and left what was there "
                             f"before in {self.aside}: move that back or delete it, then rerun")
         if folder.is_dir() and any(folder.iterdir()):
+            if not any((folder / m).exists() for m in self.markers):
+                raise UserError(f"{folder} holds files but is not a {self.what} folder (no "
+                                f"{' or '.join(self.markers)}), and --overwrite never replaces such a folder; "
+                                f"choose a new or empty folder with {self.flags}")
             if not self.overwrite:
                 raise UserError(f"{self.what} folder {folder} already exists; choose another {self.flags}, or "
                                 "pass --overwrite to replace it")
-            if not any((folder / m).exists() for m in self.markers):
-                raise UserError(f"{folder} holds files but is not a {self.what} folder (no "
-                                f"{' or '.join(self.markers)}), so --overwrite will not replace it; choose a new "
-                                f"or empty folder with {self.flags}")
             if Path.cwd().resolve().is_relative_to(folder.resolve()):
                 raise UserError(f"{folder} is the current folder or holds it, so --overwrite cannot replace it; "
                                 f"run the command from elsewhere or choose another {self.flags}")
@@ -101,7 +101,9 @@ class ReplacedFolder:
 
         ok = kind is None or (issubclass(kind, SystemExit) and exc.code in (0, None))  # a launcher exits with
         if ok:                                                                        # its workers' code
-            if self.moved:
+            if self.moved and self.aside.is_symlink():  # --out was a link: the link moved, not its target
+                self.aside.unlink()
+            elif self.moved:
                 shutil.rmtree(self.aside, ignore_errors=True)
         elif self.moved or self.new:  # what the failed command wrote goes; what was there comes back
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -82,6 +82,9 @@ def command(
     if gpus > 1 and "--name" not in __import__("sys").argv:
         __import__("sys").argv += ["--name", name]
     folder = out or run / "samples" / name
+    if overwrite and image_prompt is not None and image_prompt.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"--image-prompt {image_prompt} is inside {folder}, which --overwrite replaces; copy the "
+                        "image elsewhere first, or write the samples to another folder")
     # The launching process (or the only one) sets an existing folder aside, and puts it back if sampling fails.
     from dallecli.commands.common import ReplacedFolder
 

@@ -46,7 +46,6 @@ STATE = ".build-state.json"
 DEDUP = ".build-dedup"          # "sha256 key" per accepted image, while --dedup builds are in progress
 PARTIAL = ".partial"
 STAGE = ".unfinished"           # the build in progress, inside OUT; moved into OUT once complete
-RUN_FOLDERS = ("tokenizer", "dvae", "codes", "prior", "clip", "samples", "eval")  # what marks a run folder
 MIN_INPUTS_FOR_RATE = 20        # --max-error-rate is judged mid-build only after this many inputs (see below)
 MAX_INPUTS_FOR_RATE = 1000      # ... and at the latest after this many (or a quarter of the inputs, if fewer)
 _RECORD = tarfile.RECORDSIZE
@@ -213,7 +212,16 @@ def _inputs_changed(recorded: Any, inputs: dict[str, Any] | None) -> str | None:
         return None
     before, now = recorded.get("files"), inputs.get("files")
     unit = inputs.get("unit", "files")
-    return f"{before} → {now} {unit}" if before != now else f"{now} {unit}, some of them modified"
+    return f"{before} → {now} {unit}" if before != now else f"{now} {unit}, some with other sizes or modification times"
+
+
+def _resumable(stage: Path, args: dict[str, Any], inputs: dict[str, Any] | None) -> bool:
+    """Whether `stage` holds an unfinished build of these arguments over these inputs."""
+    if not (stage / STATE).exists():
+        return False
+    state = read_json(stage / STATE, "build state")
+    return (_comparable(state.get("arguments")) == _comparable(args)
+            and _inputs_changed(state.get("inputs"), inputs) is None)
 
 
 def _open_folder(out: Path, args: dict[str, Any], overwrite: bool,
@@ -236,6 +244,8 @@ def _open_folder(out: Path, args: dict[str, Any], overwrite: bool,
         if missing:
             raise UserError(f"{out} is complete but {missing[0]} is missing; rebuild with --overwrite")
         changed = _inputs_changed(complete.get("inputs"), inputs)
+        if changed and _resumable(stage, args, inputs):
+            return None  # an interrupted --overwrite over the changed inputs: finish it
         if changed:
             raise UserError(f"the inputs changed since the shards in {out} were built ({changed}); pass "
                             "--overwrite to build them again from the inputs as they are now")
@@ -459,13 +469,9 @@ def build(config: BuildConfig, out: Path, *, workers: int = 1, overwrite: bool =
         src = Path(config.source.path).resolve()
         if out.resolve() in (src, src.parent if src.is_file() else src):
             raise UserError(f"the output folder {out} is the input; pass --out DIR to write elsewhere")
-    skip = []
-    if config.source.kind == "folder":  # `dalle build-shards .` in a folder holding its run: not its samples
-        root, out_abs = Path(config.source.path).resolve(), out.resolve()
-        skip = [out_abs] if out_abs.is_relative_to(root) else []
-        run = out_abs.parent  # the run folder, if it is one (samples, eval grids, checkpoints' PNGs)
-        if run != root and run.is_relative_to(root) and any((run / d).is_dir() for d in RUN_FOLDERS):
-            skip.append(run)
+    skip = []  # the folder being written, when it lies inside the input (other dalle folders are recognised)
+    if config.source.kind == "folder" and out.resolve().is_relative_to(Path(config.source.path).resolve()):
+        skip = [out.resolve()]
     source = open_source(config.source, config.prepare.image.size, config.val_fraction, skip)
     items = _peek(source.items)
     args = to_dict(config)

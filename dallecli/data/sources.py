@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from dallecli.console import UserError
+from dallecli.console import UserError, counted, info
 from dallecli.data.fetch import FetchConfig, fetch_url, is_url
 from dallecli.data.images import EncodedImage, ImageConfig, Rejected, process_image
 
@@ -279,13 +279,32 @@ def detect_kind(path: Path) -> str:
     raise UserError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .tar shards")
 
 
-def _walk_images(root: Path, skip: Iterable[Path] = ()) -> Iterator[Path]:
-    """Image files under `root`, recursively, in sorted order; hidden files and folders, and the folders in
-    `skip` (absolute paths), are skipped."""
+# Files that mark a folder as written by a dalle command (a run, its samples, an evaluation's samples, a
+# training output, an encode preview): such a folder inside an input folder is not read as input.
+DALLE_MARKERS = (("shards", "manifest.json"), ("demo.json",), ("sampling.json",), ("train_config.json",),
+                 ("preview.jsonl",))
+
+
+def written_by_dalle(folder: str | Path) -> bool:
+    return any(os.path.isfile(os.path.join(folder, *marker)) for marker in DALLE_MARKERS)
+
+
+def _walk_images(root: Path, skip: Iterable[Path] = (), skipped: list[str] | None = None) -> Iterator[Path]:
+    """Image files under `root`, recursively, in sorted order. Hidden files and folders, the folders in `skip`
+    (absolute paths) and folders written by dalle (`written_by_dalle`, listed in `skipped`) are left out."""
     skip = {os.path.abspath(p) for p in skip}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.abspath(os.path.join(dirpath, d)) not in skip)
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            if d.startswith(".") or os.path.abspath(full) in skip:
+                continue
+            if written_by_dalle(full):
+                if skipped is not None:
+                    skipped.append(os.path.relpath(full, root))
+                continue
+            keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
                 yield Path(dirpath) / name
@@ -293,8 +312,14 @@ def _walk_images(root: Path, skip: Iterable[Path] = ()) -> Iterator[Path]:
 
 def folder_source(root: Path, skip: Iterable[Path] = ()) -> Source:
     """Images with captions in same-stem .txt files beside them (`cat.jpg` + `cat.txt`); the folders in `skip`
-    (the run folder, when it lies inside the input) are not read."""
-    files = list(_walk_images(root, skip))
+    (the output folder, when it lies inside the input) and folders that dalle wrote (a run folder, samples)
+    are not read, and the latter are named in one line."""
+    skipped: list[str] = []
+    files = list(_walk_images(root, skip, skipped))
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        info(f"not read as input: {counted(len(skipped), 'folder')} written by dalle under {root} "
+             f"({', '.join(skipped[:3])}{more})")
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
 
@@ -312,8 +337,8 @@ def folder_source(root: Path, skip: Iterable[Path] = ()) -> Source:
 
 
 def _caption_file(image: Path) -> Path:
-    """The image's caption file: same stem, `.txt` in any case (cameras and some tools write `.TXT`, as they
-    write `.JPG`); `stem.txt` where none exists, for the message that says it is missing."""
+    """The image's caption file: same stem, `.txt`, `.TXT` or `.Txt` (cameras and some tools write `.TXT`, as
+    they write `.JPG`); `stem.txt` where none exists, for the message that says it is missing."""
     for suffix in (".txt", ".TXT", ".Txt"):
         if image.with_suffix(suffix).is_file():
             return image.with_suffix(suffix)
@@ -372,6 +397,12 @@ def _manifest_columns(path: Path) -> list[str]:
 
 def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
                  flag: str, path: Path) -> str:
+    sep = MANIFEST_SUFFIXES.get(path.suffix.lower())
+    other = next((d for d in (";", "\t", ",", "|") if sep is not None and d != sep
+                  and len(columns) == 1 and d in columns[0]), None)
+    if other is not None:  # one column whose name holds another separator: a semicolon CSV (European Excel)
+        raise UserError(f"{path}: its header {columns[0]!r} is one column when split at {sep!r}; the file seems "
+                        f"to use {other!r} between columns: save it with {sep!r} as separator")
     if wanted is not None:
         if wanted not in columns:
             raise UserError(f"{path} has no {what} column {wanted!r} (columns: {', '.join(columns) or 'none'}); "
@@ -380,12 +411,6 @@ def _pick_column(columns: list[str], wanted: str | None, candidates: tuple[str, 
     for name in candidates:
         if name in columns:
             return name
-    sep = MANIFEST_SUFFIXES.get(path.suffix.lower())
-    other = next((d for d in (";", "\t", ",", "|") if sep is not None and d != sep
-                  and len(columns) == 1 and d in columns[0]), None)
-    if other is not None:  # one column whose name holds another separator: a semicolon CSV (European Excel)
-        raise UserError(f"{path}: its header {columns[0]!r} is one column when split at {sep!r}; the file seems "
-                        f"to use {other!r} between columns: save it with {sep!r} as separator")
     raise UserError(f"{path}: no {what} column found among {', '.join(columns) or 'no columns'}; "
                     f"name it with {flag}")
 

@@ -130,6 +130,11 @@ class _Trainer:
         ck = None if fresh else (checkpoint.latest(out) if out.exists() else None)
         if fresh and main and out.exists() and checkpoint.latest(out) is not None:
             info(f"--fresh: starting over; the checkpoints in {out} will be replaced as the new run saves")
+            needed = self._asked_protected()
+            if needed:
+                warn(f"--fresh also replaces {', '.join(f'step {s}' for s in sorted(needed))}, which "
+                     f"{'; '.join(sorted(set(needed.values())))}: after this run, re-encode (`dalle encode "
+                     "--overwrite`) and retrain the prior (`dalle train-prior --fresh`)")
         if ck is None:
             return None, None
         ck = checkpoint.load(ck, self.task.kind)
@@ -445,10 +450,23 @@ class _Trainer:
         t = torch.tensor(flags, dtype=torch.float32, device=self.device)
         return self.accelerator.reduce(t, reduction="sum").tolist()
 
+    def _asked_protected(self) -> dict[int, str]:
+        """The task's `protected_steps()` (step → why), or none where it has no such method or cannot tell."""
+        asked = getattr(self.task, "protected_steps", None)
+        if asked is None:
+            return {}
+        try:
+            return asked()
+        except Exception as exc:  # noqa: BLE001 — advisory: a bad codes manifest must not stop a save
+            if -1 not in self.told:
+                self.told.add(-1)
+                warn(f"could not tell which checkpoints the run's codes and prior need ({exc}); --keep prunes "
+                     "as usual")
+            return {}
+
     def _protected(self) -> set[int]:
         """The steps the task asks --keep to spare (said once each, when one falls outside the newest --keep)."""
-        asked = getattr(self.task, "protected_steps", None)
-        steps = asked() if asked is not None else {}
+        steps = self._asked_protected()
         complete = [s for s, _ in checkpoint.complete_steps(self.out)]
         older = set(complete[:-self.cfg.keep])
         for step, why in steps.items():
