@@ -2,7 +2,7 @@
 
 One step is what train/loop.py does per batch: forward, `prior_loss` (§2.2's 1/8 text + 7/8 image), backward,
 fused AdamW step over `param_groups` (`train.schedule.adamw`), zero_grad. In fp32 (the rival's precision, and the CPU default where the CPU has
-no native bf16) the linear layers run through oneDNN (`dallecli.models.onednn`); the `_bf16` variants run the
+no native bf16) the linear layers run through oneDNN on non-Intel CPUs and MKL on Intel ones (`dallecli.models.onednn`); the `_bf16` variants run the
 same step under bf16 autocast, what `train-prior` does by default on CPUs with native bf16.
 MFU = tokens/s × flops_per_token (6·N + 12·L·d·T, dallecli.models.prior.flops_per_token) ÷ the GEMM rate
 measured just before, in the same dtype.

@@ -19,6 +19,16 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.cache
+def cpu_is_intel() -> bool:
+    """Whether the CPU is an Intel one, where MKL runs its AVX-512 code (it runs its AVX2 code on others).
+    Read once per process."""
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def default_precision(on_gpu: bool) -> str:
     """The precision of every command when --precision is not given: bf16 on a GPU, and on a CPU with native
     bf16 arithmetic (AVX512-BF16 / AMX), where autocast makes the tiny models' training steps 1.8–2.2× faster

@@ -8,9 +8,18 @@ from dallecli.models.onednn import Linear, PackedLinear, linear, packed_linear_a
 pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this torch has no oneDNN linear ops")
 
 
+@pytest.fixture
+def not_intel(monkeypatch):
+    """The oneDNN path as it runs on a non-Intel CPU (on Intel CPUs fp32 products stay with MKL)."""
+    import dallecli.models.onednn as onednn
+
+    monkeypatch.setattr(onednn, "cpu_is_intel", lambda: False)
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_matches_nn_linear_forward_and_backward(bias):
+def test_linear_matches_nn_linear_forward_and_backward(bias, not_intel):
     torch.manual_seed(0)
+    assert type(Linear(3, 4)(torch.randn(2, 3)).grad_fn).__name__ == "_OneDNNLinearBackward"
     ours, ref = Linear(24, 40, bias=bias), nn.Linear(24, 40, bias=bias)
     ref.load_state_dict(ours.state_dict())  # the same parameters and state-dict names
     x = torch.randn(3, 7, 24, requires_grad=True)
@@ -26,8 +35,13 @@ def test_linear_matches_nn_linear_forward_and_backward(bias):
         assert torch.allclose(ours.bias.grad, ref.bias.grad, atol=1e-5)
 
 
-def test_linear_uses_oneDNN_only_for_fp32_cpu_outside_autocast():
+def test_linear_uses_oneDNN_only_for_fp32_cpu_outside_autocast_off_intel(not_intel, monkeypatch):
+    import dallecli.models.onednn as onednn
+
     x, w = torch.randn(5, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    with monkeypatch.context() as m:  # an Intel CPU: MKL's AVX-512 products are the faster ones there
+        m.setattr(onednn, "cpu_is_intel", lambda: True)
+        assert "OneDNN" not in type(linear(x, w).grad_fn).__name__
     assert type(linear(x, w).grad_fn).__name__ == "_OneDNNLinearBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = linear(x, w)

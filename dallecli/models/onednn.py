@@ -2,12 +2,13 @@
 
 PyTorch sends fp32 matrix products on the CPU to the BLAS (MKL). On AMD CPUs MKL runs its AVX2 code, where
 oneDNN uses AVX-512: on the 2-core benchmark machine a 1024³ fp32 product ran at 213 GFLOP/s through
-`torch.mm` and 495 through oneDNN, with the same fp32 accumulation (docs/benchmarks.md). bf16 products go
-through oneDNN already. Two uses:
+`torch.mm` and 495 through oneDNN, with the same fp32 accumulation (docs/benchmarks.md). On Intel CPUs MKL
+runs its AVX-512 code and trains the prior faster than oneDNN does (`small` 9.3k against 7.4k tok/s,
+`paper-stream` 1,000 against 860, on a 2-core Xeon). bf16 products go through oneDNN already. Two uses:
 
-- `Linear`, an `nn.Linear` whose fp32 CPU forward and backward (both gradients) run through oneDNN: the
-  prior's layers. The parameters and the state dict are nn.Linear's; elsewhere (GPU, autocast) it is
-  nn.Linear.
+- `Linear`, an `nn.Linear` whose fp32 CPU forward and backward (both gradients) run through oneDNN on
+  non-Intel CPUs: the prior's layers. The parameters and the state dict are nn.Linear's; elsewhere (GPU,
+  autocast, Intel CPUs) it is nn.Linear.
 - `PackedLinear`, a weight packed once into oneDNN's blocked layout for inference (`CPUDecoder`): at a few
   rows the unpacked products spend most of their time on the layout.
 
@@ -21,6 +22,8 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dallecli.hardware import cpu_is_intel
 
 
 @functools.cache
@@ -63,11 +66,12 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN for fp32 CPU tensors outside autocast. Under torch.compile it stays
-    `F.linear`: inductor packs the weights for oneDNN itself (and cannot trace the availability check)."""
+    """`F.linear`, through oneDNN for fp32 CPU tensors outside autocast on CPUs where MKL is slow (not Intel).
+    Under torch.compile it stays `F.linear`: inductor packs the weights for oneDNN itself (and cannot trace
+    the availability check)."""
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel()
             and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cpu") and packed_linear_available()):
+            and not torch.is_autocast_enabled("cpu") and packed_linear_available() and not cpu_is_intel()):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
