@@ -9,24 +9,26 @@ import torch
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast trains the
-    transformer about twice as fast as fp32 (docs/benchmarks.md). Read once per process."""
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once per process ("" where there is none)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return ""
 
 
 @functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX): there bf16 autocast trains the
+    transformer about twice as fast as fp32 (docs/benchmarks.md)."""
+    flags = _cpuinfo()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache  # asked by every fp32 linear call on the CPU: answered once
 def cpu_is_intel() -> bool:
-    """Whether the CPU is an Intel one, where MKL runs its AVX-512 code (it runs its AVX2 code on others).
-    Read once per process."""
-    try:
-        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    """Whether the CPU is an Intel one, where MKL runs its AVX-512 code (it runs its AVX2 code on others)."""
+    return "GenuineIntel" in _cpuinfo()
 
 
 def default_precision(on_gpu: bool) -> str:
