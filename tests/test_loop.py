@@ -225,6 +225,21 @@ def test_data_order_resumes_exactly(tmp_path, workers):
     assert sorted(two) == sorted(epoch)
 
 
+def _worker_signals(members, rng):
+    import signal
+
+    return torch.tensor([signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+                         signal.getsignal(signal.SIGTERM) == signal.SIG_IGN])
+
+
+def test_data_workers_leave_the_stop_signals_to_the_main_process(tmp_path):
+    """Ctrl-C and a scheduler's SIGTERM reach the whole process group: the workers ignore both, so that the
+    main process can finish its step with their batches (and none dies holding the loader's shared lock)."""
+    index = ShardIndex(make_code_shards(tmp_path / "shards", n=8, per_shard=8), "train")
+    batch = next(iter(make_loader(index, _worker_signals, torch.stack, batch_size=4, seed=0, workers=1)))
+    assert batch.data.all(), batch.data
+
+
 def test_bad_samples_are_reported_not_fatal(tmp_path):
     folder = tmp_path / "shards"
     folder.mkdir()

@@ -205,8 +205,12 @@ def test_data_workers_do_not_outlive_a_killed_trainer(base):
 @pytest.mark.slow
 def test_signal_while_waiting_for_dead_workers_saves_the_last_finished_step(tmp_path):
     """The hardest case of item 3: the stop signal comes while the trainer waits for a batch that its
-    workers, killed by the same signal, will never send. The unfinished step is dropped, the last finished
-    one saved with the random state it ended with, and the resumed run is bitwise the uninterrupted one."""
+    workers, dead by then (SIGKILL, the out-of-memory killer: they ignore SIGTERM and SIGINT), will never send.
+    The unfinished step is dropped, the last finished one saved with the random state it ended with, and the
+    resumed run is bitwise the uninterrupted one.
+
+    The workers are killed while they wait inside the decode function, never while they hold the loader's
+    shared lock (a worker killed there blocks any DataLoader for ever: not what this test is about)."""
     import dataclasses
     import multiprocessing
     import os
@@ -223,24 +227,34 @@ def test_signal_while_waiting_for_dead_workers_saves_the_last_finished_step(tmp_
 
     task = tasks.prior_task(run, workers=2)
     decode, count = task.decode, task.count
+    per_batch = cfg.batch_size
+    decoded = []  # in each worker process: how many samples it decoded
 
-    def slow_decode(members, rng, train=True):
+    def parking_decode(members, rng, train=True):
+        # Batches go round-robin: worker 0 makes batches 0, 2, 4, …, worker 1 batches 1, 3, 5, …. Worker 1
+        # stops at batch 5 (the second micro-batch of step 3), worker 0 after batch 4: both wait here.
         info = torch.utils.data.get_worker_info()
-        if info is not None and info.id == 1:
-            time.sleep(0.5)  # worker 1's batches come late: the trainer will be waiting for one
+        if info is not None:
+            decoded.append(1)
+            if len(decoded) > 3 * per_batch - (per_batch if info.id == 1 else 0):
+                (tmp_path / f"parked-{info.id}").touch()
+                time.sleep(120)
         return decode(members, rng, train)
 
     calls = []
 
     def counting(batch):
         calls.append(1)
-        if len(calls) == 5:  # micro-batch 1 of step 3 is in: stop now, as a group-wide SIGTERM would
+        if len(calls) == 5:  # micro-batch 1 of step 3 is in: stop now, its workers dead
+            end = time.monotonic() + 60
+            while not all((tmp_path / f"parked-{i}").exists() for i in (0, 1)) and time.monotonic() < end:
+                time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGTERM)
             for child in multiprocessing.active_children():
                 os.kill(child.pid, signal.SIGKILL)
         return count(batch)
 
-    task.decode, task.count = slow_decode, counting
+    task.decode, task.count = parking_decode, counting
     result = train(task, cfg, tmp_path / "part")
     assert result.stopped_by == "SIGTERM" and result.step == 2
     assert checkpoint.load(tmp_path / "part", "prior").step == 2

@@ -227,10 +227,18 @@ def make_collate(collate: Callable[[list], Any]) -> Callable[[list], Batch]:
 
 
 def _worker_init(worker_id: int) -> None:
-    # A terminal's Ctrl-C reaches every process of the group. The main process decides what SIGINT
-    # means (finish the step, save, exit 130); a worker that died from it first would take the
-    # batches the main process still needs with it.
+    # A terminal's Ctrl-C, and a scheduler's SIGTERM to the job, reach every process of the group. The main
+    # process decides what they mean (finish the step, save, exit 128 + the signal) and then shuts the workers
+    # down; a worker that died from the signal first would take the batches the step still needs with it.
+    # Worse, one killed while holding the lock of the DataLoader's shared `done_event` (workers take it for
+    # every batch) leaves the main process blocked for ever on that lock. The DataLoader's own SIGTERM at
+    # shutdown goes only to a worker still busy after its join timeout; ignored, such a worker ends with its
+    # item, or with the main process (SIGKILL when its parent dies, even in the middle of a decode).
+    from dallecli.data.workers import die_with_parent
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
 
 
 def make_loader(index: ShardIndex, decode, collate, *, batch_size: int, seed: int, start_batch: int = 0,

@@ -26,12 +26,12 @@ def _init_worker(max_pixels: int | None) -> None:
     from PIL import Image
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
-    _die_with_parent()
+    die_with_parent()
     warnings.simplefilter("ignore")                  # Pillow's notes on odd files must not garble the bar
     Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """A worker must not outlive a main process killed with SIGKILL: ask Linux to send it SIGKILL when
     its parent dies (prctl PR_SET_PDEATHSIG), and elsewhere poll for a new parent."""
     parent = os.getppid()
