@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dallecli.models.onednn import Linear, PackedLinear, linear, packed_linear_available
+from dallecli.models.onednn import BLASLinear, Linear, PackedLinear, decode_linear, linear, packed_linear_available
 
 pytestmark = pytest.mark.skipif(not packed_linear_available(), reason="this torch has no oneDNN linear ops")
 
@@ -58,3 +58,23 @@ def test_packed_linear_matches_and_fuses_gelu(dtype, atol):
     assert torch.allclose(PackedLinear(layer, dtype, rows=4)(x).float(), layer(x), atol=atol)
     gelu = PackedLinear(layer, dtype, rows=4, gelu=True)(x[:2])  # packed for 4 rows, run on 2
     assert torch.allclose(gelu.float(), nn.functional.gelu(layer(x[:2])), atol=atol)
+
+
+def test_decode_linear_takes_mkl_for_small_fp32_weights_on_intel_only(monkeypatch):
+    import dallecli.models.onednn as onednn
+
+    torch.manual_seed(0)
+    small, large = nn.Linear(32, 48), nn.Linear(512, onednn.BLAS_MAX_WEIGHT // 512 + 1)
+    x = torch.randn(4, 32)
+    monkeypatch.setattr(onednn, "cpu_is_intel", lambda: True)
+    blas = decode_linear(small, torch.float32, rows=4)
+    assert isinstance(blas, BLASLinear)
+    assert torch.allclose(blas(x), small(x), atol=1e-5)
+    assert torch.allclose(decode_linear(small, torch.float32, rows=4, gelu=True)(x[:2]),
+                          nn.functional.gelu(small(x[:2])), atol=1e-5)
+    no_bias = nn.Linear(32, 8, bias=False)
+    assert torch.allclose(decode_linear(no_bias, torch.float32, rows=4)(x), no_bias(x), atol=1e-5)
+    assert isinstance(decode_linear(small, torch.bfloat16, rows=4), PackedLinear)  # MKL has no bf16 product
+    assert isinstance(decode_linear(large, torch.float32, rows=4), PackedLinear)
+    monkeypatch.setattr(onednn, "cpu_is_intel", lambda: False)  # MKL's AVX2 code on other CPUs
+    assert isinstance(decode_linear(small, torch.float32, rows=4), PackedLinear)

@@ -200,19 +200,23 @@ def test_static_decoder_equals_decode_step(attention):
 
 
 @pytest.mark.parametrize("attention", ["dense", "paper"])
-@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_cpu_decoder_equals_full_forward(attention, dtype, atol):
+@pytest.mark.parametrize("dtype, atol, intel", [  # intel: small fp32 products through MKL (`decode_linear`)
+    (torch.float32, 1e-5, False), (torch.float32, 1e-5, True), (torch.bfloat16, 3e-2, False)])
+def test_cpu_decoder_equals_full_forward(attention, dtype, atol, intel, monkeypatch):
+    from dallecli.models import onednn
     from dallecli.models.cpu_decode import CPUDecoder
-    from dallecli.models.onednn import packed_linear_available
+    from dallecli.models.onednn import BLASLinear, PackedLinear, packed_linear_available
 
     if not packed_linear_available():
         pytest.skip("this torch has no oneDNN packed linear")
+    monkeypatch.setattr(onednn, "cpu_is_intel", lambda: intel)  # both kinds of product on any machine
     c = dataclasses.replace(MICRO, attention=attention)
     model = model_of(c)
     text, image = batch(c, B=3)
     _, full = model(text, image)
     cache = model.init_cache(batch=3)
     decoder = CPUDecoder.create(model, dtype, rows=3)
+    assert {type(p) for p in decoder.blocks[0]} == {BLASLinear if intel else PackedLinear}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # as generate_codes
         first = decoder.prefill(cache, text, image[:, :2])
     assert first.dtype == torch.float32 and cache.length == c.text_len + 3

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dallecli.console import info, warn
-from dallecli.models.onednn import PackedLinear, packed_linear_available
+from dallecli.models.onednn import decode_linear, packed_linear_available
 from dallecli.models.prior import KVCache, PriorTransformer, attend
 
 
@@ -35,10 +35,10 @@ class CPUDecoder:
 
     def __init__(self, model: PriorTransformer, dtype: torch.dtype, rows: int):
         self.model, self.dtype = model, dtype
-        self.blocks = [(PackedLinear(b.attn.c_attn, dtype, rows), PackedLinear(b.attn.c_proj, dtype, rows),
-                        PackedLinear(b.mlp.c_fc, dtype, rows, gelu=True), PackedLinear(b.mlp.c_proj, dtype, rows))
+        self.blocks = [(decode_linear(b.attn.c_attn, dtype, rows), decode_linear(b.attn.c_proj, dtype, rows),
+                        decode_linear(b.mlp.c_fc, dtype, rows, gelu=True), decode_linear(b.mlp.c_proj, dtype, rows))
                        for b in model.blocks]
-        self.head = PackedLinear(model.image_head, torch.float32, rows)  # §2.4: logits in fp32
+        self.head = decode_linear(model.image_head, torch.float32, rows)  # §2.4: logits in fp32
         # The layer norms' parameters, called through F.layer_norm: a module call costs microseconds of Python,
         # which at the `small` shape is several percent of a step.
         self.norms = [((b.ln_1.weight, b.ln_1.bias), (b.ln_2.weight, b.ln_2.bias)) for b in model.blocks]

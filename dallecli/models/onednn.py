@@ -10,7 +10,8 @@ runs its AVX-512 code and trains the prior faster than oneDNN does (`small` 9.3k
   non-Intel CPUs: the prior's layers. The parameters and the state dict are nn.Linear's; elsewhere (GPU,
   autocast, Intel CPUs) it is nn.Linear.
 - `PackedLinear`, a weight packed once into oneDNN's blocked layout for inference (`CPUDecoder`): at a few
-  rows the unpacked products spend most of their time on the layout.
+  rows the unpacked products spend most of their time on the layout. `decode_linear` picks it or, for small
+  fp32 weights on Intel CPUs, `BLASLinear` (MKL on a weight transposed once).
 
 Both use `torch.ops.mkldnn._linear_pointwise` and `_reorder_linear_weight`, the ops inductor's CPU backend
 emits; where this torch lacks them, everything falls back to `F.linear`.
@@ -97,3 +98,35 @@ class PackedLinear:
         """x (rows, in) in any float dtype → (rows, out) in `dtype`."""
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, self.attr, [],
                                                   self.algorithm)
+
+
+class BLASLinear:
+    """y = x·Wᵀ + b through the BLAS (MKL) on Wᵀ stored contiguous once (`F.linear` transposes at every call);
+    `gelu` applies the exact (erf) GELU after it. fp32 only."""
+
+    def __init__(self, linear: nn.Linear, gelu: bool = False):
+        self.weight_t = linear.weight.detach().float().t().contiguous()  # (in, out)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.gelu = gelu
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) → (rows, out) fp32."""
+        x = x.float()
+        y = x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+        return F.gelu(y) if self.gelu else y
+
+
+# Below this many weight elements (1 MB in fp32), an fp32 product at a few rows takes a few microseconds of
+# arithmetic, and oneDNN's fixed cost per call (~20–30 µs on a 2-core Xeon) exceeds MKL's several times over:
+# there the `small` shape sampled 15–20% faster through MKL; above it the two were level, or oneDNN ahead
+# (`paper-stream`, docs/benchmarks.md).
+BLAS_MAX_WEIGHT = 1 << 18
+
+
+def decode_linear(linear: nn.Linear, dtype: torch.dtype, rows: int, gelu: bool = False) -> PackedLinear | BLASLinear:
+    """The faster product for a decode step of `rows` rows: `BLASLinear` for small fp32 weights on Intel CPUs
+    (where MKL runs its AVX-512 code), else `PackedLinear`. The choice depends on the CPU and the shape only,
+    never on timings: the same machine always draws the same images."""
+    if dtype == torch.float32 and cpu_is_intel() and linear.weight.numel() <= BLAS_MAX_WEIGHT:
+        return BLASLinear(linear, gelu)
+    return PackedLinear(linear, dtype, rows, gelu)
