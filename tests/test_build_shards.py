@@ -856,6 +856,15 @@ def test_caption_files_with_an_upper_case_suffix_are_found(tmp_path):
     assert sorted(r.members["txt"].decode() for r in records(out, "train")) == [f"picture number {i}" for i in range(3)]
 
 
+def test_caption_names_come_from_the_folder_listing():
+    from dallecli.data.sources import _caption_name
+
+    names = {"a.b.jpg", "a.b.TXT", "c.png", "c.txt", "c.Txt"}
+    assert _caption_name("a.b.jpg", names) == "a.b.TXT"   # only the last suffix is the image's
+    assert _caption_name("c.png", names) == "c.txt"       # .txt first
+    assert _caption_name("d.png", names) == "d.txt"       # none: the name the "missing" message gives
+
+
 def test_a_rerun_over_changed_inputs_is_refused_not_skipped(tmp_path):
     """Adding images or editing a caption and rerunning said "already complete (nothing to do)" and kept the
     old shards; an unfinished build resumed by its position in a list that had changed."""

@@ -289,9 +289,12 @@ def written_by_dalle(folder: str | Path) -> bool:
     return any(os.path.isfile(os.path.join(folder, *marker)) for marker in DALLE_MARKERS)
 
 
-def _walk_images(root: Path, skip: Iterable[Path] = (), skipped: list[str] | None = None) -> Iterator[Path]:
-    """Image files under `root`, recursively, in sorted order. Hidden files and folders, the folders in `skip`
-    (absolute paths) and folders written by dalle (`written_by_dalle`, listed in `skipped`) are left out."""
+def _walk_images(root: Path, skip: Iterable[Path] = (),
+                 skipped: list[str] | None = None) -> Iterator[tuple[Path, Path]]:
+    """(image file, its caption file) under `root`, recursively, in sorted order. Hidden files and folders, the
+    folders in `skip` (absolute paths) and folders written by dalle (`written_by_dalle`, listed in `skipped`)
+    are left out. The caption is found in the folder's listing (`_caption_name`): no file system call per
+    image."""
     skip = {os.path.abspath(p) for p in skip}
     for dirpath, dirnames, filenames in os.walk(root):
         keep = []
@@ -305,9 +308,11 @@ def _walk_images(root: Path, skip: Iterable[Path] = (), skipped: list[str] | Non
                 continue
             keep.append(d)
         dirnames[:] = keep
+        names = set(filenames)
         for name in sorted(filenames):
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                yield Path(dirpath) / name
+                folder = Path(dirpath)
+                yield folder / name, folder / _caption_name(name, names)
 
 
 def folder_source(root: Path, skip: Iterable[Path] = ()) -> Source:
@@ -315,7 +320,8 @@ def folder_source(root: Path, skip: Iterable[Path] = ()) -> Source:
     (the output folder, when it lies inside the input) and folders that dalle wrote (a run folder, samples)
     are not read, and the latter are named in one line."""
     skipped: list[str] = []
-    files = list(_walk_images(root, skip, skipped))
+    pairs = list(_walk_images(root, skip, skipped))
+    files = [image for image, _ in pairs]
     if skipped:
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         info(f"not read as input: {counted(len(skipped), 'folder')} written by dalle under {root} "
@@ -325,24 +331,21 @@ def folder_source(root: Path, skip: Iterable[Path] = ()) -> Source:
 
     def items() -> Iterator[Item]:
         keys = KeyNumbering()
-        for path in files:
+        for path, caption in pairs:
             rel = path.relative_to(root)
             # the stem names the sample: dup.png + dup.jpg share dup.txt, a real duplicate (one key)
-            yield Item(key=keys.key(str(rel.with_suffix(""))), source=str(rel), image=path,
-                       caption=_caption_file(path))
+            yield Item(key=keys.key(str(rel.with_suffix(""))), source=str(rel), image=path, caption=caption)
 
-    captions = (_caption_file(p) for p in files)
-    inputs = files_signature(root, itertools.chain(files, captions))
+    inputs = files_signature(root, itertools.chain(files, (caption for _, caption in pairs)))
     return Source("folder", unique_keys(items()), len(files), {**inputs, "files": len(files), "unit": "images"})
 
 
-def _caption_file(image: Path) -> Path:
-    """The image's caption file: same stem, `.txt`, `.TXT` or `.Txt` (cameras and some tools write `.TXT`, as
-    they write `.JPG`); `stem.txt` where none exists, for the message that says it is missing."""
-    for suffix in (".txt", ".TXT", ".Txt"):
-        if image.with_suffix(suffix).is_file():
-            return image.with_suffix(suffix)
-    return image.with_suffix(".txt")
+def _caption_name(image: str, names: set[str]) -> str:
+    """The name of an image's caption file among its folder's file `names`: same stem, `.txt`, `.TXT` or `.Txt`
+    (cameras and some tools write `.TXT`, as they write `.JPG`); `stem.txt` where none exists, for the message
+    that says it is missing."""
+    stem = os.path.splitext(image)[0]
+    return next((stem + suffix for suffix in (".txt", ".TXT", ".Txt") if stem + suffix in names), stem + ".txt")
 
 
 def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str]]:
