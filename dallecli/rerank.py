@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dallecli.config import usual_mode
 from dallecli.console import UserError, progress, warn
+from dallecli.data.images import upright_rgb8
 from dallecli.imageutil import center_square, grid
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")  # what build-shards reads
@@ -141,8 +142,7 @@ def check_clip_model(spec: str | None, model: str | None, run: Path) -> None:
 def _open(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+            return upright_rgb8(im)  # as the training images were made: transparency on white, EXIF turned
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None  # unreadable, or far more pixels than any sample (a decompression bomb): counted as missing
 

@@ -307,6 +307,7 @@ def image_prompt_codes(pipe: Pipeline, image_path: Path, rows: int) -> torch.Ten
     """The first `rows` rows of an image's codes (the image is centre-cropped and resized to the dVAE's size)."""
     from PIL import Image, UnidentifiedImageError
 
+    from dallecli.data.images import upright_rgb8
     from dallecli.imageutil import center_square, to_tensor
 
     grid = pipe.prior.config.grid
@@ -314,7 +315,7 @@ def image_prompt_codes(pipe: Pipeline, image_path: Path, rows: int) -> torch.Ten
         raise UserError(f"--prompt-rows must be between 1 and {grid - 1} for a {grid}×{grid} grid (got {rows})")
     try:
         with Image.open(image_path) as im:
-            image = im.convert("RGB")
+            image = upright_rgb8(im)
     except FileNotFoundError:
         raise UserError(f"image prompt not found: {image_path}") from None
     except (UnidentifiedImageError, OSError) as exc:

@@ -15,6 +15,7 @@ from dallecli.data.images import (
     process_image,
     square_resize,
     to_rgb8,
+    upright_rgb8,
 )
 
 PNG = ImageConfig(size=32, format="png", min_size=8)
@@ -151,6 +152,25 @@ def test_exif_orientation_is_applied():
     arr = decoded(out.data)
     # 90° clockwise: the left (red) half ends up on top, blue at the bottom.
     assert arr[2, 20].tolist() == [255, 0, 0] and arr[37, 20].tolist() == [0, 0, 255]
+
+
+def test_images_read_outside_build_shards_look_as_the_training_images_did(tmp_path):
+    """An image prompt, images to rerank or evaluate: transparency on white and EXIF orientation, as
+    `build-shards` makes them. A plain convert("RGB") showed a transparent background black."""
+    from dallecli.evaluate.fid import ImageRef
+    from dallecli.rerank import _open
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 2:6] = (255, 0, 0, 255)                   # a red square on a transparent background
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    turned = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8))  # red | blue, 2 wide 1 high
+    exif = turned.getexif()
+    exif[0x0112] = 6                                    # displayed turned 90° clockwise: red on top
+    turned.save(tmp_path / "e.png", exif=exif.tobytes())
+    for read in (lambda p: upright_rgb8(Image.open(p)), _open, lambda p: ImageRef(str(p)).open()):
+        im = np.asarray(read(tmp_path / "t.png"))
+        assert im.shape == (8, 8, 3) and im[0, 0].tolist() == [255, 255, 255] and im[3, 3].tolist() == [255, 0, 0]
+        assert np.asarray(read(tmp_path / "e.png")).tolist() == [[[255, 0, 0]], [[0, 0, 255]]]
 
 
 @pytest.mark.parametrize("fmt", ["BMP", "TIFF", "WEBP", "GIF"])

@@ -157,6 +157,19 @@ def test_image_prompt_keeps_its_rows(pipe):
     assert torch.equal(codes[:, : 2 * grid], prompt)
 
 
+def test_an_image_prompt_with_transparency_is_read_on_white(pipe, tmp_path):
+    from dallecli.sample import image_prompt_codes
+
+    size = pipe.dvae.config.image_size
+    rgba = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    rgba.paste((0, 90, 200, 255), (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    rgba.save(tmp_path / "prompt.png")
+    Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB").save(tmp_path / "white.png")
+    Image.alpha_composite(Image.new("RGBA", rgba.size, "black"), rgba).convert("RGB").save(tmp_path / "black.png")
+    codes = [image_prompt_codes(pipe, tmp_path / f"{name}.png", rows=2) for name in ("prompt", "white", "black")]
+    assert torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
+
+
 def test_sample_to_folder_writes_everything(tiny_run):
     path = sample_to_folder(tiny_run, ["a red circle", "a green cross"], n=3, seed=10, batch_size=4, name="t",
                             device="cpu", quiet=True)

@@ -140,6 +140,16 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def upright_rgb8(img: Image.Image) -> Image.Image:
+    """A loaded image as it is meant to be seen, in 8-bit RGB: turned by its EXIF orientation, transparency on
+    white (`to_rgb8`). For images read outside `build-shards` (an image prompt, images to rerank or evaluate),
+    so that they look as the training images did."""
+    img.load()
+    if _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+    return to_rgb8(img)
+
+
 def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     """CMYK through its embedded ICC profile when there is one (print JPEGs), else Pillow's formula."""
     profile = img.info.get("icc_profile")

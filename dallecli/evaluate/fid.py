@@ -23,6 +23,7 @@ from PIL import Image, ImageFilter
 
 from dallecli.config import usual_mode
 from dallecli.console import UserError
+from dallecli.data.images import upright_rgb8
 
 KID_SUBSETS = 100      # torch-fidelity's and torchmetrics' default
 KID_SUBSET_SIZE = 1000  # idem; smaller sets use half their size (a subset of all of it has no spread)
@@ -189,12 +190,12 @@ class ImageRef:
         try:
             if self.size < 0:
                 with Image.open(self.path) as im:
-                    return im.convert("RGB")
+                    return upright_rgb8(im)
             with open(self.path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read(self.size)
             with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
+                return upright_rgb8(im)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             where = self.path if self.size < 0 else f"{self.path} at byte {self.offset}"
             raise UserError(f"cannot read the image {where} ({exc}); regenerate or rebuild it") from None
