@@ -739,10 +739,19 @@ def test_keep_spares_the_dvae_that_the_codes_and_the_prior_need(tmp_path, capsys
     checkpoint.save(run / "prior", 1, kind="prior", model_config={}, weights={"w": torch.zeros(1)},
                     meta={"dvae_fingerprint": checkpoint.load(run / "dvae", "dvae").fingerprint})
     assert set(task.protected_steps()) == {2, 5}
-    # --fresh replaces them all: it says which of them the codes and the prior need, and what to redo
+    # `dalle train-dvae --fresh` refuses to replace them, before it reads anything, and changes nothing
+    from tests.fixtures import cli
+
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    result = cli.run(["train-dvae", "--run", run, "--fresh", "--steps", 1])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--fresh would replace" in result.stderr and "step 2 (" in result.stderr and "step 5 (" in result.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    # the library's train(fresh=True) replaces them all: it says which of them the codes and the prior need
     train(task, dataclasses.replace(cfg, steps=1, keep=1), run / "dvae", fresh=True)
     err = capsys.readouterr().err
-    assert "--fresh also replaces step 2, step 5" in err and "dalle encode --overwrite" in err
+    assert "--fresh also replaces step 2 (" in err and "), step 5 (" in err and "dalle encode --overwrite" in err
+    assert "were encoded with it; the prior in" not in err.replace("\n", " ")  # each step its own reason
     # a codes manifest that cannot be read does not stop training; it is said once
     (run / "codes" / "manifest.json").write_text("[1, 2]")
     train(task, dataclasses.replace(cfg, steps=3, keep=1), run / "dvae")

@@ -37,6 +37,20 @@ def preset_for_size(size: int) -> str | None:
     return PRESET_FOR_SIZE[max(fits)] if fits else None
 
 
+def refuse_fresh_over_needed(out: Path) -> None:
+    """--fresh replaces every checkpoint in `out` as the new run saves: refused while the run's codes or its prior
+    still need one of them (`dvae_task.needed_steps`), since the prior could no longer sample."""
+    from dallecli.console import UserError
+    from dallecli.train.dvae_task import needed_steps
+
+    needed = needed_steps(out)
+    if needed:
+        which = ", ".join(f"step {step} ({why})" for step, why in sorted(needed.items()))
+        raise UserError(f"--fresh would replace {out}'s {which}; nothing was changed. Train the new dVAE beside "
+                        f"it (--out {out.parent / 'dvae-2'}), or move the codes and the prior away first (then "
+                        "`dalle encode` and `dalle train-prior` again)")
+
+
 def command(
     run: RunOpt = DEFAULT_RUN,
     preset: Annotated[Optional[Preset], typer.Option(help="Model: tiny, tiny-vq (64 px), small, small-vq (128 px) or paper "
@@ -94,6 +108,8 @@ def command(
     rd = RunDir(run)
     shards = shards or rd.shards
     out = out or rd.dvae
+    if fresh and not launched():
+        refuse_fresh_over_needed(out)
     size = shard_image_size(shards)  # one image read: it picks the preset and is checked against it
     if preset is None:
         preset = preset_for_size(size)

@@ -113,35 +113,8 @@ class DVAETask:
         pass
 
     def protected_steps(self) -> dict[int, str]:
-        """The checkpoints --keep must not prune: the dVAE the run's codes were encoded with and the one its
-        prior was trained on (sampling decodes the prior's codes with it; a later dVAE makes other codes).
-        Found beside the checkpoint folder, as `dalle encode` and `train-prior` lay a run out (RUN/dvae,
-        RUN/codes, RUN/prior)."""
-        if self.out is None:
-            return {}
-        from dallecli.codes import read_code_manifest
-        from dallecli.config import RunDir
-
-        rd = RunDir(self.out.parent)
-        wanted: dict[str, str] = {}
-        try:
-            wanted[read_code_manifest(rd.codes)["dvae"]["fingerprint"]] = f"{rd.codes} were encoded with it"
-        except (UserError, KeyError, TypeError):
-            pass
-        prior = checkpoint.latest(rd.prior)
-        if prior is not None:
-            try:
-                fingerprint = checkpoint.load(prior, "prior").meta.get("dvae_fingerprint")
-            except UserError:
-                fingerprint = None
-            if fingerprint:
-                wanted[fingerprint] = f"the prior in {rd.prior} was trained on its codes (sampling decodes with it)"
-        steps = {}
-        for fingerprint, why in wanted.items():
-            folder = checkpoint.step_with_fingerprint(self.out, fingerprint)
-            if folder is not None:
-                steps[int(folder.name.split("-")[1])] = why
-        return steps
+        """The checkpoints --keep must not prune (`needed_steps`)."""
+        return {} if self.out is None else needed_steps(self.out)
 
     def summary_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """What the end-of-training summary shows of the last metrics (metrics.jsonl keeps every field as it is).
@@ -241,3 +214,34 @@ def load_dvae(path: Path, device: str | torch.device = "cpu", ema: bool = True) 
     checkpoint.load_weights_into(model, ck, ema=ema)
     return model.to(device).eval(), ck
 
+
+def needed_steps(out: Path) -> dict[int, str]:
+    """The dVAE checkpoints in `out` that the run still needs (step → why): the one the run's codes were encoded
+    with and the one its prior was trained on (sampling decodes the prior's codes with it; a later dVAE makes
+    other codes). Found beside the checkpoint folder, as `dalle encode` and `train-prior` lay a run out
+    (RUN/dvae, RUN/codes, RUN/prior). --keep never prunes them; --fresh refuses to replace them."""
+    from dallecli.codes import read_code_manifest
+    from dallecli.config import RunDir
+
+    rd = RunDir(Path(out).parent)
+    wanted: dict[str, list[str]] = {}
+    try:
+        wanted.setdefault(read_code_manifest(rd.codes)["dvae"]["fingerprint"], []).append(
+            f"{rd.codes} were encoded with it")
+    except (UserError, KeyError, TypeError):
+        pass
+    prior = checkpoint.latest(rd.prior)
+    if prior is not None:
+        try:
+            fingerprint = checkpoint.load(prior, "prior").meta.get("dvae_fingerprint")
+        except UserError:
+            fingerprint = None
+        if fingerprint:
+            wanted.setdefault(fingerprint, []).append(
+                f"the prior in {rd.prior} was trained on its codes and samples with it")
+    steps = {}
+    for fingerprint, why in wanted.items():
+        folder = checkpoint.step_with_fingerprint(Path(out), fingerprint)
+        if folder is not None:
+            steps[int(folder.name.split("-")[1])] = "; ".join(why)
+    return steps

@@ -132,9 +132,10 @@ class _Trainer:
             info(f"--fresh: starting over; the checkpoints in {out} will be replaced as the new run saves")
             needed = self._asked_protected()
             if needed:
-                warn(f"--fresh also replaces {', '.join(f'step {s}' for s in sorted(needed))}, which "
-                     f"{'; '.join(sorted(set(needed.values())))}: after this run, re-encode (`dalle encode "
-                     "--overwrite`) and retrain the prior (`dalle train-prior --fresh`)")
+                # (`dalle train-dvae --fresh` refuses this before it gets here; a library caller is told)
+                warn(f"--fresh also replaces {', '.join(f'step {s} ({why})' for s, why in sorted(needed.items()))}"
+                     ": after this run, re-encode (`dalle encode --overwrite`) and retrain the prior "
+                     "(`dalle train-prior --fresh`)")
         if ck is None:
             return None, None
         ck = checkpoint.load(ck, self.task.kind)
