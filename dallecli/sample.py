@@ -253,6 +253,7 @@ class Pipeline:
     dvae_path: Path
     device: torch.device
     precision: str  # of the prior's matrix products: "bf16" or "fp32" (`hardware.default_precision`)
+    cond_drop: float | None = None  # the prior's caption dropout in training (None: not recorded)
 
 
 def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None, tokenizer: Path | None = None,
@@ -280,7 +281,7 @@ def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None
     if dmodel.config.vocab_size != model.config.image_vocab or dmodel.config.grid != model.config.grid:
         raise UserError(f"the dVAE {dck.path} (grid {dmodel.config.grid}, {dmodel.config.vocab_size} codes) does not "
                         f"match the prior {pck.path} (grid {model.config.grid}, {model.config.image_vocab} codes)")
-    return Pipeline(model, dmodel, tok, pck.path, dck.path, device, precision)
+    return Pipeline(model, dmodel, tok, pck.path, dck.path, device, precision, pck.meta.get("cond_drop"))
 
 
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
@@ -379,6 +380,10 @@ def sample_to_folder(run: Path, prompts: list[str], out: Path | None = None, *, 
         from dallecli.models.clip import load_clip
 
         scorer = load_clip(clip, Path(run), pipe.device)
+    if guidance != 1.0 and pipe.cond_drop == 0 and rank == 0:
+        warn(f"--guidance {guidance:g}: the prior {pipe.prior_path} was trained with --cond-drop 0, so it never "
+             "learned the caption-free prediction that guidance pushes away from; expect worse images, not "
+             "better (retrain with --cond-drop 0.1, or sample with --guidance 1)")
     if compiled and pipe.device.type == "cpu" and rank == 0:
         warn("--compile on a CPU: the default decoder (oneDNN with packed weights) is several times faster here "
              "(4× at the `small` benchmark shape); --compile pays off on a GPU")

@@ -170,6 +170,20 @@ def test_an_image_prompt_with_transparency_is_read_on_white(pipe, tmp_path):
     assert torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
 
 
+def test_guidance_warns_when_the_prior_never_dropped_its_caption(tiny_run, capsys):
+    from dallecli import checkpoint
+
+    ck = checkpoint.load(tiny_run / "prior", "prior")
+    for drop in (0.0, 0.1):
+        checkpoint.save(tiny_run / f"prior-{drop}", 1, kind="prior", model_config=ck.model_config,
+                        weights=ck.weights(ema=False), meta={**ck.meta, "cond_drop": drop})
+        for guidance in (1.0, 2.0):
+            sample_to_folder(tiny_run, ["a red circle"], n=1, prior=tiny_run / f"prior-{drop}", guidance=guidance,
+                             name=f"g{drop}-{guidance}", device="cpu")
+            warned = "trained with --cond-drop 0" in capsys.readouterr().err
+            assert warned == (drop == 0.0 and guidance != 1.0), (drop, guidance)
+
+
 def test_sample_to_folder_writes_everything(tiny_run):
     path = sample_to_folder(tiny_run, ["a red circle", "a green cross"], n=3, seed=10, batch_size=4, name="t",
                             device="cpu", quiet=True)
