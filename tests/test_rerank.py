@@ -166,6 +166,23 @@ def test_command_reranks_the_newest_samples_and_writes_the_grid(tmp_path, stub_c
     assert "rerank: done" in result.output
 
 
+def test_the_newest_samples_are_the_last_drawn_not_the_last_reranked(tmp_path):
+    import os
+
+    from dallecli.commands.rerank import _samples_path
+
+    root = tmp_path / "run" / "samples"
+    old, new = make_samples(root / "old"), make_samples(root / "new")
+    for t, path in enumerate((old, new)):
+        (path.parent / "sampling.json").write_text("{}")
+        os.utime(path.parent / "sampling.json", (1000 + t, 1000 + t))
+    os.utime(old, (5000, 5000))  # the older folder reranked since: its samples.jsonl rewritten
+    assert _samples_path(None, root) == new
+    (new.parent / "sampling.json").unlink()  # no sampling.json: samples.jsonl's time
+    os.utime(new, (500, 500))
+    assert _samples_path(None, root) == old
+
+
 def test_a_sample_folder_without_run_is_ranked_by_its_own_runs_clip(tmp_path, stub_clip, monkeypatch):
     """`dalle rerank runs/x/samples/NAME` used runs/default's CLIP (and failed where there is none)."""
     from typer.testing import CliRunner

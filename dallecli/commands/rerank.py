@@ -12,7 +12,7 @@ from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, RunOpt
 def command(
     ctx: typer.Context,
     samples: Annotated[Optional[Path], typer.Argument(
-        help="A samples.jsonl, or the sample folder holding it (default: the newest under RUN/samples).",
+        help="A samples.jsonl, or the sample folder holding it (default: the one drawn last under RUN/samples).",
         show_default=False)] = None,
     run: RunOpt = DEFAULT_RUN,
     images: Annotated[Optional[Path], typer.Option(
@@ -123,7 +123,14 @@ def _samples_path(samples: Path | None, samples_root: Path) -> Path:
 
     if samples is not None:
         return samples / "samples.jsonl" if samples.is_dir() else samples
-    found = sorted(samples_root.glob("*/samples.jsonl"), key=lambda p: p.stat().st_mtime) if samples_root.is_dir() else []
+    found = sorted(samples_root.glob("*/samples.jsonl"), key=_drawn_at) if samples_root.is_dir() else []
     if not found:
         raise UserError(f"no samples under {samples_root}; make some with `dalle sample`, or pass a samples.jsonl")
-    return found[-1]  # the most recently written sample folder
+    return found[-1]  # the most recently drawn sample folder
+
+
+def _drawn_at(samples_jsonl: Path) -> float:
+    """When a sample folder was drawn: its sampling.json's time (`dalle sample` writes it once; a rerank rewrites
+    samples.jsonl, which must not make an older folder the newest), else samples.jsonl's."""
+    drawn = samples_jsonl.with_name("sampling.json")
+    return (drawn if drawn.is_file() else samples_jsonl).stat().st_mtime

@@ -159,7 +159,8 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     n_draw = max((*cfg.rerank_sizes, cfg.rerank or 1))
     samples_path, comp_path, groups, comp_groups, listing = _samples(rd, prompts, out, cfg, n_draw, seed_world, state)
     if len(groups) < 2:
-        raise UserError(f"{samples_path} holds {len(groups)} usable sample(s); FID needs at least 2")
+        raise UserError(f"{samples_path} holds usable samples for {len(groups)} prompt(s); the metrics compare one "
+                        "image per prompt with its reference and need at least 2 prompts")
     have = min(len(g) for g in groups)
     sizes = sorted(k for k in cfg.rerank_sizes if k <= have)
     if len(sizes) < len(cfg.rerank_sizes):
