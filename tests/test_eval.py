@@ -362,7 +362,14 @@ def test_generation_goes_through_the_sampler(tmp_path, net_file, clip, monkeypat
 
     monkeypatch.setattr(sample, "sample_to_folder", fake_sampler)
     run = make_run(tmp_path / "run", n=10)
+    from dallecli import checkpoint
+
+    prior = checkpoint.save(run / "prior", 1, kind="prior", model_config={}, weights={"w": torch.zeros(1)},
+                            meta={"dvae_fingerprint": "0123456789abcdef"})
     _, m = evaluate(run, quick(features=str(net_file), composition_count=3, rerank_sizes=(1, 2), seed=7))
+    # the dVAE that decoded the samples is the prior's own, whatever dVAE the reconstruction metrics use
+    assert m["protocol"]["checkpoints"]["dvae"] == "0123456789abcdef"
+    assert m["protocol"]["checkpoints"]["prior"] == checkpoint.load(prior, "prior").fingerprint
     (val, n, rerank, seed), (test, *_) = calls
     assert len(val) == 10 and (n, rerank, seed) == (2, 2, 7)
     assert test == [render_scene(0, i, 64, split)[1] for split in ("test-seen", "test-zeroshot") for i in range(3)]
@@ -384,7 +391,8 @@ def test_reconstruction_metrics_with_a_tiny_dvae(tmp_path, net_file, no_clip):
     r = m["reconstruction"]
     assert set(r) == {"psnr", "rfid", "codebook_usage"}
     assert 0 < r["codebook_usage"] <= 1 and math.isfinite(r["psnr"]) and r["rfid"] > 0
-    assert m["protocol"]["checkpoints"]["dvae"] is not None
+    assert m["protocol"]["checkpoints"]["dvae_reconstruction"] == checkpoint.load(run / "dvae", "dvae").fingerprint
+    assert m["protocol"]["checkpoints"]["dvae"] is None  # given samples: no dVAE of ours decoded them
 
 
 def test_fid_inception_architecture_loads_the_weight_file_layout():

@@ -273,8 +273,12 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
                   "listed": listing["listed"], "missing": listing["missing"],
                   "composition": len(chosen) + len(comp_chosen) if composition else 0},
         "seeds": {"generation": cfg.seed if cfg.samples is None else None, "statistics": cfg.seed},
-        "checkpoints": {"prior": _fingerprint(cfg.prior or rd.prior, "prior") if cfg.samples is None else None,
-                        "dvae": recon_fp, "clip": nets.scorer_fingerprint(scorer) if scorer is not None else None,
+        # "dvae": the one that decoded the samples drawn here (the prior's own: `sample.load_pipeline` checks it);
+        # the reconstruction metrics use the run's latest (or --dvae), which may be a later one
+        "checkpoints": {"prior": _prior_fp(cfg.prior or rd.prior) if cfg.samples is None else None,
+                        "dvae": _prior_fp(cfg.prior or rd.prior, "dvae_fingerprint") if cfg.samples is None else None,
+                        "dvae_reconstruction": recon_fp,
+                        "clip": nets.scorer_fingerprint(scorer) if scorer is not None else None,
                         "features": features.fingerprint},
         "blur": "Pillow ImageFilter.GaussianBlur(radius) of both sets at image_size (§3.1)",
         "kid": {"subsets": F_.KID_SUBSETS, "subset_size": next(iter(per_blur.values()))["kid_subset_size"],
@@ -452,13 +456,15 @@ def _composition(cands: list[Candidate], ok) -> tuple[dict, dict]:
     return acc, {cat: totals[cat] for cat in CATEGORIES}
 
 
-def _fingerprint(path: Path, kind: str) -> str | None:
+def _prior_fp(path: Path, meta_key: str | None = None) -> str | None:
+    """The prior checkpoint's fingerprint, or `meta_key` of its meta (e.g. the dVAE it was trained on)."""
     from dallecli import checkpoint
 
     try:
-        return checkpoint.load(path, kind).fingerprint
+        ck = checkpoint.load(path, "prior")
     except UserError:
         return None
+    return ck.fingerprint if meta_key is None else ck.meta.get(meta_key)
 
 
 def _reconstruction(cfg: EvalConfig, rd: RunDir, refs: References, size: int, features, real, run_opts: dict,
