@@ -118,6 +118,37 @@ def test_mismatch_is_one_clear_error_in_a_subprocess(base, tmp_path, case):
     check(cli.run(args, timeout=120), run, pattern, before)
 
 
+def test_a_rerun_without_the_first_runs_options_continues_the_run(base, tmp_path, capfd):
+    """`train-prior --preset tiny --batch-size 4 --text-len 8 --steps 2`, then `train-prior --steps 3`: the rerun
+    used the default preset (small) and was refused ("the model differs"), and would have trained on at
+    another batch size. Options left out now default to the run's own."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    result = cli.run_inprocess(["train-prior", "--run", run, "--precision", "fp32", "--steps", 3, "--save-every", 1,
+                                "--eval-every", 0, "--quiet"], capfd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert checkpoint.load(run / "prior", "prior").step == 3
+    assert json.loads((run / "prior" / "train_config.json").read_text())["batch_size"] == 4
+    # an explicit option still wins (and a changed model is still refused)
+    result = cli.run_inprocess(["train-prior", "--run", run, "--preset", "small", "--steps", 4, "--quiet"], capfd)
+    assert result.returncode == 2 and "the model differs" in cli.error_message(result)
+
+
+def test_a_dvae_rerun_without_its_preset_continues_the_run(tmp_path, capfd):
+    from tests.fixtures.runs import make_dvae_run
+
+    run = make_dvae_run(tmp_path / "run", n_train=8, n_val=0, per_shard=8, size=64)
+    common = ["--run", run, "--precision", "fp32", "--save-every", 1, "--eval-every", 0, "--quiet"]
+    first = cli.run_inprocess(["train-dvae", "--preset", "tiny", "--steps", 1, "--batch-size", 2, "--lr", 3e-4]
+                              + common, capfd)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = cli.run_inprocess(["train-dvae", "--steps", 2] + common, capfd)  # 64 px alone would pick tiny-vq
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert checkpoint.load(run / "dvae", "dvae").step == 2
+    saved = json.loads((run / "dvae" / "train_config.json").read_text())
+    assert (saved["batch_size"], saved["lr"]) == (2, 3e-4)
+
+
 def test_sampler_and_encoder_refuse_the_wrong_kind_and_another_dvae(base, tmp_path, capfd):
     """The other load paths: `sample` given a dVAE as the prior or a dVAE the prior was not trained on,
     `encode` given a prior as the dVAE."""

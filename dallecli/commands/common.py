@@ -110,3 +110,27 @@ class ReplacedFolder:
             if self.moved:
                 self.aside.rename(self.folder)
         return False
+
+
+def resumed_run(out: Path, kind: str, fresh: bool) -> tuple[dict, dict]:
+    """What a rerun of a training command into `out` continues: (the latest checkpoint's model config, the run's
+    train_config.json), so that options left out of the rerun (the preset, the batch size, the learning rate)
+    default to the run's own rather than to the preset's. ({}, {}) when the command starts afresh or they
+    cannot be read (the training loop then says what is wrong)."""
+    import json
+
+    from dallecli import checkpoint
+    from dallecli.console import UserError
+
+    if fresh or not Path(out).is_dir():
+        return {}, {}
+    try:
+        latest = checkpoint.latest(out)
+        model = checkpoint.load(latest, kind).model_config if latest is not None else {}
+    except UserError:
+        return {}, {}
+    try:
+        train = json.loads((Path(out) / "train_config.json").read_text())
+    except (OSError, ValueError):
+        train = {}
+    return (model if isinstance(model, dict) else {}), (train if isinstance(train, dict) and model else {})

@@ -85,7 +85,7 @@ def command(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    from dallecli.commands.common import refuse_nonpositive, start
+    from dallecli.commands.common import refuse_nonpositive, resumed_run, start
 
     start(quiet, debug)
     import sys
@@ -110,6 +110,14 @@ def command(
     out = out or rd.dvae
     if fresh and not launched():
         refuse_fresh_over_needed(out)
+    resumed_model, resumed_train = resumed_run(out, "dvae", fresh)
+    if preset is None and resumed_model:  # a rerun continues the run's own preset
+        from dallecli.config import to_dict
+        from dallecli.train.state import config_diff
+
+        preset = next((p for p, c in PRESETS.items() if not config_diff(resumed_model, to_dict(c))), None)
+    batch_size = resumed_train.get("batch_size") if batch_size is None else batch_size
+    lr = resumed_train.get("lr") if lr is None else lr
     size = shard_image_size(shards)  # one image read: it picks the preset and is checked against it
     if preset is None:
         preset = preset_for_size(size)

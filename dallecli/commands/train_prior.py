@@ -41,7 +41,7 @@ SHORT_RUN_PRESETS = ("tiny", "small")
 
 def command(
     run: RunOpt = DEFAULT_RUN,
-    preset: Annotated[Preset, typer.Option(help="Model size: tiny (tests), small (CPU: d 256, 4 layers), base (one GPU) or paper.")] = Preset.small,
+    preset: Annotated[Optional[Preset], typer.Option(help="Model size: tiny (tests), small (CPU: d 256, 4 layers), base (one GPU) or paper. Default: small, or the run's own when continuing it.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Captions per process per micro-batch (default: per preset).")] = None,
     global_batch: Annotated[Optional[int], typer.Option(help="Accumulate gradients up to this global batch (paper: 1024).")] = None,
@@ -78,7 +78,7 @@ def command(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    from dallecli.commands.common import refuse_nonpositive, start
+    from dallecli.commands.common import refuse_nonpositive, resumed_run, start
     from dallecli.hardware import default_precision
 
     start(quiet, debug)
@@ -98,6 +98,16 @@ def command(
     from dallecli.train.prior_task import PriorTask, codes_info
 
     preset = getattr(preset, "value", preset)  # a Preset from the command line, a str from the demo
+    rd = RunDir(run)
+    out = out or rd.prior
+    resumed_model, resumed_train = resumed_run(out, "prior", fresh)
+    if preset is None:  # a rerun continues the run's own preset (its width and depth); else `small`
+        size = ("d_model", "n_layers", "n_heads")
+        preset = next((p for p, c in PRESETS.items()
+                       if resumed_model and all(resumed_model.get(k) == getattr(c, k) for k in size)), "small")
+    batch_size = resumed_train.get("batch_size") if batch_size is None else batch_size
+    lr = resumed_train.get("lr") if lr is None else lr
+    warmup = resumed_train.get("warmup") if warmup is None else warmup
     if preset not in PRESETS:
         raise UserError(f"unknown prior preset '{preset}'; choose one of {', '.join(PRESETS)}")
     for flag, rate in (("--dropout", dropout), ("--bpe-dropout", bpe_dropout), ("--cond-drop", cond_drop)):
@@ -124,8 +134,7 @@ def command(
             raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size × processes "
                             f"({batch} × {world})")
         accum = global_batch // (batch * world)
-    rd = RunDir(run)
-    codes, out = codes or rd.codes, out or rd.prior
+    codes = codes or rd.codes
     tok = Tokenizer.load(tokenizer or rd.tokenizer)
     dvae = codes_info(codes)
     maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
@@ -136,6 +145,9 @@ def command(
             changes[name] = value
     if attention is not None:
         changes["attention"] = attention.value
+    for name in ("text_len", "dropout", "checkpoint_activations", "attention"):  # a rerun keeps the run's own
+        if name not in changes and name in resumed_model:
+            changes[name] = resumed_model[name]
     config = dataclasses.replace(PRESETS[preset], **changes)
     cfg = TrainConfig(
         steps=d_steps if steps is None else steps, batch_size=batch, lr=d_lr if lr is None else lr,
