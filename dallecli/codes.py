@@ -383,6 +383,9 @@ def preview(dvae: Path, shards: Path, out: Path, n: int, device: str = "cpu") ->
             break
     if not images:
         raise UserError(f"no readable images in {shards}")
+    if len(images) < n:
+        split = "val" if list_shards(shards, "val") else "train (there is no val split)"
+        warn(f"--preview {n}: the {split} shards in {shards} hold {len(images)} readable image(s); previewing those")
     x = torch.stack([to_tensor(im) for im in images]).to(device)
     recons = codes_to_images(model, model.encode(x).cpu())
     out.mkdir(parents=True, exist_ok=True)

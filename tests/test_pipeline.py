@@ -79,6 +79,14 @@ def test_sample_and_preview(shapes_run):
     assert len(lines) == 4 and (preview / lines[0]["reconstruction"]).exists() and (preview / "grid.png").exists()
 
 
+def test_preview_of_more_images_than_the_val_split_holds_says_so(shapes_run):
+    val = json.loads((shapes_run / "shards" / "manifest.json").read_text())["counts"]["val"]
+    result = ok("encode", "--run", shapes_run, "--preview", val + 5)
+    assert f"hold {val} readable image(s); previewing those" in " ".join(result.output.split())
+    lines = (shapes_run / "dvae" / "preview" / "preview.jsonl").read_text().splitlines()
+    assert len(lines) == val
+
+
 def test_preview_grid_keeps_originals_above_their_reconstructions(shapes_run, tmp_path):
     from PIL import Image
 
