@@ -714,6 +714,22 @@ def test_schedules_run_over_their_own_lengths():
     assert s.lr(600_000) == pytest.approx((1e-4 + 1.25e-6) / 2)
 
 
+def test_fresh_removes_the_earlier_runs_reconstruction_sheets(tmp_path):
+    import dataclasses
+
+    from dallecli.train.loop import train
+    from tests.fixtures import tasks
+    from tests.fixtures.runs import make_dvae_run
+
+    run = make_dvae_run(tmp_path / "run", n_train=16, n_val=4, per_shard=8, size=16)
+    cfg = dataclasses.replace(tasks.DVAE_CFG, steps=3, save_every=1, eval_every=1)
+    train(tasks.dvae_task(run / "shards", out=run / "dvae"), cfg, run / "dvae")
+    assert sorted(p.name for p in (run / "dvae").glob("recon-*.png")) == [f"recon-0000000{i}.png" for i in (1, 2, 3)]
+    train(tasks.dvae_task(run / "shards", out=run / "dvae"), dataclasses.replace(cfg, steps=2, eval_every=2),
+          run / "dvae", fresh=True)
+    assert sorted(p.name for p in (run / "dvae").glob("recon-*.png")) == ["recon-00000002.png"]  # the new run's
+
+
 def test_keep_spares_the_dvae_that_the_codes_and_the_prior_need(tmp_path, capsys):
     """Training the dVAE further with --keep pruned the checkpoint RUN/codes were encoded with, and so the one
     the prior was trained on: sampling then had no dVAE that decodes the prior's codes. Pruning keeps it."""

@@ -85,6 +85,10 @@ def test_preview_of_more_images_than_the_val_split_holds_says_so(shapes_run):
     assert f"hold {val} readable image(s); previewing those" in " ".join(result.output.split())
     lines = (shapes_run / "dvae" / "preview" / "preview.jsonl").read_text().splitlines()
     assert len(lines) == val
+    ok("encode", "--run", shapes_run, "--preview", 2, "-q")  # a smaller preview leaves none of the larger's images
+    assert sorted(p.name for p in (shapes_run / "dvae" / "preview").iterdir()) == [
+        "000-original.png", "000-reconstruction.png", "001-original.png", "001-reconstruction.png", "grid.png",
+        "preview.jsonl"]
 
 
 def test_preview_grid_keeps_originals_above_their_reconstructions(shapes_run, tmp_path):

@@ -112,6 +112,9 @@ class DVAETask:
     def check_resume(self, ck: checkpoint.Checkpoint) -> None:
         pass
 
+    # What the run writes beside its checkpoints (evaluation sheets): --fresh removes the earlier run's.
+    run_files = ("recon-*.png",)
+
     def protected_steps(self) -> dict[int, str]:
         """The checkpoints --keep must not prune (`needed_steps`)."""
         return {} if self.out is None else needed_steps(self.out)

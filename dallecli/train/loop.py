@@ -100,6 +100,7 @@ class _Trainer:
         self.told: set[int] = set()  # protected steps already reported as kept beyond --keep
         ck, resume_optimizer = self._resume(fresh)
         self.replacing = fresh  # --fresh: the first save of the new run removes the earlier run's checkpoints
+        self.began = time.time()  # files in `out` older than this that the task names are the earlier run's
         self.start_step = self.step
         self._place(ck, resume_optimizer)
         self.metrics_path = self.rejects_path = None
@@ -409,6 +410,10 @@ class _Trainer:
                                extra_json=extra() if extra is not None else None)
         if self.replacing:  # --fresh: none of the earlier run outlives the new run's first save
             checkpoint.remove_all_but(self.out, at)
+            for pattern in getattr(self.task, "run_files", ()):  # e.g. the dVAE's recon-*.png
+                for old in self.out.glob(pattern):
+                    if old.stat().st_mtime < self.began:
+                        old.unlink(missing_ok=True)
             self.replacing = False
         checkpoint.prune(self.out, self.cfg.keep, self._protected())
         self.saved.update(step=at, path=path)
