@@ -293,10 +293,14 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
             raise UserError("empty prompt: give a caption, e.g. dalle sample \"a red circle\"")
         ids = pipe.tokenizer.encode(p)
         if len(ids) > c.text_len:
-            cut = pipe.tokenizer.decode(ids[c.text_len:]).strip()
+            # Tokens are pieces of words: name the cut by what is kept before it, so that a word split in two
+            # ("…a cy" | "an square…") reads as one.
+            kept = pipe.tokenizer.decode(ids[: c.text_len])
+            cut = pipe.tokenizer.decode(ids)[len(kept):].strip() or pipe.tokenizer.decode(ids[c.text_len:]).strip()
             shown = cut if len(cut) <= 60 else cut[:60] + "…"
-            warn(f"prompt longer than {c.text_len} tokens, cut: {shown!r} dropped from the end of {p[:40]!r}"
-                 + ("…" if len(p) > 40 else ""))
+            tail = kept.strip()[-40:]
+            warn(f"prompt longer than {c.text_len} tokens: cut after {'…' if len(kept.strip()) > 40 else ''}{tail!r}, "
+                 f"{shown!r} dropped")
             ids = ids[: c.text_len]
         row = torch.full((c.text_len,), c.pad_id, dtype=torch.long)
         row[: len(ids)] = torch.tensor(ids, dtype=torch.long)

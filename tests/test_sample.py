@@ -184,6 +184,20 @@ def test_guidance_warns_when_the_prior_never_dropped_its_caption(tiny_run, capsy
             assert warned == (drop == 0.0 and guidance != 1.0), (drop, guidance)
 
 
+def test_a_long_prompt_is_cut_with_a_warning_that_shows_where(pipe, capsys):
+    from dallecli.sample import encode_prompts
+
+    prompt = "a cyan square and more words here to make it long enough"
+    ids = encode_prompts(pipe, [prompt])[0]
+    n = pipe.prior.config.text_len
+    assert (ids != pipe.tokenizer.pad_id).sum() == n  # cut to the model's text length
+    err = " ".join(capsys.readouterr().err.split())
+    kept = pipe.tokenizer.decode(pipe.tokenizer.encode(prompt)[:n]).strip()
+    assert f"prompt longer than {n} tokens: cut after {kept!r}" in err
+    dropped = err.split(", '")[1].split("' dropped")[0]
+    assert (kept + dropped).replace(" ", "") == prompt.replace(" ", "")  # kept + dropped = the prompt
+
+
 def test_sample_to_folder_writes_everything(tiny_run):
     path = sample_to_folder(tiny_run, ["a red circle", "a green cross"], n=3, seed=10, batch_size=4, name="t",
                             device="cpu", quiet=True)
@@ -243,7 +257,7 @@ def test_bad_sampling_options(tiny_run):
 def test_long_prompt_is_cut_with_a_warning(tiny_run, capsys):
     path = sample_to_folder(tiny_run, ["a red circle above a blue square " * 4], n=1, device="cpu", quiet=True)
     assert path.exists()
-    assert "longer than 8 tokens, cut" in capsys.readouterr().err
+    assert "longer than 8 tokens: cut after" in capsys.readouterr().err
 
 
 def test_compile_on_a_cpu_says_the_default_is_faster(tiny_run, capsys, monkeypatch):
