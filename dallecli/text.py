@@ -311,9 +311,10 @@ class _Counting:
 
 
 def caption_stats(tokenizer: Tokenizer, captions: Sequence[str], max_len: int,
-                  batch_size: int = 4096) -> dict:
+                  batch_size: int = 4096, also_over: Sequence[int] = ()) -> dict:
     """How the vocabulary fits the captions: share of the vocabulary used, tokens per caption (mean, 95th
-    percentile by nearest rank, max), and the share of captions longer than max_len (they get truncated)."""
+    percentile by nearest rank, max), and the share of captions longer than max_len (a prior with that text
+    length cuts them), and in "over" longer than each of `also_over` (other text lengths)."""
     lengths: list[int] = []
     used: set[int] = set()
     for start in range(0, len(captions), batch_size):
@@ -330,5 +331,6 @@ def caption_stats(tokenizer: Tokenizer, captions: Sequence[str], max_len: int,
         "tokens_p95": ordered[max(0, math.ceil(0.95 * n) - 1)] if n else 0,
         "tokens_max": ordered[-1] if n else 0,
         "over_max_len": sum(1 for k in lengths if k > max_len) / n if n else 0.0,
+        "over": {m: sum(1 for k in lengths if k > m) / n if n else 0.0 for m in also_over},
     }
 

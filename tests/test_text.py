@@ -194,6 +194,8 @@ def test_caption_stats(tok):
     assert stats["tokens_mean"] == pytest.approx(sum(lengths) / 4)
     assert stats["tokens_p95"] == stats["tokens_max"] == max(lengths) > 10
     assert stats["over_max_len"] == pytest.approx(0.25)
+    longer = caption_stats(tok, caps, max_len=10, also_over=[0, 10_000])["over"]
+    assert longer[0] == pytest.approx(1 - stats["empty"] / len(caps)) and longer[10_000] == 0
     used = {i for c in caps for i in tok.encode(c)}
     assert stats["vocab_used"] == pytest.approx(len(used) / tok.vocab_size)
 

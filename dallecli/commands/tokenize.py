@@ -19,7 +19,7 @@ def command(
         "--vocab-size", min=257, help="BPE vocabulary size, special tokens included (§2.2: 16,384). "
         "A small corpus may stop short of it; the actual size is recorded.")] = 16384,
     max_len: Annotated[int, typer.Option(
-        "--max-len", min=1, help="Text positions of the prior (§2.2: 256); longer captions are truncated.")] = 256,
+        "--max-len", min=1, help="Text positions of the prior it is made for (§2.2: 256): recorded, and the statistics say how many captions are longer. The prior cuts captions at its own --text-len.")] = 256,
     min_frequency: Annotated[int, typer.Option(
         "--min-frequency", min=1, help="A pair must occur this often to become a merge.")] = 2,
     overwrite: Annotated[bool, typer.Option(
@@ -106,7 +106,10 @@ def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_
     elif replaced:
         info(f"replaced the tokenizer in {out} (fingerprint {old} -> {tok.fingerprint})")
     info(f"computing statistics on {len(sample):,} captions")
-    stats = caption_stats(tok, sample, max_len)
+    from dallecli.models.prior import PRESETS
+
+    cpu_len = PRESETS["small"].text_len  # the CPU presets' text length (tiny and small)
+    stats = caption_stats(tok, sample, max_len, also_over=[cpu_len] if cpu_len != max_len else [])
     sampled = "" if len(sample) == counts["seen"] else f" (sample of {len(sample):,})"
     summary("tokenizer", {
         "written": f"{out / 'tokenizer.json'}, {out / 'config.json'}",
@@ -115,7 +118,10 @@ def tokenize(run: Path, shards: Path | None, vocab_size: int, max_len: int, min_
         "vocabulary used": f"{100 * stats['vocab_used']:.1f} %{sampled}",
         "tokens per caption": f"mean {stats['tokens_mean']:.1f}, p95 {stats['tokens_p95']}, "
                               f"max {stats['tokens_max']}{sampled}",
-        f"longer than {max_len}": f"{100 * stats['over_max_len']:.2f} % (truncated){sampled}",
+        f"longer than {max_len}": f"{100 * stats['over_max_len']:.2f} % (cut by a prior of text length "
+                                  f"{max_len}){sampled}",
+        **{f"longer than {m}": f"{100 * share:.2f} % (cut by the tiny and small priors; train-prior --text-len "
+                               f"sets it){sampled}" for m, share in stats["over"].items()},
         "empty captions": f"{stats['empty']:,}{sampled}",
         "fingerprint": tok.fingerprint,
     })
