@@ -395,8 +395,9 @@ def preview(dvae: Path, shards: Path, out: Path, n: int, device: str = "cpu") ->
         rec.save(out / f"{i:03d}-reconstruction.png")
         rows.append({"caption": cap, "original": f"{i:03d}-original.png", "reconstruction": f"{i:03d}-reconstruction.png"})
     (out / "preview.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = {row[k] for row in rows for k in ("original", "reconstruction")}
     for old in out.glob("[0-9][0-9][0-9]*-*.png"):  # a larger earlier preview's images beyond these
-        if old.name.split("-")[0].isdigit() and int(old.name.split("-")[0]) >= len(rows):
+        if old.name not in written:
             old.unlink()
     cols = min(8, len(images))
     blank = Image.new("RGB", (size, size), "white")

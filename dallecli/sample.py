@@ -297,10 +297,10 @@ def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
             # ("…a cy" | "an square…") reads as one.
             kept = pipe.tokenizer.decode(ids[: c.text_len])
             cut = pipe.tokenizer.decode(ids)[len(kept):].strip() or pipe.tokenizer.decode(ids[c.text_len:]).strip()
+            kept = kept.strip()
             shown = cut if len(cut) <= 60 else cut[:60] + "…"
-            tail = kept.strip()[-40:]
-            warn(f"prompt longer than {c.text_len} tokens: cut after {'…' if len(kept.strip()) > 40 else ''}{tail!r}, "
-                 f"{shown!r} dropped")
+            warn(f"prompt longer than {c.text_len} tokens: cut after {'…' if len(kept) > 40 else ''}"
+                 f"{kept[-40:]!r}, {shown!r} dropped")
             ids = ids[: c.text_len]
         row = torch.full((c.text_len,), c.pad_id, dtype=torch.long)
         row[: len(ids)] = torch.tensor(ids, dtype=torch.long)

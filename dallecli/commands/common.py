@@ -125,12 +125,11 @@ def resumed_run(out: Path, kind: str, fresh: bool) -> tuple[dict, dict]:
     if fresh or not Path(out).is_dir():
         return {}, {}
     try:
-        latest = checkpoint.latest(out)
-        model = checkpoint.load(latest, kind).model_config if latest is not None else {}
+        model = checkpoint.load(out, kind).model_config  # the latest complete checkpoint in `out`
     except UserError:
         return {}, {}
     try:
         train = json.loads((Path(out) / "train_config.json").read_text())
     except (OSError, ValueError):
         train = {}
-    return (model if isinstance(model, dict) else {}), (train if isinstance(train, dict) and model else {})
+    return model, train if isinstance(train, dict) else {}

@@ -102,9 +102,9 @@ def command(
     out = out or rd.prior
     resumed_model, resumed_train = resumed_run(out, "prior", fresh)
     if preset is None:  # a rerun continues the run's own preset (its width and depth); else `small`
-        size = ("d_model", "n_layers", "n_heads")
-        preset = next((p for p, c in PRESETS.items()
-                       if resumed_model and all(resumed_model.get(k) == getattr(c, k) for k in size)), "small")
+        shape = {k: resumed_model.get(k) for k in ("d_model", "n_layers", "n_heads")}
+        preset = next((p for p, c in PRESETS.items() if resumed_model and shape == {k: getattr(c, k) for k in shape}),
+                      "small")
     batch_size = resumed_train.get("batch_size") if batch_size is None else batch_size
     lr = resumed_train.get("lr") if lr is None else lr
     warmup = resumed_train.get("warmup") if warmup is None else warmup

@@ -142,8 +142,8 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 
 def upright_rgb8(img: Image.Image) -> Image.Image:
     """A loaded image as it is meant to be seen, in 8-bit RGB: turned by its EXIF orientation, transparency on
-    white (`to_rgb8`). For images read outside `build-shards` (an image prompt, images to rerank or evaluate),
-    so that they look as the training images did."""
+    white (`to_rgb8`): how `build-shards` makes the training images, and how images read elsewhere (an image
+    prompt, images to rerank or evaluate) are made to look like them."""
     img.load()
     if _orientation(img) != 1:
         img = ImageOps.exif_transpose(img)
@@ -207,8 +207,5 @@ def _decode_resize_encode(img: Image.Image, config: ImageConfig) -> EncodedImage
         short = min(img.size)
         img.draft(None, (math.ceil(img.size[0] * config.size / short),
                          math.ceil(img.size[1] * config.size / short)))
-    img.load()
-    if orientation != 1:
-        img = ImageOps.exif_transpose(img)
-    out = square_resize(to_rgb8(img), config.size)
+    out = square_resize(upright_rgb8(img), config.size)
     return EncodedImage(encode(out, config.format, config.quality), config.format, w, h)

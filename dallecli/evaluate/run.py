@@ -275,8 +275,7 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
         "seeds": {"generation": cfg.seed if cfg.samples is None else None, "statistics": cfg.seed},
         # "dvae": the one that decoded the samples drawn here (the prior's own: `sample.load_pipeline` checks it);
         # the reconstruction metrics use the run's latest (or --dvae), which may be a later one
-        "checkpoints": {"prior": _prior_fp(cfg.prior or rd.prior) if cfg.samples is None else None,
-                        "dvae": _prior_fp(cfg.prior or rd.prior, "dvae_fingerprint") if cfg.samples is None else None,
+        "checkpoints": {**_prior_fingerprints(cfg.prior or rd.prior if cfg.samples is None else None),
                         "dvae_reconstruction": recon_fp,
                         "clip": nets.scorer_fingerprint(scorer) if scorer is not None else None,
                         "features": features.fingerprint},
@@ -456,15 +455,16 @@ def _composition(cands: list[Candidate], ok) -> tuple[dict, dict]:
     return acc, {cat: totals[cat] for cat in CATEGORIES}
 
 
-def _prior_fp(path: Path, meta_key: str | None = None) -> str | None:
-    """The prior checkpoint's fingerprint, or `meta_key` of its meta (e.g. the dVAE it was trained on)."""
+def _prior_fingerprints(path: Path | None) -> dict[str, str | None]:
+    """{"prior", "dvae"}: the fingerprints of the prior checkpoint at `path` and of the dVAE it was trained on
+    (the one that decodes its samples); None where there is no prior (given samples) or it cannot be read."""
     from dallecli import checkpoint
 
     try:
-        ck = checkpoint.load(path, "prior")
+        ck = checkpoint.load(path, "prior") if path is not None else None
     except UserError:
-        return None
-    return ck.fingerprint if meta_key is None else ck.meta.get(meta_key)
+        ck = None
+    return {"prior": ck.fingerprint if ck else None, "dvae": ck.meta.get("dvae_fingerprint") if ck else None}
 
 
 def _reconstruction(cfg: EvalConfig, rd: RunDir, refs: References, size: int, features, real, run_opts: dict,
