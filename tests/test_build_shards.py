@@ -857,7 +857,7 @@ def test_caption_files_with_an_upper_case_suffix_are_found(tmp_path):
 
 
 def test_caption_names_come_from_the_folder_listing():
-    from dallecli.data.sources import _caption_name
+    from dallecli.data.listing import _caption_name
 
     names = {"a.b.jpg", "a.b.TXT", "c.png", "c.txt", "c.Txt"}
     assert _caption_name("a.b.jpg", names) == "a.b.TXT"   # only the last suffix is the image's

@@ -121,7 +121,8 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
     from dallecli.data.images import ImageConfig
     from dallecli.data.shards import BuildConfig, build
     from dallecli.data.fetch import FetchConfig
-    from dallecli.data.sources import BUILTIN, PrepareConfig, SourceSpec, detect_kind
+    from dallecli.data.listing import detect_kind
+    from dallecli.data.sources import BUILTIN, PrepareConfig, SourceSpec
 
     if source is None:
         if path is None:

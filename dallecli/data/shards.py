@@ -35,8 +35,9 @@ from typing import Any, Iterator
 
 from dallecli.config import read_json, to_dict, write_json_atomic
 from dallecli.console import UserError, progress
+from dallecli.data.listing import open_source
 from dallecli.data.records import SHARD_RE, install_staged, shard_name
-from dallecli.data.sources import Item, Prepared, PrepareConfig, SourceSpec, open_source
+from dallecli.data.sources import Item, Prepared, PrepareConfig, SourceSpec
 from dallecli.data.workers import prepared_in_order, worker_pool
 
 SPLITS = ("train", "val")
