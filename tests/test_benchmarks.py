@@ -108,3 +108,29 @@ def test_rival_missing_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "dalle_pytorch", None)  # import fails as where it is not installed
     assert "make rival-env" in rival.available()
     assert main(["matmul_small", "--rival"]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_section_in_smoke_mode(tmp_path):
+    """benchmarks/gpu.sh is what a lent GPU runs, once, on a budget of minutes: its wrapper and every section
+    (ceilings, training eager / fp16 / compiled, sampling eager / compiled, dVAE encode) must run through.
+    `--smoke` runs them on tiny shapes on the CPU; the figures themselves mean nothing here."""
+    out = tmp_path / "gpu"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_BENCH_ARGS": "--smoke"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    report = json.loads((out / "gpu_results.json").read_text())
+    rows = report["results"]
+    assert not [r for r in rows if "error" in r], rows
+    names = {r["name"] for r in rows}
+    for expected in ("gpu_matmul_bf16", "gpu_copy_bandwidth", "gpu_prior_train_base_bf16",
+                     "gpu_prior_train_base_fp16-resblock", "gpu_prior_train_base_bf16-compiled",
+                     "gpu_sample_eager_b1", "gpu_sample_compiled_b1", "gpu_dvae_encode_paper_channels_last"):
+        assert expected in names, sorted(names)
+    for row in rows:  # the CPU suite's JSON shape, with a positive figure
+        assert set(row) == KEYS and row["value"] > 0, row
+    jsonl = [json.loads(line) for line in (out / "gpu_results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in jsonl] == [r["name"] for r in rows]  # written as it went, the same rows
+    assert (out / "gpu_log.txt").read_text().rstrip().endswith(f"results: {out / 'gpu_results.json'}")
+    assert "gpu_sample_compiled_b1" in proc.stdout.split("=" * 100)[-1]  # the table comes last
