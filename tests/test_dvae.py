@@ -715,8 +715,10 @@ def test_schedules_run_over_their_own_lengths():
 
 
 def test_fresh_removes_the_earlier_runs_reconstruction_sheets(tmp_path):
+    """--fresh: the earlier dVAE's validation sheets and its `encode --preview` (RUN/dvae/preview) go with it."""
     import dataclasses
 
+    from dallecli.codes import preview
     from dallecli.train.loop import train
     from tests.fixtures import tasks
     from tests.fixtures.runs import make_dvae_run
@@ -725,9 +727,12 @@ def test_fresh_removes_the_earlier_runs_reconstruction_sheets(tmp_path):
     cfg = dataclasses.replace(tasks.DVAE_CFG, steps=3, save_every=1, eval_every=1)
     train(tasks.dvae_task(run / "shards", out=run / "dvae"), cfg, run / "dvae")
     assert sorted(p.name for p in (run / "dvae").glob("recon-*.png")) == [f"recon-0000000{i}.png" for i in (1, 2, 3)]
+    preview(run / "dvae", run / "shards", run / "dvae" / "preview", 2, "cpu")
+    assert (run / "dvae" / "preview" / "preview.jsonl").is_file()
     train(tasks.dvae_task(run / "shards", out=run / "dvae"), dataclasses.replace(cfg, steps=2, eval_every=2),
           run / "dvae", fresh=True)
     assert sorted(p.name for p in (run / "dvae").glob("recon-*.png")) == ["recon-00000002.png"]  # the new run's
+    assert not list((run / "dvae" / "preview").iterdir())  # made by the replaced dVAE
 
 
 def test_keep_spares_the_dvae_that_the_codes_and_the_prior_need(tmp_path, capsys):

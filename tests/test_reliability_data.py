@@ -227,3 +227,40 @@ def test_16bit_png_is_scaled_not_clipped_and_transparency_is_on_white():
     buf = io.BytesIO()
     Image.fromarray(clear).save(buf, format="PNG")
     assert (np.asarray(read_image({"png": buf.getvalue()})) == 255).all()
+
+
+def test_shard_images_read_as_build_shards_makes_them():
+    """Shards made by another tool (tars named train-NNNNNN.tar) hold any image: the loader converts each one
+    exactly as `dalle build-shards` would (`images.upright_rgb8`): a dark 16-bit greyscale stays dark (its values
+    are 16-bit even when all are below 256), CMYK, palette transparency, and the EXIF orientation."""
+    import io
+
+    from PIL import Image
+
+    from dallecli.data.images import upright_rgb8
+
+    def encoded(im, fmt, **kw):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    dark = Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 4))  # 0 … 252 of 65535
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    palette.info["transparency"] = 0
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    tall = Image.new("RGB", (16, 8), (250, 0, 0))
+    tall.paste((0, 0, 250), (0, 0, 4, 8))
+    cases = {"16-bit dark": encoded(dark, "PNG"), "palette": encoded(palette, "PNG"),
+             "cmyk": encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"),
+             "exif": encoded(tall, "JPEG", exif=exif.tobytes(), quality=95)}
+    for name, data in cases.items():
+        ours = np.asarray(read_image({"png" if name in ("16-bit dark", "palette") else "jpg": data}))
+        with Image.open(io.BytesIO(data)) as im:
+            expected = np.asarray(upright_rgb8(im))
+        assert np.array_equal(ours, expected), name
+    assert np.asarray(read_image({"png": cases["16-bit dark"]})).max() <= 1  # 252 / 65535 · 255
+    upright = read_image({"jpg": cases["exif"]})
+    assert upright.size == (8, 16)  # turned: 16 wide × 8 high stored, 8 × 16 shown
+    assert np.asarray(upright)[0, 4, 2] > 200  # the blue strip (stored at the left) is now at the top

@@ -278,10 +278,14 @@ MAX_ASPECT = 4.0  # a longer side over 4× the shorter one: a crop would keep to
 def read_image(members: dict[str, bytes], size: int | None = None):
     """Decode the image member as 8-bit RGB (PIL).
 
-    Every mode is converted, not refused: CMYK, palette, greyscale, 1-bit, 16-bit (scaled from
-    0..65535, not clipped) and transparent images (composited on white). With `size`, an image whose
+    The same conversion as `dalle build-shards` makes (`images.upright_rgb8`), so that shards made elsewhere
+    read as ours would have been made: every mode is converted, not refused (CMYK, palette, greyscale, 1-bit,
+    16-bit scaled from 0..65535, not clipped; transparency composited on white), and an EXIF orientation is
+    applied. With `size`, an image whose
     shorter side is below `size`, or whose aspect ratio exceeds MAX_ASPECT, is a BadSample."""
     from PIL import Image
+
+    from dallecli.data.images import upright_rgb8
 
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None:
@@ -290,8 +294,9 @@ def read_image(members: dict[str, bytes], size: int | None = None):
         raise BadSample(f"empty image file (.{ext}, 0 bytes)")
     try:
         with Image.open(io.BytesIO(members[ext])) as im:
-            im.load()
-            image = _to_rgb(im)
+            image = upright_rgb8(im)  # as build-shards makes them: shards of other tools are read too
+            if image is im:  # already upright RGB: closing `im` would free the pixels
+                image = im.copy()
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError… on bad bytes
         raise BadSample(f"unreadable image ({type(exc).__name__}: {_first_line(exc)})") from None
     if size is not None:
@@ -301,24 +306,6 @@ def read_image(members: dict[str, bytes], size: int | None = None):
         if min(w, h) < size:
             raise BadSample(f"image {w}x{h} is smaller than {size} px")
     return image
-
-
-def _to_rgb(im):
-    """Any PIL mode as 8-bit RGB."""
-    from PIL import Image
-
-    if im.mode == "RGB":
-        return im.copy()
-    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float greyscale
-        a = np.asarray(im, dtype=np.float64)
-        top = 1.0 if im.mode == "F" else (65535.0 if a.max(initial=0) > 255 or "16" in im.mode else 255.0)
-        a = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def read_codes(members: dict[str, bytes], grid: int) -> torch.Tensor:

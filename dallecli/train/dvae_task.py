@@ -112,8 +112,9 @@ class DVAETask:
     def check_resume(self, ck: checkpoint.Checkpoint) -> None:
         pass
 
-    # What the run writes beside its checkpoints (evaluation sheets): --fresh removes the earlier run's.
-    run_files = ("recon-*.png",)
+    # What the run writes beside its checkpoints (evaluation sheets) and what `dalle encode --preview` puts there:
+    # --fresh removes the earlier dVAE's.
+    run_files = ("recon-*.png", "preview/*")
 
     def protected_steps(self) -> dict[int, str]:
         """The checkpoints --keep must not prune (`needed_steps`)."""
