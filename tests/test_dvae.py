@@ -777,3 +777,33 @@ def test_keep_spares_the_dvae_that_the_codes_and_the_prior_need(tmp_path, capsys
     (run / "codes" / "manifest.json").write_text("[1, 2]")
     train(task, dataclasses.replace(cfg, steps=3, keep=1), run / "dvae")
     assert capsys.readouterr().err.count("could not tell which checkpoints") == 1
+
+
+def test_a_collapsed_codebook_is_told_with_the_fix(tmp_path, capfd):
+    """Fewer than 5% of the codes in use on the val images after training: a warning names the count and what to
+    do (for the paper's gumbel dVAE at 64 / 128 px, the vq preset of that size). Choosing `tiny` for a short run
+    is warned about up front."""
+    from dallecli.train.dvae_task import collapse_warning
+    from tests.fixtures import cli
+    from tests.fixtures.runs import make_dvae_run
+
+    message = collapse_warning({"val_used": 4 / 512}, PRESETS["tiny"])
+    assert "only 4 of the 512 codes (0.8%)" in message and "--preset tiny-vq --fresh" in message
+    assert "--preset small-vq" in collapse_warning({"val_used": 0.01}, PRESETS["small"])
+    assert "lower --lr" in collapse_warning({"val_used": 0.01}, PRESETS["tiny-vq"])
+    assert "3M updates" in collapse_warning({"val_used": 0.001}, PRESETS["paper"])
+    assert collapse_warning({"val_used": 0.86}, PRESETS["tiny-vq"]) is None
+    assert collapse_warning({"loss": 1.0}, PRESETS["tiny"]) is None  # never validated: nothing to say
+    # one val image has 64 positions: 20 codes among them is no collapse (5% of 512 would be 25.6)
+    assert collapse_warning({"val_used": 20 / 512, "val_images": 1}, PRESETS["tiny"]) is None
+    assert collapse_warning({"val_used": 2 / 512, "val_images": 1}, PRESETS["tiny"]) is not None
+
+    # From the command line: two updates of `tiny` on 64 px shards use a handful of the 512 codes.
+    run = make_dvae_run(tmp_path / "run", n_train=8, n_val=2, per_shard=8, size=64)
+    result = cli.run_inprocess(["train-dvae", "--run", run, "--preset", "tiny", "--steps", 2, "--batch-size", 2,
+                                "--eval-every", 2, "--cpu", "--quiet"], capfd)
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    assert "collapses onto a few codes in runs of a few thousand updates" in said
+    assert "of the 512 codes" in said and "the codebook has collapsed" in said
+    assert "`dalle train-dvae --preset tiny-vq --fresh`" in said

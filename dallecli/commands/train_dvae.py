@@ -88,13 +88,15 @@ def command(
     from dallecli.commands.common import refuse_nonpositive, resumed_run, start
 
     start(quiet, debug)
+    import os
     import sys
 
     from dallecli.config import RunDir
-    from dallecli.console import UserError, info
+    from dallecli.console import UserError, info, warn
     from dallecli.hardware import default_precision
     from dallecli.models.dvae import PRESETS
-    from dallecli.train.dvae_task import DVAETask, check_image_size, schedule_for, shard_image_size
+    from dallecli.train.dvae_task import (DVAETask, check_image_size, collapse_warning, schedule_for,
+                                          shard_image_size)
     from dallecli.train.launch import launched, maybe_relaunch
     from dallecli.train.loop import TrainConfig, train
     from dallecli.train.task import exit_code_for
@@ -137,8 +139,6 @@ def command(
 
     on_gpu = torch.cuda.is_available() and not cpu
     if not on_gpu and preset == "paper" and not launched():  # 256 px shards, build-shards' default size
-        from dallecli.console import warn
-
         warn(f"the paper dVAE ({size} px shards → the `paper` preset, 97.6M parameters, {steps:,} steps) takes "
              "many seconds a step on a CPU; for a CPU run, rebuild the shards with --size 64 (the tiny-vq preset "
              "trains in minutes) or 128")
@@ -151,7 +151,14 @@ def command(
         max_errors=max_errors)
     task = DVAETask(config=config, shards=shards, schedule=schedule_for(steps, beta_steps, tau_steps),
                     batch_size=cfg.batch_size, seed=seed, workers=workers, out=out)
+    if preset == "tiny" and steps <= 10_000 and not resumed_model and not launched():
+        warn("the paper's gumbel dVAE at the `tiny` preset collapses onto a few codes in runs of a few thousand "
+             "updates (4 of 512 codes in use after 2,000; docs/dvae-tiny-gumbel.md); `--preset tiny-vq` learns "
+             "usable codes in minutes")
     result = train(task, cfg, out, fresh=fresh, cpu=cpu)
+    collapsed = collapse_warning(result.metrics, config)
+    if collapsed and os.environ.get("RANK", "0") == "0":
+        warn(collapsed)
     code = exit_code_for(result)
     if code:
         sys.exit(code)

@@ -181,6 +181,7 @@ class DVAETask:
             "val_bpd": (nll / len(x) + kl_uniform) / (dims * math.log(2)),
             "val_perplexity": float(codebook_perplexity(codes, self.config.vocab_size)),
             "val_used": float(used_fraction(codes, self.config.vocab_size)),
+            "val_images": len(x),
         }
         result["val_loss"] = result["val_bpd"]
         if metas and all(m.get("source") == "shapes" for m in metas):
@@ -200,6 +201,33 @@ def _hard_stats(model: DVAE, codes: torch.Tensor) -> torch.Tensor:
     """Decoder statistics (μ, ln b) for hard codes."""
     h = model.decoder.blocks.input.lookup(codes) if model.quantizer is None else model.quantizer.lookup(codes)
     return model.decoder.from_embedding(h).float()
+
+
+COLLAPSED_BELOW = 0.05  # share of the codes in use on the val images under which a run is told it collapsed
+VQ_PRESET_FOR_SIZE = {64: "tiny-vq", 128: "small-vq"}
+
+
+def collapse_warning(metrics: dict[str, float], config: DVAEConfig) -> str | None:
+    """What to tell the user when the last validation found fewer than 5% of the codes in use (the classic dVAE
+    failure: every image encodes to the same few codes), else None."""
+    used = metrics.get("val_used")
+    if used is None:
+        return None
+    count = round(used * config.vocab_size)
+    # a val set of few images holds fewer positions than codes: judge the use against what it could show
+    positions = metrics.get("val_images", math.inf) * config.grid**2
+    if count >= COLLAPSED_BELOW * min(config.vocab_size, positions):
+        return None
+    vq = VQ_PRESET_FOR_SIZE.get(config.image_size)
+    if config.kind == "gumbel" and vq:
+        fix = (f"the paper's gumbel dVAE needs far longer runs at this size (docs/dvae-tiny-gumbel.md); the vector "
+               f"quantiser learns usable codes in minutes: `dalle train-dvae --preset {vq} --fresh`")
+    elif config.kind == "gumbel":
+        fix = "train longer (`--steps`; the paper trains 3M updates), or start over with `--fresh` and a lower --lr"
+    else:
+        fix = "train longer (`--steps`), or start over with `--fresh` and a lower --lr"
+    return (f"only {count} of the {config.vocab_size} codes ({used:.1%}) are in use on the val images: the codebook "
+            f"has collapsed, and codes encoded now carry little of each image; {fix}")
 
 
 def codebook_report(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:
