@@ -281,8 +281,8 @@ def read_image(members: dict[str, bytes], size: int | None = None):
     The same conversion as `dalle build-shards` makes (`images.upright_rgb8`), so that shards made elsewhere
     read as ours would have been made: every mode is converted, not refused (CMYK, palette, greyscale, 1-bit,
     16-bit scaled from 0..65535, not clipped; transparency composited on white), and an EXIF orientation is
-    applied. With `size`, an image whose
-    shorter side is below `size`, or whose aspect ratio exceeds MAX_ASPECT, is a BadSample."""
+    applied. With `size`, an image whose shorter side is below `size`, or whose aspect ratio exceeds
+    MAX_ASPECT, is a BadSample."""
     from PIL import Image
 
     from dallecli.data.images import upright_rgb8

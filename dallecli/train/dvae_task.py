@@ -14,7 +14,7 @@ from dallecli.console import UserError, warn
 from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_caption, read_image, read_meta
 from dallecli.data.records import iter_records, list_shards
 from dallecli.imageutil import center_square, dvae_augment, grid, to_pil, to_tensor
-from dallecli.models.dvae import DVAE, DVAEConfig
+from dallecli.models.dvae import DVAE, PRESETS, DVAEConfig
 from dallecli.models.dvae_objective import (DVAESchedule, code_histogram, codebook_perplexity, elbo_loss,
                                             map_pixels, pixel_nll, used_fraction)
 
@@ -204,7 +204,6 @@ def _hard_stats(model: DVAE, codes: torch.Tensor) -> torch.Tensor:
 
 
 COLLAPSED_BELOW = 0.05  # share of the codes in use on the val images under which a run is told it collapsed
-VQ_PRESET_FOR_SIZE = {64: "tiny-vq", 128: "small-vq"}
 
 
 def collapse_warning(metrics: dict[str, float], config: DVAEConfig) -> str | None:
@@ -218,7 +217,7 @@ def collapse_warning(metrics: dict[str, float], config: DVAEConfig) -> str | Non
     positions = metrics.get("val_images", math.inf) * config.grid**2
     if count >= COLLAPSED_BELOW * min(config.vocab_size, positions):
         return None
-    vq = VQ_PRESET_FOR_SIZE.get(config.image_size)
+    vq = next((name for name, c in PRESETS.items() if c.kind == "vq" and c.image_size == config.image_size), None)
     if config.kind == "gumbel" and vq:
         fix = (f"the paper's gumbel dVAE needs far longer runs at this size (docs/dvae-tiny-gumbel.md); the vector "
                f"quantiser learns usable codes in minutes: `dalle train-dvae --preset {vq} --fresh`")
