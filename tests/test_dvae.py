@@ -714,25 +714,29 @@ def test_schedules_run_over_their_own_lengths():
     assert s.lr(600_000) == pytest.approx((1e-4 + 1.25e-6) / 2)
 
 
-def test_fresh_removes_the_earlier_runs_reconstruction_sheets(tmp_path):
-    """--fresh: the earlier dVAE's validation sheets and its `encode --preview` (RUN/dvae/preview) go with it."""
+def test_fresh_removes_the_earlier_runs_reconstruction_sheets(tmp_path, capfd):
+    """--fresh: the earlier dVAE's validation sheets and its `encode --preview` go with it (only the files the
+    preview writes). The preview lies beside the checkpoints it shows, also when --dvae names a step folder."""
     import dataclasses
 
-    from dallecli.codes import preview
     from dallecli.train.loop import train
-    from tests.fixtures import tasks
+    from tests.fixtures import cli, tasks
     from tests.fixtures.runs import make_dvae_run
 
     run = make_dvae_run(tmp_path / "run", n_train=16, n_val=4, per_shard=8, size=16)
     cfg = dataclasses.replace(tasks.DVAE_CFG, steps=3, save_every=1, eval_every=1)
     train(tasks.dvae_task(run / "shards", out=run / "dvae"), cfg, run / "dvae")
     assert sorted(p.name for p in (run / "dvae").glob("recon-*.png")) == [f"recon-0000000{i}.png" for i in (1, 2, 3)]
-    preview(run / "dvae", run / "shards", run / "dvae" / "preview", 2, "cpu")
+    result = cli.run_inprocess(["encode", "--run", run, "--dvae", run / "dvae" / "step-00000003", "--preview", 2,
+                                "--cpu", "-q"], capfd)
+    assert result.returncode == 0, result.stderr
     assert (run / "dvae" / "preview" / "preview.jsonl").is_file()
+    (run / "dvae" / "preview" / "notes.txt").write_text("mine")  # not the preview's: --fresh leaves it
+    (run / "dvae" / "preview" / "000-kept").mkdir()
     train(tasks.dvae_task(run / "shards", out=run / "dvae"), dataclasses.replace(cfg, steps=2, eval_every=2),
           run / "dvae", fresh=True)
     assert sorted(p.name for p in (run / "dvae").glob("recon-*.png")) == ["recon-00000002.png"]  # the new run's
-    assert not list((run / "dvae" / "preview").iterdir())  # made by the replaced dVAE
+    assert sorted(p.name for p in (run / "dvae" / "preview").iterdir()) == ["000-kept", "notes.txt"]
 
 
 def test_keep_spares_the_dvae_that_the_codes_and_the_prior_need(tmp_path, capsys):
@@ -779,31 +783,45 @@ def test_keep_spares_the_dvae_that_the_codes_and_the_prior_need(tmp_path, capsys
     assert capsys.readouterr().err.count("could not tell which checkpoints") == 1
 
 
-def test_a_collapsed_codebook_is_told_with_the_fix(tmp_path, capfd):
-    """Fewer than 5% of the codes in use on the val images after training: a warning names the count and what to
-    do (for the paper's gumbel dVAE at 64 / 128 px, the vq preset of that size). Choosing `tiny` for a short run
-    is warned about up front."""
-    from dallecli.train.dvae_task import collapse_warning
+def test_a_collapsed_codebook_is_told_with_the_fix(tmp_path, capfd, monkeypatch):
+    """A val set whose codes have a perplexity under 5% of what it could show (min(K, positions)): a warning with
+    the count and what to do (for the paper's gumbel dVAE at 64 / 128 px, the vq preset of that size). A collapsed
+    gumbel dVAE still shows dozens of codes (9% of 512 after 500 updates) at perplexity 1.6: that is caught too.
+    Choosing `tiny` for a short run is warned about up front."""
+    from dallecli.train.dvae_task import DVAETask, collapse_warning
     from tests.fixtures import cli
     from tests.fixtures.runs import make_dvae_run
 
-    message = collapse_warning({"val_used": 4 / 512}, PRESETS["tiny"])
-    assert "only 4 of the 512 codes (0.8%)" in message and "--preset tiny-vq --fresh" in message
-    assert "--preset small-vq" in collapse_warning({"val_used": 0.01}, PRESETS["small"])
-    assert "lower --lr" in collapse_warning({"val_used": 0.01}, PRESETS["tiny-vq"])
-    assert "3M updates" in collapse_warning({"val_used": 0.001}, PRESETS["paper"])
-    assert collapse_warning({"val_used": 0.86}, PRESETS["tiny-vq"]) is None
+    message = collapse_warning({"val_used": 4 / 512, "val_perplexity": 1.2}, PRESETS["tiny"])
+    assert "use 4 of the 512 codes" in message and "perplexity 1.2" in message
+    assert "rerun with `--preset tiny-vq --fresh`" in message
+    assert collapse_warning({"val_used": 45 / 512, "val_perplexity": 1.6}, PRESETS["tiny"]) is not None
+    assert "--preset small-vq" in collapse_warning({"val_used": 0.01, "val_perplexity": 3}, PRESETS["small"])
+    assert "lower --lr" in collapse_warning({"val_used": 0.01, "val_perplexity": 3}, PRESETS["tiny-vq"])
+    assert "3M updates" in collapse_warning({"val_used": 0.001, "val_perplexity": 5}, PRESETS["paper"])
+    assert collapse_warning({"val_used": 0.86, "val_perplexity": 310.0}, PRESETS["tiny-vq"]) is None
     assert collapse_warning({"loss": 1.0}, PRESETS["tiny"]) is None  # never validated: nothing to say
-    # one val image has 64 positions: 20 codes among them is no collapse (5% of 512 would be 25.6)
-    assert collapse_warning({"val_used": 20 / 512, "val_images": 1}, PRESETS["tiny"]) is None
-    assert collapse_warning({"val_used": 2 / 512, "val_images": 1}, PRESETS["tiny"]) is not None
+    # one val image has 64 positions: perplexity 15 among them is no collapse (5% of 512 would be 25.6)
+    assert collapse_warning({"val_used": 20 / 512, "val_perplexity": 15, "val_images": 1}, PRESETS["tiny"]) is None
+    assert collapse_warning({"val_used": 2 / 512, "val_perplexity": 1.5, "val_images": 1}, PRESETS["tiny"])
 
-    # From the command line: two updates of `tiny` on 64 px shards use a handful of the 512 codes.
+    # From the command line, with the validation's figures fixed (the warning, not the training, is tested).
+    figures = {"val_loss": 1.0, "val_used": 3 / 512, "val_perplexity": 1.4, "val_images": 2}
+    monkeypatch.setattr(DVAETask, "evaluate", lambda self, model, step: dict(figures))
     run = make_dvae_run(tmp_path / "run", n_train=8, n_val=2, per_shard=8, size=64)
-    result = cli.run_inprocess(["train-dvae", "--run", run, "--preset", "tiny", "--steps", 2, "--batch-size", 2,
-                                "--eval-every", 2, "--cpu", "--quiet"], capfd)
+    args = ["train-dvae", "--run", run, "--steps", 2, "--batch-size", 2, "--eval-every", 2, "--cpu", "--quiet"]
+    result = cli.run_inprocess(args + ["--preset", "tiny"], capfd)
     assert result.returncode == 0, result.stderr
     said = " ".join(result.stderr.split())
     assert "collapses onto a few codes in runs of a few thousand updates" in said
-    assert "of the 512 codes" in said and "the codebook has collapsed" in said
-    assert "`dalle train-dvae --preset tiny-vq --fresh`" in said
+    assert "the codebook has collapsed: the val images use 3 of the 512 codes" in said
+    assert "rerun with `--preset tiny-vq --fresh`" in said
+    result = cli.run_inprocess(args + ["--steps", 4], capfd)  # resumed: no up-front warning again
+    assert result.returncode == 0, result.stderr
+    said = " ".join(result.stderr.split())
+    assert "runs of a few thousand updates" not in said and "the codebook has collapsed" in said
+    figures.update(val_used=0.8, val_perplexity=300.0)
+    result = cli.run_inprocess(["train-dvae", "--run", run, "--steps", 2, "--batch-size", 2, "--eval-every", 2,
+                                "--cpu", "--preset", "tiny-vq", "--out", run / "dvae-vq"], capfd)
+    assert result.returncode == 0, result.stderr
+    assert "collapse" not in result.stderr  # a vq preset, codes in use: nothing to warn about

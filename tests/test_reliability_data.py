@@ -231,8 +231,8 @@ def test_16bit_png_is_scaled_not_clipped_and_transparency_is_on_white():
 
 def test_shard_images_read_as_build_shards_makes_them():
     """Shards made by another tool (tars named train-NNNNNN.tar) hold any image: the loader converts each one
-    exactly as `dalle build-shards` would (`images.upright_rgb8`): a dark 16-bit greyscale stays dark (its values
-    are 16-bit even when all are below 256), CMYK, palette transparency, and the EXIF orientation."""
+    exactly as `dalle build-shards` would (`images.upright_rgb8`): a dark 16-bit greyscale stays dark, CMYK,
+    palette transparency, and the EXIF orientation (which the loader's own earlier conversion ignored)."""
     import io
 
     from PIL import Image

@@ -15,7 +15,7 @@ def command(
     shards: Annotated[Optional[Path], typer.Option(help="Image shards (default RUN/shards).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Code shards folder (default RUN/codes).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per encoder batch.")] = 64,
-    preview: Annotated[int, typer.Option(help="Instead of encoding, write N val originals and reconstructions to RUN/dvae/preview (0: encode).")] = 0,
+    preview: Annotated[int, typer.Option(help="Instead of encoding, write N val originals and reconstructions to DVAE/preview (RUN/dvae/preview by default; 0: encode).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the codes in OUT even when RUN/prior was trained on them (default: refuse), and encode codes of the same dVAE again instead of keeping them.")] = False,
     gpus: Annotated[int, typer.Option(help="Processes (one per GPU), each encoding its share of the shards.")] = 1,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
@@ -41,7 +41,11 @@ def command(
     dvae, shards = dvae or rd.dvae, shards or rd.shards
     if preview:
         device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
-        write_preview(dvae, shards, rd.dvae / "preview", preview, device)
+        # beside the dVAE's checkpoints (RUN/dvae/preview by default), where `train-dvae --fresh` clears it
+        from dallecli.checkpoint import STEP_RE
+
+        folder = dvae.parent if STEP_RE.match(dvae.name) else dvae
+        write_preview(dvae, shards, folder / "preview", preview, device)
         return
     if gpus > 1 and not launched():  # the inputs, checked before launching: a bad one fails in seconds, once
         from dallecli import checkpoint

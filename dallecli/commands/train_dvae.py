@@ -131,9 +131,13 @@ def command(
     if size > config.image_size and not launched():
         info(f"the images in {shards} are {size} px: each is cropped and resized at random to the dVAE's "
              f"{config.image_size} px as it is read (App. A.2; {preset} preset)")
-    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
     default_steps, default_batch, default_lr = DEFAULTS.get(preset, (10_000, 32, 1e-4))
     steps = default_steps if steps is None else steps
+    if preset == "tiny" and steps <= 10_000 and not resumed_model and not launched():  # once, before --gpus N
+        warn("the paper's gumbel dVAE at the `tiny` preset collapses onto a few codes in runs of a few thousand "
+             "updates (4 of 512 codes in use after 2,000; docs/dvae-tiny-gumbel.md); `--preset tiny-vq` learns "
+             "usable codes in minutes")
+    maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
     lr = default_lr if lr is None else lr
     import torch
 
@@ -151,10 +155,6 @@ def command(
         max_errors=max_errors)
     task = DVAETask(config=config, shards=shards, schedule=schedule_for(steps, beta_steps, tau_steps),
                     batch_size=cfg.batch_size, seed=seed, workers=workers, out=out)
-    if preset == "tiny" and steps <= 10_000 and not resumed_model and not launched():
-        warn("the paper's gumbel dVAE at the `tiny` preset collapses onto a few codes in runs of a few thousand "
-             "updates (4 of 512 codes in use after 2,000; docs/dvae-tiny-gumbel.md); `--preset tiny-vq` learns "
-             "usable codes in minutes")
     result = train(task, cfg, out, fresh=fresh, cpu=cpu)
     collapsed = collapse_warning(result.metrics, config)
     if collapsed and os.environ.get("RANK", "0") == "0":

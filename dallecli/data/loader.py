@@ -295,8 +295,6 @@ def read_image(members: dict[str, bytes], size: int | None = None):
     try:
         with Image.open(io.BytesIO(members[ext])) as im:
             image = upright_rgb8(im)  # as build-shards makes them: shards of other tools are read too
-            if image is im:  # already upright RGB: closing `im` would free the pixels
-                image = im.copy()
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError… on bad bytes
         raise BadSample(f"unreadable image ({type(exc).__name__}: {_first_line(exc)})") from None
     if size is not None:

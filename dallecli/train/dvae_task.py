@@ -112,9 +112,9 @@ class DVAETask:
     def check_resume(self, ck: checkpoint.Checkpoint) -> None:
         pass
 
-    # What the run writes beside its checkpoints (evaluation sheets) and what `dalle encode --preview` puts there:
-    # --fresh removes the earlier dVAE's.
-    run_files = ("recon-*.png", "preview/*")
+    # What the run writes beside its checkpoints (evaluation sheets) and what `dalle encode --preview` puts there
+    # (`codes.preview`): --fresh removes the earlier dVAE's.
+    run_files = ("recon-*.png", "preview/preview.jsonl", "preview/grid.png", "preview/[0-9][0-9][0-9]*-*.png")
 
     def protected_steps(self) -> dict[int, str]:
         """The checkpoints --keep must not prune (`needed_steps`)."""
@@ -203,30 +203,31 @@ def _hard_stats(model: DVAE, codes: torch.Tensor) -> torch.Tensor:
     return model.decoder.from_embedding(h).float()
 
 
-COLLAPSED_BELOW = 0.05  # share of the codes in use on the val images under which a run is told it collapsed
+COLLAPSED_BELOW = 0.05  # codebook perplexity, as a share of what the val set could show, under which a run is told
 
 
 def collapse_warning(metrics: dict[str, float], config: DVAEConfig) -> str | None:
-    """What to tell the user when the last validation found fewer than 5% of the codes in use (the classic dVAE
-    failure: every image encodes to the same few codes), else None."""
-    used = metrics.get("val_used")
-    if used is None:
+    """What to tell the user when the last validation found the codebook collapsed (the classic dVAE failure:
+    every image encodes to the same few codes), else None. Judged by the perplexity of the val set's codes, not
+    by how many codes occur at all: a collapsed gumbel dVAE still shows dozens of codes at a few positions each
+    (docs/dvae-tiny-gumbel.md). The bar is 5% of the most the val set could show, min(K, positions)."""
+    used, perplexity = metrics.get("val_used"), metrics.get("val_perplexity")
+    if used is None or perplexity is None:
         return None
-    count = round(used * config.vocab_size)
-    # a val set of few images holds fewer positions than codes: judge the use against what it could show
-    positions = metrics.get("val_images", math.inf) * config.grid**2
-    if count >= COLLAPSED_BELOW * min(config.vocab_size, positions):
+    possible = min(config.vocab_size, metrics.get("val_images", math.inf) * config.grid**2)
+    if perplexity >= COLLAPSED_BELOW * possible:
         return None
     vq = next((name for name, c in PRESETS.items() if c.kind == "vq" and c.image_size == config.image_size), None)
     if config.kind == "gumbel" and vq:
         fix = (f"the paper's gumbel dVAE needs far longer runs at this size (docs/dvae-tiny-gumbel.md); the vector "
-               f"quantiser learns usable codes in minutes: `dalle train-dvae --preset {vq} --fresh`")
+               f"quantiser learns usable codes in minutes: rerun with `--preset {vq} --fresh`")
     elif config.kind == "gumbel":
         fix = "train longer (`--steps`; the paper trains 3M updates), or start over with `--fresh` and a lower --lr"
     else:
         fix = "train longer (`--steps`), or start over with `--fresh` and a lower --lr"
-    return (f"only {count} of the {config.vocab_size} codes ({used:.1%}) are in use on the val images: the codebook "
-            f"has collapsed, and codes encoded now carry little of each image; {fix}")
+    return (f"the codebook has collapsed: the val images use {round(used * config.vocab_size)} of the "
+            f"{config.vocab_size} codes, nearly all of the time a few of them (perplexity {perplexity:.1f}), so "
+            f"codes encoded now carry little of each image; {fix}")
 
 
 def codebook_report(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:

@@ -412,7 +412,7 @@ class _Trainer:
             checkpoint.remove_all_but(self.out, at)
             for pattern in getattr(self.task, "run_files", ()):  # e.g. the dVAE's recon-*.png
                 for old in self.out.glob(pattern):
-                    if old.stat().st_mtime < self.began:
+                    if old.is_file() and old.stat().st_mtime < self.began:
                         old.unlink(missing_ok=True)
             self.replacing = False
         checkpoint.prune(self.out, self.cfg.keep, self._protected())
