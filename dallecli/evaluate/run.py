@@ -23,6 +23,7 @@ import torch
 
 from dallecli.config import RunDir
 from dallecli.console import UserError, info, warn
+from dallecli.evaluate import clip_score as cs
 from dallecli.evaluate import features as nets
 from dallecli.evaluate import fid as F_
 from dallecli.evaluate.fid import ImageRef, ImageSet
@@ -207,8 +208,8 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     # Blur-0 features of every candidate that any selection may use; their CLIP scores likewise.
     pool_feats, pool_logits = fake(pool, 0, "samples")
     row = {c.uid: j for j, c in enumerate(pool)}
-    our_score = None if scorer is None else _clip_scores(scorer, features, pool, pool_feats, comp_pool, size,
-                                                          run_opts)
+    our_score = None if scorer is None else cs.sample_scores(scorer, features, pool, pool_feats, comp_pool, size,
+                                                             run_opts)
     file_scores = all(c.score is not None for c in pool + comp_pool)
     rank_score = {c.uid: c.score for c in pool + comp_pool} if file_scores else our_score
 
@@ -238,7 +239,7 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     clip_score = {"generated": None, "real": None}
     if scorer is not None:
         clip_score["generated"] = _mean(our_score[c.uid] for c in chosen)
-        clip_score["real"] = _real_clip_score(scorer, refs, size, features, cache, base, run_opts, main, real)
+        clip_score["real"] = cs.real_score(scorer, refs, size, features, cache, base, run_opts, main, real)
 
     composition, comp_counts = None, None
     if seed_world is not None and main:
@@ -333,24 +334,6 @@ def _samples(rd: RunDir, prompts: list[str], out: Path, cfg: EvalConfig, n_draw:
     return samples_path, comp_path, groups, comp_groups, listing
 
 
-def _clip_scores(scorer, features, pool: list[Candidate], pool_feats: torch.Tensor, comp_pool: list[Candidate],
-                 size: int, run_opts: dict) -> dict[int, float]:
-    """Each candidate's CLIP score, max(100·cos(image, its prompt), 0), by uid. With CLIP as the FID
-    features, the pool's features are its embeddings already."""
-    emb = {}
-    everyone = pool + comp_pool
-    if features.name == "clip":
-        emb.update({c.uid: pool_feats[j] for j, c in enumerate(pool)})
-        everyone = comp_pool
-    if everyone:
-        e, = F_.over_batches(ImageSet([c.image for c in everyone], size, 0),
-                             lambda x, i: (nets.image_embeddings(scorer, x),), description="CLIP", **run_opts)
-        emb.update({c.uid: e[j] for j, c in enumerate(everyone)})
-    text_emb = _text_embeddings(scorer, sorted({c.prompt for c in pool + comp_pool}))
-    prompt_of = {c.uid: c.prompt for c in pool + comp_pool}
-    return {uid: float((100 * (v @ text_emb[prompt_of[uid]])).clamp_min(0)) for uid, v in emb.items()}
-
-
 def _key(radius: float) -> str:
     return str(int(radius)) if float(radius).is_integer() else str(radius)
 
@@ -370,16 +353,6 @@ def _side(ref: ImageRef) -> int:
         raise UserError(f"cannot read the sample image {ref.path} ({exc})") from None
 
 
-def _text_embeddings(scorer, prompts: list[str], batch: int = 256) -> dict[str, torch.Tensor]:
-    out = {}
-    with torch.no_grad():
-        for lo in range(0, len(prompts), batch):
-            chunk = prompts[lo: lo + batch]
-            t = torch.nn.functional.normalize(scorer.text_features(chunk).float().cpu(), dim=-1)
-            out.update(zip(chunk, t))
-    return out
-
-
 def _set_metrics(real: torch.Tensor, fake: torch.Tensor, logits: torch.Tensor | None, seed: int) -> dict:
     kid_mean, kid_std, subset = F_.kid(real, fake, seed)
     is_mean, is_std = (None, None) if logits is None else F_.inception_score(logits, seed)[:2]
@@ -396,24 +369,6 @@ def _scorer(cfg: EvalConfig, run: Path, device):
             raise UserError(f"no CLIP for --features clip / --clip: {exc}") from None
         warn(f"no CLIP model ({exc}): CLIP scores are skipped")
         return None, str(exc)
-
-
-def _real_clip_score(scorer, refs: References, size: int, features, cache: Path, base: dict, run_opts: dict,
-                     main: bool, real) -> float:
-    key = F_.cache_key(kind="clip_score", clip=nets.scorer_fingerprint(scorer), **base)
-    hit = F_.load_cached(cache, key)
-    if hit is not None:
-        return float(hit["scores"].mean())
-    if features.name == "clip":
-        img = real(0)[0]
-    else:
-        img, = F_.over_batches(ImageSet(refs.images, size, 0), lambda x, i: (nets.image_embeddings(scorer, x),),
-                               description="CLIP references", **run_opts)
-    text = _text_embeddings(scorer, refs.captions)
-    scores = (100 * (img * torch.stack([text[c] for c in refs.captions])).sum(-1)).clamp_min(0)
-    if main:
-        F_.save_cached(cache, key, {"scores": scores}, {**base, "clip": nets.scorer_fingerprint(scorer)})
-    return float(scores.mean())
 
 
 def _checker():
