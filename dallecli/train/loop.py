@@ -7,9 +7,9 @@ exactly (DESIGN.md, "Checkpoints"). Accelerate provides the processes, devices a
 autocast and gradient scaling are done here so the paper's per-resblock scheme can plug in. With several
 processes, `strategy="fsdp"` shards the model instead of replicating it and `powersgd_rank` compresses
 DDP's gradient all-reduce (train/distributed.py). Beside it: the settings (train/config.py), the optimizer
-and schedules (train/schedule.py), what a checkpoint's training state holds (train/state.py), the JSONL files
-(train/runfiles.py), the stop signals (train/signals.py) and the `Task` interface with the result of a run
-(train/task.py).
+and schedules (train/schedule.py), what a checkpoint's training state holds (train/state.py), the checkpoint
+folder's resume, --fresh and --keep rules (train/saves.py), the JSONL files (train/runfiles.py), the stop
+signals (train/signals.py) and the `Task` interface with the result of a run (train/task.py).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.hardware import cpu_has_bf16, matmul_peak, model_flops_utilisation
 from dallecli.train import distributed, runfiles
 from dallecli.train.precision import GlobalScaler, NoScaler
+from dallecli.train.saves import RunCheckpoints, does_not_fit
 from dallecli.train.config import TrainConfig, check_config
 from dallecli.train.schedule import adamw, ema_decay_at, learning_rate
 from dallecli.train.signals import StopSignals
@@ -53,8 +54,8 @@ def train(task: Task, cfg: TrainConfig, out: Path, *, fresh: bool = False, cpu: 
             return trainer.run()
         except KeyboardInterrupt:  # a second Ctrl-C: out at once, without saving the step it was on
             if trainer is not None and trainer.main:
-                again = "; rerun to continue from it" if trainer.saved["path"] else ""
-                info(f"stopped at once by a second Ctrl-C: {trainer.kept()}{again}")
+                again = "; rerun to continue from it" if trainer.saves.path else ""
+                info(f"stopped at once by a second Ctrl-C: {trainer.saves.kept()}{again}")
             raise
 
 
@@ -97,11 +98,11 @@ class _Trainer:
         self.ema: dict[str, torch.Tensor] | None = None
         self.rejects: list[dict] = []
         self.last_metrics: dict[str, float] = {}
-        self.told: set[int] = set()  # protected steps already reported as kept beyond --keep
+        self.saves = RunCheckpoints(task, out, cfg.keep, main)
         ck, resume_optimizer = self._resume(fresh)
-        self.replacing = fresh  # --fresh: the first save of the new run removes the earlier run's checkpoints
-        self.began = time.time()  # files in `out` older than this that the task names are the earlier run's
         self.start_step = self.step
+        if ck is not None:
+            self.saves.resumed(self.step, ck.path)
         self._place(ck, resume_optimizer)
         self.metrics_path = self.rejects_path = None
         if main:
@@ -112,8 +113,6 @@ class _Trainer:
                 raise runfiles.write_error(out / "train_config.json", exc) from None
             self.metrics_path = runfiles.metrics_file(out, self.step)
             self.rejects_path = runfiles.trim_jsonl(out / "rejects.jsonl", self.step if self.step > 0 else -1)
-        self.saved: dict[str, Any] = {"step": self.start_step if ck is not None else None,
-                                      "path": ck.path if ck else None}
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
@@ -125,21 +124,10 @@ class _Trainer:
         """Load the latest checkpoint of `out` (unless `fresh`) into the model, optimizer, scaler, counters and
         RNG. Returns it and, sharded, its optimizer state (loaded once the model is sharded)."""
         out, cfg, main = self.out, self.cfg, self.main
-        if main and out.is_dir():
-            checkpoint.recover(out)  # a re-save cut between its two renames
-        self.accelerator.wait_for_everyone()
-        ck = None if fresh else (checkpoint.latest(out) if out.exists() else None)
-        if fresh and main and out.exists() and checkpoint.latest(out) is not None:
-            info(f"--fresh: starting over; the checkpoints in {out} will be replaced as the new run saves")
-            needed = self._asked_protected()
-            if needed:
-                # (`dalle train-dvae --fresh` refuses this before it gets here; a library caller is told)
-                warn(f"--fresh also replaces {', '.join(f'step {s} ({why})' for s, why in sorted(needed.items()))}"
-                     ": after this run, re-encode (`dalle encode --overwrite`) and retrain the prior "
-                     "(`dalle train-prior --fresh`)")
-        if ck is None:
+        latest = self.saves.latest(fresh, self.accelerator.wait_for_everyone)
+        if latest is None:
             return None, None
-        ck = checkpoint.load(ck, self.task.kind)
+        ck = checkpoint.load(latest, self.task.kind)
         diff = config_diff(ck.model_config, self.task.model_config())
         if diff:
             raise UserError(f"cannot resume {ck.path}: the model differs ({'; '.join(diff[:3])}); "
@@ -160,7 +148,7 @@ class _Trainer:
             raise UserError(f"cannot resume {ck.path}: its training state lacks the field {exc}; "
                             "resume from another checkpoint or use --fresh") from None
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise _does_not_fit(ck, exc) from None
+            raise does_not_fit(ck, exc) from None
         self.ema = ck.ema_weights()
         if self.step >= cfg.steps and main:
             info(f"{out} is already at step {self.step} (≥ --steps {cfg.steps}); raise --steps to train further")
@@ -177,7 +165,7 @@ class _Trainer:
                 try:
                     distributed.load_optimizer_state(model, self.optimizer, resume_optimizer)
                 except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
-                    raise _does_not_fit(ck, exc) from None
+                    raise does_not_fit(ck, exc) from None
         if cfg.ema_decay is not None:
             # Sharded, the EMA is kept in shards like the weights it follows, and gathered when saved.
             ema = self.ema
@@ -218,7 +206,7 @@ class _Trainer:
                       show=self.step < cfg.steps) as bar:
             while self.step < cfg.steps:
                 if self.stop and world == 1:  # a signal came between two steps, or during set-up
-                    if self.step > self.start_step and self.saved["step"] != self.step:
+                    if self.step > self.start_step and self.saves.step != self.step:
                         self.save(self.step)
                     return self.interrupted()
                 snapshot = rng_snapshot()  # what a save of this step's start would need
@@ -243,10 +231,10 @@ class _Trainer:
         self.accelerator.wait_for_everyone()
         if self.main:
             shown = getattr(task, "summary_metrics", lambda m: m)(self.last_metrics)  # what the task shows
-            summary(f"train-{task.kind}: done", {"steps": self.step, "checkpoint": self.saved["path"],
+            summary(f"train-{task.kind}: done", {"steps": self.step, "checkpoint": self.saves.path,
                                                  "metrics": self.metrics_path, "skipped samples": len(self.rejects),
                                                  **{k: f"{v:.4g}" for k, v in shown.items()}})
-        return TrainResult(self.step, self.saved["path"], self.last_metrics, rejects=self.rejects)
+        return TrainResult(self.step, self.saves.path, self.last_metrics, rejects=self.rejects)
 
     def _accumulate(self, loader, snapshot, updates: int) -> tuple[list[torch.Tensor], dict[str, float], int] | None:
         """Forward and backward over one step's micro-batches: (their losses, the loss parts averaged over
@@ -264,7 +252,7 @@ class _Trainer:
                 # The signal also took the data workers with it: drop this unfinished step and
                 # save the last finished one, with the random state it ended with.
                 self.optimizer.zero_grad(set_to_none=True)
-                if step > self.start_step and self.saved["step"] != step:
+                if step > self.start_step and self.saves.step != step:
                     self.save(step, snapshot)
                 return None
             abort = self.counters.count_bad_samples(batch, cfg.max_errors, lambda err: self.report(err, step + 1))
@@ -342,7 +330,7 @@ class _Trainer:
                      f"({counters.nonfinite_in_a_row} in a row, {counters.nonfinite} in all)")
             if counters.nonfinite_in_a_row >= cfg.max_nonfinite:
                 raise UserError(f"{counters.nonfinite_in_a_row} non-finite steps in a row at step {step + 1}; "
-                                f"lower --lr or use --precision fp32/bf16; {self.kept()}")
+                                f"lower --lr or use --precision fp32/bf16; {self.saves.kept()}")
         self.optimizer.zero_grad(set_to_none=True)
         if self.powersgd is not None and (ratio := distributed.powersgd_ratio(self.powersgd)) is not None:
             parts["powersgd_ratio"] = round(ratio, 2)  # gradient numbers sent: this many times fewer
@@ -400,24 +388,14 @@ class _Trainer:
         bad = (first_nonfinite(weights, "weights") or first_nonfinite(ema_full or {}, "ema")
                or first_nonfinite(opt_state.get("state", {}), "optimizer"))
         if bad:
-            raise UserError(f"refusing to save step {at}: {bad} holds NaN or Inf; {self.kept()}; lower --lr or use "
-                            "--precision fp32/bf16")
+            raise UserError(f"refusing to save step {at}: {bad} holds NaN or Inf; {self.saves.kept()}; lower --lr "
+                            "or use --precision fp32/bf16")
         state = {"optimizer": opt_state, "scaler": self.scaler.state_dict(), "step": at, **self.counters.state(),
                  "rng": rng_state(rng), "data_position": at * self.cfg.grad_accum}
         extra = getattr(self.task, "extra_json", None)  # files a task's checkpoints also carry (the CLIP's)
-        path = checkpoint.save(self.out, at, kind=self.task.kind, model_config=self.task.model_config(),
-                               weights=weights, ema=ema_full, training_state=state, meta=self.task.meta(),
+        return self.saves.save(at, model_config=self.task.model_config(), weights=weights, ema=ema_full,
+                               training_state=state, meta=self.task.meta(),
                                extra_json=extra() if extra is not None else None)
-        if self.replacing:  # --fresh: none of the earlier run outlives the new run's first save
-            checkpoint.remove_all_but(self.out, at)
-            for pattern in getattr(self.task, "run_files", ()):  # e.g. the dVAE's recon-*.png
-                for old in self.out.glob(pattern):
-                    if old.is_file() and old.stat().st_mtime < self.began:
-                        old.unlink(missing_ok=True)
-            self.replacing = False
-        checkpoint.prune(self.out, self.cfg.keep, self._protected())
-        self.saved.update(step=at, path=path)
-        return path
 
     def evaluate(self, at: int) -> dict[str, float]:
         cfg, device, raw, ema, counters = self.cfg, self.device, self.raw, self.ema, self.counters
@@ -456,41 +434,11 @@ class _Trainer:
         t = torch.tensor(flags, dtype=torch.float32, device=self.device)
         return self.accelerator.reduce(t, reduction="sum").tolist()
 
-    def _asked_protected(self) -> dict[int, str]:
-        """The task's `protected_steps()` (step → why), or none where it has no such method or cannot tell."""
-        asked = getattr(self.task, "protected_steps", None)
-        if asked is None:
-            return {}
-        try:
-            return asked()
-        except Exception as exc:  # noqa: BLE001 — advisory: a bad codes manifest must not stop a save
-            if -1 not in self.told:
-                self.told.add(-1)
-                warn(f"could not tell which checkpoints the run's codes and prior need ({exc}); --keep prunes "
-                     "as usual")
-            return {}
-
-    def _protected(self) -> set[int]:
-        """The steps the task asks --keep to spare (said once each, when one falls outside the newest --keep)."""
-        steps = self._asked_protected()
-        complete = [s for s, _ in checkpoint.complete_steps(self.out)]
-        older = set(complete[:-self.cfg.keep])
-        for step, why in steps.items():
-            if step in older and step not in self.told:
-                self.told.add(step)
-                info(f"keeping step {step} beyond --keep {self.cfg.keep}: {why}")
-        return set(steps)
-
-    def kept(self) -> str:
-        """What a failure leaves, in words: the last checkpoint, or none."""
-        path = self.saved["path"]
-        return f"the last checkpoint ({path}) is intact" if path else "no checkpoint was saved yet"
-
     def interrupted(self) -> TrainResult:
         if self.main:
-            info(f"stopped by signal {self.stop.signals[0]} after step {self.step}; checkpoint: {self.saved['path']}")
+            info(f"stopped by signal {self.stop.signals[0]} after step {self.step}; checkpoint: {self.saves.path}")
         self.accelerator.wait_for_everyone()
-        return TrainResult(self.step, self.saved["path"], self.last_metrics,
+        return TrainResult(self.step, self.saves.path, self.last_metrics,
                            stopped_by=signal.Signals(self.stop.signals[0]).name, rejects=self.rejects)
 
 
@@ -502,12 +450,6 @@ def _duration(seconds: float) -> str:
         if seconds >= 2 * size:
             return f"{seconds / size:,.0f} {unit}"
     return f"{seconds / 3600:.1f} hours"
-
-
-def _does_not_fit(ck: checkpoint.Checkpoint, exc: Exception) -> UserError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return UserError(f"cannot resume {ck.path}: its weights or training state do not fit this model "
-                     f"({first}); resume from another checkpoint or use --fresh")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
