@@ -94,7 +94,7 @@ def encode_shards(dvae: Path, shards: Path, out: Path, *, batch_size: int = 64, 
     if rank == 0 and (out / STAGE / MANIFEST).is_file():
         install(out)  # a crash cut an install short: finish it first
     barrier()
-    work, note = _plan(out, shards, ck, prior, overwrite)
+    work, note = _plan(out, shards, ck, prior, overwrite, _source_ids(shards, [p for _, p in jobs]))
     barrier()  # every process has decided before the first one changes anything
     made_out = not out.exists()
     if rank == 0:
@@ -242,10 +242,10 @@ def _code_manifest_or_none(folder: Path) -> dict | None:
     return manifest if ok else None
 
 
-def _plan(out: Path, shards: Path, ck: checkpoint.Checkpoint, prior: Path | None,
-          overwrite: bool) -> tuple[Path, Callable[[], None] | None]:
+def _plan(out: Path, shards: Path, ck: checkpoint.Checkpoint, prior: Path | None, overwrite: bool,
+          sources: dict[str, str]) -> tuple[Path, Callable[[], None] | None]:
     """Where to write (OUT to complete codes of this dVAE in place, else OUT/.stage), and a message to
-    show; refuse what would lose something. Reads only."""
+    show; refuse what would lose something. `sources`: each image shard's identity (`_source_ids`). Reads only."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; pass --out with a folder for the code shards "
                         "(it is made if missing)")
@@ -263,6 +263,17 @@ def _plan(out: Path, shards: Path, ck: checkpoint.Checkpoint, prior: Path | None
         return stage, None
     made_by = old["dvae"].get("fingerprint")
     if made_by == ck.fingerprint:
+        changed = _changed_shards(out, old, sources)
+        trained = checkpoint.prior_trained_with(prior, "dvae_fingerprint", made_by) if changed else None
+        if trained is not None and not overwrite:  # same dVAE, other images: the prior's data would change
+            more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+            raise UserError(f"the image shards in {shards} changed since {out} was encoded ({changed[0]}{more}), "
+                            f"and the prior {trained.path} was trained on the codes there: pass --out DIR to encode "
+                            "them elsewhere, or --overwrite to replace them (then train the prior again with --fresh)")
+        if trained is not None:
+            return stage, lambda: warn(f"replacing the codes in {out}: the image shards changed since, and the "
+                                       f"prior {trained.path} was trained on the old codes: train it again with "
+                                       "--fresh")
         return (stage, None) if overwrite else (out, None)
     theirs = f"dVAE {made_by} ({old['dvae'].get('checkpoint')})"
     ours = f"dVAE {ck.fingerprint} ({ck.path})"
@@ -276,6 +287,21 @@ def _plan(out: Path, shards: Path, ck: checkpoint.Checkpoint, prior: Path | None
                                    f"{trained.path} was trained on the old ones: train it again with --fresh")
     return stage, lambda: info(f"{out} holds the codes of {theirs}: replacing them with codes of {ours} "
                                "(the old ones stay until the new set is complete)")
+
+
+def _changed_shards(out: Path, manifest: dict, sources: dict[str, str]) -> list[str]:
+    """The image shards added, rebuilt or removed since OUT's codes were made (by the sources its .parts
+    records hold); none where OUT keeps no such records."""
+    recorded = {}
+    for part in (out / PARTS).glob("*.json") if (out / PARTS).is_dir() else ():
+        record = _json_or_none(part)
+        if isinstance(record, dict):
+            recorded[part.name.removesuffix(".json")] = record.get("source")
+    if not recorded:
+        return []
+    listed = {s.get("name") for s in manifest.get("shards", []) if isinstance(s, dict)}
+    return sorted({name for name, source in sources.items() if recorded.get(name) != source}
+                  | {name for name in listed if name not in sources})
 
 
 def _prepare(out: Path, work: Path, overwrite: bool) -> None:

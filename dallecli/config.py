@@ -116,6 +116,22 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise UserError(f"{what} is not valid JSON: {path} ({exc})") from None
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """A text file the user gave (a samples.jsonl, a captions file), as UTF-8: one UserError naming it where it is
+    missing, a folder, unreadable or in another encoding (a spreadsheet's UTF-16 export, Latin-1)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder; give a text file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text; save it as UTF-8 and rerun") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
 DEFAULT_RUN = Path("runs/default")
 
 

@@ -18,8 +18,8 @@ from typing import Any, Protocol, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from dallecli.config import usual_mode
-from dallecli.console import UserError, progress, warn
+from dallecli.config import read_utf8, usual_mode
+from dallecli.console import UserError, info, progress, warn
 from dallecli.data.images import upright_rgb8
 from dallecli.imageutil import center_square, grid
 
@@ -44,7 +44,7 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"no samples file at {path}; make one with `dalle sample`, or pass --images FOLDER --prompt TEXT")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_utf8(path, "samples file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -83,7 +83,12 @@ def folder_samples(folder: Path, prompt: str, root: Path | None = None) -> list[
     if not folder.is_dir():
         raise UserError(f"--images {folder}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    files = [p for p in files if p.name != "ranked.png"]  # our own output from an earlier run
+    # The contact sheets our commands leave: rerank's ranked.png, and the grid.png of a `dalle sample` folder
+    ours = {"ranked.png"} | ({"grid.png"} if any((folder / m).is_file() for m in ("sampling.json", "samples.jsonl"))
+                             else set())
+    if skipped := sorted(p.name for p in files if p.name in ours):
+        info(f"not scoring {', '.join(skipped)} in {folder}: a grid an earlier dalle command made")
+    files = [p for p in files if p.name not in ours]
     if not files:
         raise UserError(f"--images {folder}: no images there ({'/'.join(IMAGE_SUFFIXES)})")
     root = folder if root is None else Path(root)

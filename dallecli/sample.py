@@ -275,6 +275,8 @@ def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None
         dvae = checkpoint.step_with_fingerprint(rd.dvae, pck.meta.get("dvae_fingerprint"))
         if dvae is not None and dvae != checkpoint.latest(rd.dvae):
             info(f"using {dvae}, the dVAE the prior was trained with (later dVAE checkpoints make other codes)")
+        if dvae is None and not (rd.dvae.is_dir() and checkpoint.latest(rd.dvae)):
+            dvae = _dvae_of_codes(pck.meta.get("codes"))  # codes made with another run's dVAE (encode --dvae)
     dmodel, dck = load_dvae(dvae or rd.dvae, device)
     tok = Tokenizer.load(tokenizer or rd.tokenizer)
     check_prior_meta(pck, dck.fingerprint, tok.fingerprint, training=False)
@@ -282,6 +284,20 @@ def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None
         raise UserError(f"the dVAE {dck.path} (grid {dmodel.config.grid}, {dmodel.config.vocab_size} codes) does not "
                         f"match the prior {pck.path} (grid {model.config.grid}, {model.config.image_vocab} codes)")
     return Pipeline(model, dmodel, tok, pck.path, dck.path, device, precision, pck.meta.get("cond_drop"))
+
+
+def _dvae_of_codes(codes: str | None) -> Path | None:
+    """The dVAE checkpoint a code folder's manifest names, where it still exists (else None)."""
+    from dallecli.config import read_json
+
+    try:
+        path = Path(read_json(Path(codes) / "manifest.json", "code manifest")["dvae"]["checkpoint"])
+    except (UserError, KeyError, TypeError):
+        return None
+    if not path.is_dir():
+        return None
+    info(f"using {path}, the dVAE that made the codes the prior was trained on (the run has no dVAE of its own)")
+    return path
 
 
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
@@ -350,6 +366,10 @@ def check_request(prompts: list[str], cfg: SamplingConfig, *, n: int, rerank: in
         raise UserError("no prompts: give captions as arguments or --prompts FILE")
     if n < 1 or batch_size < 1:
         raise UserError(f"--n and --batch-size must be at least 1 (got {n}, {batch_size})")
+    if (last := seed + len(prompts) * n - 1) > MAX_SEED:  # every image's seed must be one --seed accepts
+        raise UserError(f"--seed {seed} with {len(prompts)} prompt(s) × --n {n} gives image seeds up to {last}, "
+                        f"beyond 2**62, so those images could not be drawn again alone; use a --seed of at most "
+                        f"{MAX_SEED - len(prompts) * n + 1}")
     if rerank is not None and not 1 <= rerank <= n:
         raise UserError(f"--rerank {rerank} must be between 1 and --n ({n}): it keeps the best K of the N drawn")
     if (image_prompt is None) != (prompt_rows is None):

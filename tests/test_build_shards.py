@@ -937,3 +937,36 @@ def test_a_semicolon_csv_and_a_csv_given_as_shards_say_what_they_are(tmp_path):
     assert "seems to use ';' between columns" in one_line(named)
     result = cli(src / "list.csv", "--source", "webdataset", "--out", tmp_path / "out2", "--size", "32")
     assert result.exit_code == 2 and "is not a tar file" in one_line(result)
+
+
+def test_a_utf16_manifest_says_to_save_it_as_utf8(tmp_path):
+    """A spreadsheet's 'Unicode text' export is UTF-16: said so, not read as garbled column names."""
+    src = good_folder(tmp_path / "photos", 3)
+    text = "image,caption\n" + "".join(f"img{i:03d}.png,picture {i}\n" for i in range(3))
+    (src / "list.csv").write_bytes(text.encode("utf-16"))  # with its byte-order mark
+    line = one_line(cli(src / "list.csv", "--out", tmp_path / "out", "--size", "32"))
+    assert "is UTF-16 text" in line and "UTF-8" in line and "\x00" not in line
+    (src / "list.csv").write_bytes(text.encode("utf-16-le"))  # without one
+    assert "is UTF-16 text" in one_line(cli(src / "list.csv", "--out", tmp_path / "out", "--size", "32"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_small_set_whose_val_split_came_out_empty_is_warned_and_later_errors_say_how_to_fix_it(tmp_path):
+    from dallecli.data.loader import ShardIndex
+
+    src = good_folder(tmp_path / "photos", 4)
+    out = tmp_path / "out"
+    result = ok(src, "--out", out, "--size", "32", "--val-fraction", "0.01")
+    assert json.loads((out / "manifest.json").read_text())["counts"]["val"] == 0
+    assert "no val samples: --val-fraction 0.01 of 4 images held none out" in " ".join(result.output.split())
+    assert "--val-fraction 0.5 --overwrite" in " ".join(result.output.split())
+    with pytest.raises(UserError, match="every sample went to train; rebuild the image shards with a larger "
+                                        "--val-fraction"):
+        ShardIndex(out, "val")
+    (out / "manifest.json").write_text(json.dumps({"kind": "codes"}))  # a code folder: encode makes its shards
+    with pytest.raises(UserError, match=r"then encode them again \(`dalle encode`\)"):
+        ShardIndex(out, "val")
+    for tar in out.glob("train-*.tar"):
+        tar.unlink()
+    with pytest.raises(UserError, match="no train shards in .*; make them with `dalle encode`"):
+        ShardIndex(out, "train")

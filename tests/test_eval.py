@@ -263,6 +263,24 @@ def test_metrics_layout_and_the_cache(tmp_path, net_file, clip, monkeypatch):
     assert again["blur"] == metrics["blur"] and sorted((run / "eval" / "cache").iterdir()) == cached
 
 
+def test_rebuilt_val_shards_of_the_same_sizes_are_not_taken_for_the_cached_ones(tmp_path):
+    """The reference cache's key holds the images' bytes: shards rebuilt with other images of the same byte
+    sizes (tar members are padded) must not reuse the earlier features."""
+    from dallecli.evaluate.inputs import read_references
+
+    def shards(colour):
+        folder = tmp_path / colour
+        folder.mkdir()
+        write_tar(folder / "val-000000.tar", [(f"v{i}", {"png": png(Image.new("RGB", (32, 32), colour)),
+                                                        "txt": b"a square"}) for i in range(4)])
+        return folder
+
+    red, blue = read_references(shards("red"), 4), read_references(shards("blue"), 4)
+    assert red.identity["shards"] == blue.identity["shards"]  # the names and sizes alone would collide
+    assert red.identity != blue.identity
+    assert read_references(tmp_path / "red", 4).identity == red.identity  # and the same shards still hit
+
+
 def test_samples_and_references_of_different_sizes_are_compared_at_the_smaller(tmp_path, net_file, no_clip):
     run = make_run(tmp_path / "run", size=64)
     samples = val_samples(tmp_path / "s", size=32)
@@ -682,6 +700,110 @@ def test_eval_of_samples_inside_its_own_folder_evaluates_them_in_place(tmp_path,
         assert (run / "eval" / "here" / "metrics.json").is_file() and samples.is_file()
     refused = CliRunner().invoke(app, args)
     assert isinstance(refused.exception, UserError) and "--overwrite" in str(refused.exception)
+
+
+def test_eval_of_a_sample_folder_in_place_leaves_no_plot_of_an_earlier_evaluation(tmp_path, net_file, clip):
+    """--samples FOLDER reads FOLDER/samples.jsonl; an --overwrite that keeps the folder (its samples are inside)
+    does not keep a rerank.png the new metrics do not have; generation-only flags are said to be unused."""
+    from dallecli.commands.eval import command
+
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)
+    run = make_run(tmp_path / "run")
+    folder = run / "eval" / "here" / "samples"
+    write_samples(folder, [(c, noisy(im, 0.05, i), {"index": i % 2, "prompt_index": i // 2})
+                           for i, (im, c, _) in enumerate(render_scene(0, i // 2, 64, "val") for i in range(24))])
+    args = ["command", "--run", str(run), "--samples", str(folder), "--features", str(net_file), "--blur", "0",
+            "--name", "here", "--no-reconstruction", "--cpu", "--overwrite"]
+    first = CliRunner().invoke(app, [*args, "--rerank-sizes", "1,2"])
+    assert first.exit_code == 0, first.output
+    assert (run / "eval" / "here" / "rerank.png").is_file()
+    again = CliRunner().invoke(app, [*args, "--temperature", "2", "--guidance", "3"])
+    assert again.exit_code == 0, again.output
+    assert not (run / "eval" / "here" / "rerank.png").exists() and "rerank.png" not in again.output
+    assert "--temperature, --guidance only shape the samples eval draws itself" in again.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = CliRunner().invoke(app, ["command", "--run", str(run), "--samples", str(empty), "--cpu"])
+    assert isinstance(refused.exception, UserError) and "is a folder without a samples.jsonl" in str(refused.exception)
+
+
+def test_evaluations_without_a_name_in_the_same_second_get_folders_of_their_own(tmp_path, net_file, no_clip,
+                                                                                  monkeypatch):
+    import datetime as dt
+
+    from dallecli.commands.eval import command
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2030, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(dt, "datetime", Frozen)
+    app = typer.Typer()
+    app.command()(command)
+    app.command("other")(lambda: None)
+    run = make_run(tmp_path / "run")
+    samples = val_samples(tmp_path / "s")
+    args = ["command", "--run", str(run), "--samples", str(samples), "--features", str(net_file), "--blur", "0",
+            "--no-reconstruction", "--cpu", "-q"]
+    for _ in range(2):
+        assert CliRunner().invoke(app, args).exit_code == 0
+    bad = CliRunner().invoke(app, [*args, "--blur", "-1"])  # refused before it claims a folder
+    assert isinstance(bad.exception, UserError)
+    (tmp_path / "no-shards").mkdir()
+    failed = CliRunner().invoke(app, [*args, "--shards", str(tmp_path / "no-shards")])  # fails once it runs
+    assert isinstance(failed.exception, UserError)
+    assert sorted(p.name for p in (run / "eval").iterdir() if p.name != "cache") == [
+        "20300102-030405", "20300102-030405-2"]
+    assert all((run / "eval" / n / "metrics.json").is_file() for n in ("20300102-030405", "20300102-030405-2"))
+
+
+def test_unreadable_sample_images_count_with_the_missing_ones(tmp_path, net_file, no_clip):
+    run = make_run(tmp_path / "run")
+    samples = val_samples(tmp_path / "s", n=20)
+    (samples.parent / "0003.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    _, metrics = evaluate(run, quick(samples=samples, features=str(net_file)))
+    assert metrics["protocol"]["count"]["missing"] == 1 and metrics["protocol"]["count"]["samples"] == 19
+    for i in range(4, 8):
+        (samples.parent / f"{i:04d}.png").write_bytes(b"")
+    with pytest.raises(UserError, match="5 of the 20 images listed .* are missing or unreadable"):
+        evaluate(run, quick(samples=samples, features=str(net_file)))
+
+
+def test_captions_and_samples_files_that_are_not_utf8_are_one_error(tmp_path, net_file, no_clip):
+    run = make_run(tmp_path / "run")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("un caf\u00e9\nune cr\u00e8pe\n".encode("latin-1"))
+    with pytest.raises(UserError, match="captions file .*latin.txt is not UTF-8 text"):
+        evaluate(run, quick(captions=latin, features=str(net_file)))
+    samples = val_samples(tmp_path / "s", n=4)
+    samples.write_bytes(samples.read_bytes() + '{"prompt": "caf\u00e9", "image": "0000.png"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="samples file .*samples.jsonl is not UTF-8 text"):
+        evaluate(run, quick(samples=samples, features=str(net_file)))
+
+
+def test_the_composition_table_is_for_the_shapes_world_not_for_data_captioned_like_it(tmp_path):
+    from dallecli.evaluate.inputs import shapes_world
+
+    captions = ["a red circle", "a blue square above a green triangle"]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    assert shapes_world(folder, captions) == 0  # shards of another tool: judged by their captions
+    (folder / "manifest.json").write_text(json.dumps({"arguments": {"source": {"kind": "folder", "path": "x"}}}))
+    assert shapes_world(folder, captions) is None  # the user's own pictures
+    (folder / "manifest.json").write_text(json.dumps({"arguments": {"source": {"kind": "shapes", "seed": 3}}}))
+    assert shapes_world(folder, captions) == 3
+
+
+def test_one_prompts_candidates_are_evaluated_together(tmp_path, net_file, no_clip):
+    """A `dalle rerank --images` folder lists one prompt: its images are measured, not refused."""
+    run = make_run(tmp_path / "run")
+    scenes = [render_scene(0, i, 64, "val")[0] for i in range(6)]
+    samples = write_samples(tmp_path / "one", [("a scene", im, {"index": i}) for i, im in enumerate(scenes)])
+    _, metrics = evaluate(run, quick(samples=samples, features=str(net_file)))
+    assert metrics["protocol"]["count"]["samples"] == 6 and metrics["protocol"]["count"]["prompts"] == 1
 
 
 def test_eval_inputs_inside_its_own_folder_stay_put(tmp_path, net_file, no_clip, monkeypatch):

@@ -146,6 +146,27 @@ def test_a_rebuilt_image_shard_is_encoded_again(run, capfd):
     assert (codes / "train-000000.tar").read_bytes() == (codes / "train-000001.tar").read_bytes()
 
 
+def test_codes_a_prior_was_trained_on_are_not_re_encoded_from_changed_shards(run, capfd):
+    """The same dVAE, but the image shards changed (rebuilt with other data): the prior's codes stay unless
+    --overwrite, as for another dVAE's codes."""
+    assert encode(run, capfd, "--dvae", run / "dvae1", "-q").returncode == 0
+    fake_prior(run, dvae_fingerprint=fingerprint(run / "dvae1"))
+    before = snapshot(run / "codes")
+    shutil.copyfile(run / "shards" / "train-000001.tar", run / "shards" / "train-000000.tar")
+    message = cli.one_error_line(encode(run, capfd, "--dvae", run / "dvae1"))
+    for pattern in (r"image shards in .*shards changed since .*codes was encoded \(train-000000\.tar\)",
+                    r"prior .*step-00000001 was trained on", "--out DIR", "--overwrite"):
+        assert cli.matches(pattern, message), (pattern, message)
+    assert snapshot(run / "codes") == before
+    result = encode(run, capfd, "--dvae", run / "dvae1", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert cli.matches(r"warning: replacing the codes in .*the image shards changed", result.stderr)
+    codes = run / "codes"
+    assert (codes / "train-000000.tar").read_bytes() == (codes / "train-000001.tar").read_bytes()
+    assert not (codes / ".stage").exists()
+    assert encode(run, capfd, "--dvae", run / "dvae1", "-q").returncode == 0  # nothing changed since: kept
+
+
 def test_interrupted_replacement_keeps_the_old_codes_and_resumes(run, capfd, monkeypatch):
     from dallecli import codes
 

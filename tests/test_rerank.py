@@ -325,6 +325,47 @@ def test_command_writes_a_folders_ranking_to_out_and_never_replaces_files(tmp_pa
     assert wrong.exit_code != 0 and "--out goes with --images" in str(wrong.exception)
 
 
+def test_a_sample_folders_grid_is_not_a_candidate_and_bad_flags_are_named(tmp_path, stub_clip):
+    from typer.testing import CliRunner
+
+    folder = tmp_path / "s"
+    make_samples(folder)
+    (folder / "sampling.json").write_text("{}")
+    Image.new("RGB", (48, 16), (255, 0, 0)).save(folder / "grid.png")  # the sampler's contact sheet
+    out = tmp_path / "ranking"
+    args = ["rerank", "--images", str(folder), "--prompt", "red", "--clip", "x.safetensors"]
+    result = CliRunner().invoke(_app(), [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    images = [r["image"] for r in read_samples(out / "samples.jsonl")]
+    assert len(images) == len(SAMPLES) and not [i for i in images if i.endswith("grid.png")]
+    assert "not scoring grid.png" in result.output
+    # A folder of the user's own keeps its grid.png as a candidate.
+    (folder / "sampling.json").unlink()
+    (folder / "samples.jsonl").unlink()
+    mine = CliRunner().invoke(_app(), [*args, "--out", str(tmp_path / "mine"), "-q"])
+    assert mine.exit_code == 0 and len(read_samples(tmp_path / "mine" / "samples.jsonl")) == len(SAMPLES) + 1
+    for flags, message in ((["--images", str(folder / "000.png")], "--images"), (["--cols", "0"], "--cols"),
+                           (["--batch-size", "0"], "--batch-size"), (["--max-missing", "2"], "--max-missing")):
+        base = ["rerank", "--images", str(folder), "--prompt", "red", "--out", str(tmp_path / "x")]
+        bad = CliRunner().invoke(_app(), [*base, *flags] if flags[0] != "--images" else
+                                 ["rerank", *flags, "--prompt", "red"])
+        assert isinstance(bad.exception, UserError) and str(bad.exception).startswith(message), str(bad.exception)
+
+
+def test_a_refused_rerank_into_a_new_out_folder_leaves_no_folder(tmp_path, stub_clip):
+    from typer.testing import CliRunner
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"not a picture")
+    out = tmp_path / "ranking"
+    result = CliRunner().invoke(_app(), ["rerank", "--images", str(folder), "--prompt", "red", "--out", str(out),
+                                         "--clip", "x.safetensors", "-q"])
+    assert isinstance(result.exception, UserError) and "nothing was written" in str(result.exception)
+    assert not out.exists()
+
+
 def test_a_rerank_without_keep_moves_the_kept_marks_with_the_new_order():
     """rerank --keep 1, then rerank again by another CLIP without --keep: still one kept per prompt, and it is
     the new rank 1 (not the old one, now ranked lower)."""
@@ -392,3 +433,10 @@ def test_rewritten_samples_jsonl_and_feature_caches_read_like_other_files(tmp_pa
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "samples.jsonl").stat().st_mode) == 0o644
     assert stat.S_IMODE(cache.stat().st_mode) == 0o644
+
+
+def test_a_samples_file_that_is_not_utf8_is_one_error(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    path.write_bytes('{"prompt": "caf\u00e9", "image": "a.png"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text; save it as UTF-8"):
+        read_samples(path)

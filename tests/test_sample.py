@@ -325,6 +325,68 @@ def test_an_existing_samples_folder_is_kept_unless_overwrite(tiny_run):
     assert not (tiny_run / "samples" / ".s1.replaced").exists()
 
 
+def test_samples_without_a_name_started_in_the_same_second_get_folders_of_their_own(tiny_run, monkeypatch):
+    """The default name is the date and time: a second command in the same second takes NAME-2, never the first
+    one's folder; a failed command's claimed folder goes."""
+    import datetime as dt
+
+    from dallecli.commands.common import ReplacedFolder, claim_new_folder
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2030, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(dt, "datetime", Frozen)
+    root = tiny_run / "samples"
+    assert [claim_new_folder(root) for _ in range(3)] == ["20300102-030405", "20300102-030405-2", "20300102-030405-3"]
+    runner = CliRunner()
+    for prompt in ("a red circle", "a green cross"):
+        result = runner.invoke(app, ["sample", prompt, "--run", str(tiny_run), "--n", "1", "-q"])
+        assert result.exit_code == 0, result.output
+    rows = {f.parent.name: json.loads(f.read_text())["prompt"] for f in root.glob("*/samples.jsonl")}
+    assert rows == {"20300102-030405-4": "a red circle", "20300102-030405-5": "a green cross"}
+    with pytest.raises(RuntimeError):
+        with ReplacedFolder(root / claim_new_folder(root), overwrite=False, claimed=True):
+            raise RuntimeError("interrupted")
+    assert not (root / "20300102-030405-6").exists()
+
+
+def test_a_seed_whose_images_could_not_be_redrawn_alone_is_refused(tiny_run):
+    from dallecli.sample import MAX_SEED
+
+    runner = CliRunner()
+    base = ["sample", "a", "b", "--run", str(tiny_run), "--n", "2", "-q"]
+    refused = runner.invoke(app, [*base, "--seed", str(MAX_SEED - 2)])
+    assert isinstance(refused.exception, UserError) and f"at most {MAX_SEED - 3}" in str(refused.exception)
+    assert not (tiny_run / "samples").exists() or not any((tiny_run / "samples").iterdir())
+
+
+def test_a_prior_trained_on_codes_of_another_runs_dvae_finds_that_dvae(tiny_run, tmp_path, capsys):
+    """`encode --dvae ../other/dvae` then `train-prior`: the run has no dVAE of its own, and the code manifest
+    names the one to decode with."""
+    import shutil
+
+    from dallecli import checkpoint
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    shutil.move(run / "dvae", tmp_path / "elsewhere")
+    dvae_step = checkpoint.latest(tmp_path / "elsewhere")
+    (run / "codes").mkdir()
+    (run / "codes" / "manifest.json").write_text(json.dumps({"kind": "codes", "dvae": {"checkpoint": str(dvae_step)}}))
+    ck = checkpoint.load(run / "prior", "prior")
+    weights = ck.weights()
+    shutil.rmtree(run / "prior")
+    checkpoint.save(run / "prior", 1, kind="prior", model_config=ck.model_config, weights=weights,
+                    meta={**ck.meta, "codes": str(run / "codes")})
+    pipe = load_pipeline(run, device="cpu")
+    assert pipe.dvae_path == dvae_step and "the dVAE that made the codes" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "elsewhere")  # gone too: the usual error, naming the run's dVAE folder
+    with pytest.raises(UserError, match="dvae"):
+        load_pipeline(run, device="cpu")
+
+
 def test_a_failed_overwrite_puts_the_old_folder_back(tmp_path):
     from dallecli.commands.common import ReplacedFolder
 

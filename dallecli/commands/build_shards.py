@@ -191,6 +191,11 @@ def build_shards(*, path: Path | None, source: str | None, run: Path, out: Path 
     }
     summary("build-shards", rows)
     upscaled, kept = counts.get("upscaled", 0), counts["train"] + counts["val"]
+    if counts["val"] == 0 and counts["train"] and val_fraction > 0:  # a small set: the hash held none out
+        larger = min(0.5, max(0.1, round(10 / kept, 2)))
+        warn(f"no val samples: --val-fraction {val_fraction:g} of {counted(kept, 'image')} held none out, and "
+             "train-prior's validation, train-clip and eval need held-out images; rebuild with --val-fraction "
+             f"{larger:g} --overwrite")
     if upscaled and not manifest.get("already_complete"):
         from dallecli.commands.train_dvae import PRESET_FOR_SIZE
 

@@ -49,6 +49,34 @@ def refuse_nonpositive(**flags: float | None) -> None:
                             "the default")
 
 
+def claim_new_folder(parent: Path) -> str:
+    """The name of a new, empty folder made under `parent` for a command's output when no name was given: the
+    date and time, with -2, -3 … where another command took that name first. `mkdir` fails where the folder
+    exists, so two commands started in the same second (`dalle sample a & dalle sample b`) never share a
+    folder."""
+    from datetime import datetime
+
+    from dallecli.console import UserError
+
+    stem = datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot make the folder {parent} ({exc.strerror or exc}); check the path and its "
+                        "permissions, or give another --run") from None
+    for i in range(1, 1000):
+        name = stem if i == 1 else f"{stem}-{i}"
+        try:
+            (parent / name).mkdir()
+            return name
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UserError(f"cannot make a folder in {parent} ({exc.strerror or exc}); check its permissions, "
+                            "or give another --run") from None
+    raise UserError(f"{parent} already holds folders {stem} … {stem}-999; give a --name")
+
+
 class ReplacedFolder:
     """The output folder a command writes (a samples folder, an evaluation), and what was there before. An
     existing folder with files in it is refused unless `overwrite`; with it, the old folder waits in a hidden
@@ -57,10 +85,12 @@ class ReplacedFolder:
     be run again). `what` names the folder's contents in messages ("samples", "evaluation"), `flags` the
     options that choose the folder. `markers` are the files (any one of them) that a folder this command wrote
     holds: --overwrite replaces only such a folder, never one of the user's own (`--out ~/photos`).
-    `active` False (a worker process of a launched run) does nothing: the launching process does it."""
+    `active` False (a worker process of a launched run) does nothing: the launching process does it. `claimed`:
+    the folder was made empty for this command (`claim_new_folder`), and goes if the command fails."""
 
     def __init__(self, folder: Path, overwrite: bool, active: bool = True, what: str = "samples",
-                 flags: str = "--name (or --out)", markers: tuple[str, ...] = ("sampling.json", "samples.jsonl")):
+                 flags: str = "--name (or --out)", markers: tuple[str, ...] = ("sampling.json", "samples.jsonl"),
+                 claimed: bool = False):
         import os
 
         self.folder, self.overwrite, self.active = Path(folder), overwrite, active
@@ -68,6 +98,7 @@ class ReplacedFolder:
         whole = Path(os.path.abspath(folder))  # `--out .` has no name of its own to put beside
         self.aside = whole.with_name(f".{whole.name}.replaced")
         self.moved = self.new = False
+        self.claimed = claimed
 
     def __enter__(self) -> ReplacedFolder:
         from dallecli.console import UserError
@@ -93,7 +124,7 @@ class ReplacedFolder:
                                 f"run the command from elsewhere or choose another {self.flags}")
             folder.rename(self.aside)
             self.moved = True
-        self.new = not self.moved and not folder.exists()
+        self.new = self.claimed or (not self.moved and not folder.exists())
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:

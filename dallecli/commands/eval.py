@@ -1,6 +1,7 @@
 """`dalle eval`: FID / IS / KID under Gaussian blur (§3.1), CLIP score, composition, dVAE reconstruction."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, ReplacedFolder, RunOpt
+from dallecli.commands.common import DEFAULT_RUN, DebugOpt, QuietOpt, ReplacedFolder, RunOpt, claim_new_folder
 
 
 def _numbers(text: str, flag: str, example: str, cast=float) -> tuple:
@@ -38,7 +39,7 @@ def command(
     count: Annotated[Optional[int], typer.Option(help="Captions to generate for, and real val images to compare with "
                                                       "(default 1000).", show_default=False)] = None,
     captions: Annotated[Optional[Path], typer.Option(help="Prompts from this file (one per line) instead of the val captions.")] = None,
-    samples: Annotated[Optional[Path], typer.Option(help="Evaluate this samples.jsonl instead of generating.")] = None,
+    samples: Annotated[Optional[Path], typer.Option(help="Evaluate this samples.jsonl (or the one in this folder) instead of generating.")] = None,
     composition_samples: Annotated[Optional[Path], typer.Option(help="Shapes world: samples.jsonl of test-split captions for the composition table.")] = None,
     blur: Annotated[str, typer.Option(help="Gaussian blur radii applied to both sets (§3.1).")] = "0,1,2,4,8",
     features: Annotated[str, typer.Option(help="Feature network: inception, clip, or a TorchScript file (.pt).")] = "inception",
@@ -48,12 +49,12 @@ def command(
     rerank_sizes: Annotated[Optional[str], typer.Option(help="Metrics against the number of candidates reranked, e.g. 1,2,4,8 (Fig. 9c).")] = None,
     composition_count: Annotated[int, typer.Option(
         help="Shapes world: captions rendered from each test split. The composition table counts these and the "
-             "main evaluation's shapes captions (--count).")] = 200,
+             "main evaluation's shapes captions (--count). Only for shards of the shapes world; 0 turns it off.")] = 200,
     size: Annotated[Optional[int], typer.Option(help="Compare at this side (default: the smaller of samples and references).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch (generation and features).")] = 32,
     workers: Annotated[int, typer.Option(help="Image decoding processes per GPU.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of generation and of the KID / IS subsets.")] = 0,
-    max_missing: Annotated[float, typer.Option(help="Stop when more than this share of listed sample images is missing.")] = 0.05,
+    max_missing: Annotated[float, typer.Option(help="Stop when more than this share of listed sample images is missing or unreadable.")] = 0.05,
     shards: Annotated[Optional[Path], typer.Option(help="Image shards holding the val split (default RUN/shards).")] = None,
     prior: Annotated[Optional[Path], typer.Option(help="Transformer checkpoint (default RUN/prior).")] = None,
     dvae: Annotated[Optional[Path], typer.Option(help="dVAE checkpoint (default RUN/dvae).")] = None,
@@ -78,7 +79,19 @@ def command(
     from dallecli.evaluate.run import EvalConfig, evaluate
     from dallecli.train.launch import launched, maybe_relaunch
 
-    name = datetime.now().strftime("%Y%m%d-%H%M%S") if name is None else name  # one for every process
+    # A sample folder stands for the samples.jsonl in it (as `dalle rerank FOLDER` takes it)
+    samples, composition_samples = (p / "samples.jsonl" if p is not None and (p / "samples.jsonl").is_file() else p
+                                    for p in (samples, composition_samples))
+    if samples is not None and not launched():
+        unused = [flag for flag, given in (("--captions", captions is not None), ("--prior", prior is not None),
+                                           ("--temperature", temperature != 1.0), ("--top-k", top_k is not None),
+                                           ("--top-p", top_p is not None), ("--guidance", guidance != 1.0)) if given]
+        if unused:
+            from dallecli.console import warn
+
+            warn(f"{', '.join(unused)} only shape the samples eval draws itself; with --samples they are not used")
+    given_name = name
+    name = datetime.now().strftime("%Y%m%d-%H%M%S") if name is None else name
     cfg = EvalConfig(name=name, count=count, captions=captions, samples=samples,
                      composition_samples=composition_samples, blur=_numbers(blur, "--blur", "0,1,2,4,8"),
                      features=features, inception_weights=inception_weights, clip=clip, rerank=rerank,
@@ -92,16 +105,21 @@ def command(
     # this one fails: a failure mid-way leaves no new samples beside old metrics. Where an input (samples,
     # captions, a network) lies inside that folder, it stays where it is (metrics.json is replaced whole, at
     # the end).
-    if gpus > 1 and "--name" not in sys.argv:
-        sys.argv += ["--name", name]
+    claimed = given_name is None and not launched()  # a new folder of the date and time, made just below
     folder = RunDir(run).eval / name
     inputs = (samples, composition_samples, captions, features, inception_weights, clip, shards, prior, dvae)
     inside = any(p is not None and _within(Path(p), folder) for p in inputs)
     if inside and not overwrite and not launched() and (folder / "metrics.json").exists():
         raise UserError(f"evaluation folder {folder} already exists; choose another --name, or pass --overwrite to "
                         "replace its results")
+    if claimed:  # (`claim_new_folder`: two evaluations started in the same second get two folders)
+        name = claim_new_folder(RunDir(run).eval)
+        cfg = dataclasses.replace(cfg, name=name)
+        folder = RunDir(run).eval / name
+        if gpus > 1:  # one folder for every process
+            sys.argv += ["--name", name]
     with ReplacedFolder(folder, overwrite=overwrite, active=not launched() and not inside, what="evaluation",
-                        flags="--name", markers=("metrics.json", "samples.jsonl", "samples")):
+                        flags="--name", markers=("metrics.json", "samples.jsonl", "samples"), claimed=claimed):
         maybe_relaunch(gpus, cpu=cpu)  # --gpus N: N copies of this command under accelerate, each a rank
         from accelerate import PartialState
 

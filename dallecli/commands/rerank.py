@@ -53,15 +53,20 @@ def command(
     from dallecli.models.clip import load_clip
     from dallecli.rerank import check_clip_model, folder_samples, ranked_grid, rerank_samples
 
-    if cols < 1 or batch_size < 1 or not 0.0 <= max_missing <= 1.0:
-        raise UserError("--cols and --batch-size must be at least 1, --max-missing between 0 and 1")
+    for flag, value in (("--cols", cols), ("--batch-size", batch_size)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
+    if not 0.0 <= max_missing <= 1.0:
+        raise UserError(f"--max-missing is a share of the images, between 0 and 1 (got {max_missing})")
     check_clip_model(clip, clip_model, run)  # a --clip-model that the --clip would ignore is an error
-    rows = None
+    rows, made = None, False  # made: the --out folder did not exist before this command
     if images is not None or prompt is not None:
         if images is None or prompt is None or samples is not None:
             raise UserError("--images FOLDER and --prompt TEXT go together, without a SAMPLES argument")
         if not prompt.strip():
             raise UserError('empty --prompt: give the text to score the images against, e.g. --prompt "a red circle"')
+        if images.exists() and not images.is_dir():
+            raise UserError(f"--images {images} is a file; give the folder that holds the images")
         target = images if out is None else out
         if target.exists() and not target.is_dir():
             raise UserError(f"--out {target} is a file, not a folder")
@@ -72,6 +77,7 @@ def command(
         if (target / "ranked.png").exists():  # no samples.jsonl beside it: not left by an earlier rerank
             raise UserError(f"{target} already has a ranked.png; move it away or give another --out folder")
         rows = folder_samples(images, prompt, root=target)
+        made = not target.exists()
         target.mkdir(parents=True, exist_ok=True)
     elif out is not None:
         raise UserError("--out goes with --images: a samples.jsonl is scored in place (ranked.png beside it)")
@@ -87,7 +93,12 @@ def command(
     device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
     scorer = load_clip(clip, run, device, model=clip_model, batch_size=batch_size)
     tic = time.perf_counter()
-    rows = rerank_samples(path, scorer, keep, max_missing=max_missing, rows=rows)
+    try:
+        rows = rerank_samples(path, scorer, keep, max_missing=max_missing, rows=rows)
+    except UserError:
+        if made and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # the --out folder made for this run: nothing was written, so it goes too
+        raise
     seconds = time.perf_counter() - tic
     scored = [r for r in rows if r.get("clip_score") is not None]
     sheet = path.parent / "ranked.png"

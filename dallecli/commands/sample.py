@@ -56,16 +56,9 @@ def command(
 
     texts = list(prompts or [])
     if prompts_file is not None:
-        try:
-            texts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except FileNotFoundError:
-            raise UserError(f"prompts file not found: {prompts_file}") from None
-        except IsADirectoryError:
-            raise UserError(f"--prompts {prompts_file} is a folder; give a text file with one caption per line") from None
-        except UnicodeDecodeError:
-            raise UserError(f"prompts file {prompts_file} is not UTF-8 text") from None
-        except OSError as exc:
-            raise UserError(f"cannot read prompts file {prompts_file}: {exc.strerror or exc}") from None
+        from dallecli.config import read_utf8
+
+        texts += [line.strip() for line in read_utf8(prompts_file, "prompts file").splitlines() if line.strip()]
     if not texts and prompts_file is not None:
         raise UserError(f"--prompts {prompts_file} holds no caption (only blank lines); write one caption per line")
     if not texts:
@@ -77,11 +70,10 @@ def command(
     if name is not None and (not name or name.startswith(".") or "/" in name or "\\" in name):
         raise UserError(f"--name {name!r} is not usable: give a plain folder name for RUN/samples/NAME (no '/', no "
                         "leading '.'), or --out FOLDER for a folder elsewhere")
-    # One name for every process, so that the parts land in one folder.
-    name = name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    if gpus > 1 and "--name" not in __import__("sys").argv:
-        __import__("sys").argv += ["--name", name]
-    folder = out or run / "samples" / name
+    # Without --name (or --out), the launching process (or the only one) claims a new folder named by the date
+    # and time just before it samples (`claim_new_folder`), and hands its name to the processes it launches.
+    claimed = name is None and out is None and not launched()
+    folder = out or run / "samples" / (name or datetime.now().strftime("%Y%m%d-%H%M%S"))
     if overwrite and image_prompt is not None and image_prompt.resolve().is_relative_to(folder.resolve()):
         raise UserError(f"--image-prompt {image_prompt} is inside {folder}, which --overwrite replaces; copy the "
                         "image elsewhere first, or write the samples to another folder")
@@ -98,7 +90,14 @@ def command(
                       precision=precision.value if precision else None, seed=seed)
         checkpoint.load(prior or RunDir(run).prior, "prior")
         checkpoint.load(dvae or RunDir(run).dvae, "dvae")
-    with ReplacedFolder(folder, overwrite, active=not launched()):
+    if claimed:
+        from dallecli.commands.common import claim_new_folder
+
+        name = claim_new_folder(run / "samples")
+        folder = run / "samples" / name
+        if gpus > 1:  # one folder for every process, so that the parts land together
+            __import__("sys").argv += ["--name", name]
+    with ReplacedFolder(folder, overwrite, active=not launched(), claimed=claimed):
         maybe_relaunch(gpus, cpu=cpu)
         import torch
         from accelerate import PartialState

@@ -77,7 +77,8 @@ def command(
     model_cfg = architecture(model)
     if eval_every and not list_shards(shards, "val"):
         raise UserError(f"no val shards in {shards}: validation (retrieval accuracy) needs held-out images; rebuild "
-                        "with `dalle build-shards --val-fraction 0.05`, or pass --eval-every 0")
+                        "them with a larger --val-fraction (`dalle build-shards --val-fraction 0.1 --overwrite`), or "
+                        "pass --eval-every 0")
     preprocess_cfg = default_preprocess(model_cfg)
     size, want = shard_image_size(shards), preprocess_cfg["size"]
     if size != want and not launched():

@@ -161,6 +161,11 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str
 
 def _manifest_columns(path: Path) -> list[str]:
     delimiter = MANIFEST_SUFFIXES[path.suffix.lower()]
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head.split(b"\n", 1)[0]:
+        raise UserError(f"manifest {path} is UTF-16 text (a spreadsheet's 'Unicode text' export); save it as UTF-8 "
+                        "(e.g. 'CSV UTF-8') and rerun")
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if delimiter is not None:
             header = next(csv.reader(f, delimiter=delimiter), [])

@@ -89,6 +89,15 @@ def index_shard(path: Path, shard_id: int, errors: list[dict] | None = None) -> 
     return kept
 
 
+def _holds_codes(folder: Path) -> bool:
+    """Whether `folder` is (or was) a code-shard folder, by its manifest's kind: the missing shards are
+    `dalle encode`'s to make."""
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("kind") == "codes"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class ShardIndex:
     """All samples of one split, readable by index.
 
@@ -99,7 +108,14 @@ class ShardIndex:
     def __init__(self, folder: Path, split: str, errors: list[dict] | None = None):
         self.paths = list_shards(folder, split)
         if not self.paths:
-            raise UserError(f"no {split} shards in {folder}; make them with `dalle build-shards`")
+            codes = _holds_codes(Path(folder))
+            if split == "val" and list_shards(folder, "train"):  # a small set: --val-fraction held none out
+                then = ", then encode them again (`dalle encode`)" if codes else ""
+                raise UserError(f"no val shards in {folder}: every sample went to train; rebuild the image shards "
+                                f"with a larger --val-fraction (`dalle build-shards --val-fraction 0.1 --overwrite`)"
+                                f"{then}")
+            raise UserError(f"no {split} shards in {folder}; make them with "
+                            f"`{'dalle encode' if codes else 'dalle build-shards'}`")
         self.entries: list[Entry] = []
         self.errors: list[dict] = []
         seen: dict[str, str] = {}

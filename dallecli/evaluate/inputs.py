@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from dallecli.config import read_json
+from dallecli.config import read_json, read_utf8
 from dallecli.console import UserError, warn
 from dallecli.evaluate.fid import ImageRef
 
@@ -27,6 +27,7 @@ class References:
 def read_references(shards: Path, count: int, flag: str | None = None) -> References:
     """The first `count` readable val samples (image location, caption) in shard order. `flag` names the
     count in the warning when the val split holds fewer (default "--count COUNT")."""
+    import hashlib
     import io
 
     from PIL import Image
@@ -37,6 +38,7 @@ def read_references(shards: Path, count: int, flag: str | None = None) -> Refere
     errors: list[dict] = []
     index = ShardIndex(shards, "val", errors)
     images, captions, sides, skipped = [], [], Counter(), 0
+    content = hashlib.blake2b(digest_size=16)  # the images' bytes: rebuilt shards of the same sizes differ here
     for i, entry in enumerate(index.entries):
         if len(images) == count:
             break
@@ -56,6 +58,7 @@ def read_references(shards: Path, count: int, flag: str | None = None) -> Refere
             continue
         off, n = members[ext]
         images.append(ImageRef(str(index.paths[entry.shard]), off, n))
+        content.update(data[ext])
         captions.append(caption)
         sides[min(w, h)] += 1
     if len(images) < 2:
@@ -66,7 +69,7 @@ def read_references(shards: Path, count: int, flag: str | None = None) -> Refere
              f"using all {len(images)}")
     used = sorted({r.path for r in images})
     identity = {"shards": [(Path(p).name, Path(p).stat().st_size) for p in used], "count": len(images),
-                "skipped": skipped}
+                "skipped": skipped, "content": content.hexdigest()}
     return References(images, captions, sides, identity)
 
 
@@ -78,6 +81,9 @@ def shapes_world(shards: Path, captions: list[str]) -> int | None:
     source = read_json(manifest, "shard manifest").get("arguments", {}).get("source", {}) if manifest.is_file() else {}
     if isinstance(source, dict) and source.get("kind") == "shapes":
         return int(source.get("seed", 0))
+    if isinstance(source, dict) and source.get("kind"):  # built from the user's own data, which may be captioned
+        return None                                      # like shapes scenes without being the shapes world
+    # Shards another tool made (no manifest of ours): the shapes world when every caption is a shapes caption
     return 0 if captions and all(parse_caption(c) is not None for c in captions) else None
 
 
@@ -94,13 +100,15 @@ class Candidate:
 
 
 def read_samples(path: Path, max_missing: float, uid_start: int = 0) -> tuple[list[list[Candidate]], dict]:
-    """samples.jsonl → candidates grouped per prompt, in file order. Missing image files are counted;
-    more than `max_missing` of them is a UserError."""
+    """samples.jsonl → candidates grouped per prompt, in file order. Missing and unreadable image files are
+    counted (as `dalle rerank` counts them); more than `max_missing` of them is a UserError."""
+    from PIL import Image
+
     path = Path(path)
     groups: dict[tuple, list[Candidate]] = {}
     seen: Counter = Counter()
     listed, missing = 0, []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_utf8(path, "samples file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -110,7 +118,10 @@ def read_samples(path: Path, max_missing: float, uid_start: int = 0) -> tuple[li
             raise UserError(f"{path} line {n} is not a sample (a JSON object with 'prompt' and 'image')") from None
         listed += 1
         file = Path(image) if Path(image).is_absolute() else path.parent / image
-        if not file.is_file():
+        try:
+            with Image.open(file) as im:  # the header, and a PNG's checksums: no decoding
+                im.verify()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # not there, or not one Pillow reads
             missing.append(str(file))
             continue
         index = int(row.get("index", 0))
@@ -125,10 +136,11 @@ def read_samples(path: Path, max_missing: float, uid_start: int = 0) -> tuple[li
                                                     None if "kept" not in row else bool(row["kept"]),
                                                     uid_start + listed - 1))
     if listed and len(missing) > max_missing * listed:
-        raise UserError(f"{len(missing)} of the {listed} images listed in {path} are missing (first: {missing[0]}); "
-                        "regenerate them or raise --max-missing")
+        raise UserError(f"{len(missing)} of the {listed} images listed in {path} are missing or unreadable (first: "
+                        f"{missing[0]}); regenerate them or raise --max-missing")
     if missing:
-        warn(f"{len(missing)} of the {listed} images listed in {path} are missing: evaluated without them")
+        warn(f"{len(missing)} of the {listed} images listed in {path} are missing or unreadable: evaluated without "
+             "them")
     ordered = [sorted(g, key=lambda c: c.index) for g in groups.values()]
     return ordered, {"listed": listed, "missing": len(missing)}
 

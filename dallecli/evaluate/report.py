@@ -41,6 +41,8 @@ def write(out: Path, metrics: dict) -> dict[str, Path]:
     written["blur plot"] = plot_blur(metrics, out / PLOTS["blur"])
     if metrics["rerank_sizes"]:
         written["rerank plot"] = plot_rerank(metrics, out / PLOTS["rerank"])
+    else:  # an earlier evaluation's plot, left where --overwrite kept the folder (its inputs are inside it)
+        (out / PLOTS["rerank"]).unlink(missing_ok=True)
     return written
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dallecli.config import RunDir
+from dallecli.config import RunDir, read_utf8
 from dallecli.console import UserError, info, warn
 from dallecli.evaluate import clip_score as cs
 from dallecli.evaluate import features as nets
@@ -84,6 +84,9 @@ class EvalConfig:
             raise UserError(f"--size must be at least 8 px, got {self.size}")
         for flag, path in (("--samples", self.samples), ("--captions", self.captions),
                            ("--composition-samples", self.composition_samples)):
+            if path is not None and Path(path).is_dir():
+                raise UserError(f"{flag} {path} is a folder; give a text file with one caption per line"
+                                if flag == "--captions" else f"{flag} {path} is a folder without a samples.jsonl")
             if path is not None and not Path(path).is_file():
                 raise UserError(f"{flag} {path}: no such file")
         from dallecli.sample import SamplingConfig, check_seed
@@ -149,7 +152,7 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     if cfg.captions is not None:
         if Path(cfg.captions).is_dir():
             raise UserError(f"--captions {cfg.captions} is a folder; give a text file with one caption per line")
-        prompts = [ln.strip() for ln in Path(cfg.captions).read_text().splitlines() if ln.strip()][: count]
+        prompts = [ln.strip() for ln in read_utf8(cfg.captions, "captions file").splitlines() if ln.strip()][: count]
         if len(prompts) < 2:
             raise UserError(f"--captions {cfg.captions} holds {len(prompts)} caption(s); at least 2 are needed")
     # The networks before any sampling: a bad --features, --inception-weights or --clip fails in seconds,
@@ -159,9 +162,9 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
                                   clip=cfg.clip, scorer=scorer if cfg.features == "clip" else None)
     n_draw = max((*cfg.rerank_sizes, cfg.rerank or 1))
     samples_path, comp_path, groups, comp_groups, listing = _samples(rd, prompts, out, cfg, n_draw, seed_world, state)
-    if len(groups) < 2:
-        raise UserError(f"{samples_path} holds usable samples for {len(groups)} prompt(s); the metrics compare one "
-                        "image per prompt with its reference and need at least 2 prompts")
+    if not groups:
+        raise UserError(f"{samples_path} lists no usable sample; give a samples.jsonl of `dalle sample` or "
+                        "`dalle rerank`")
     have = min(len(g) for g in groups)
     sizes = sorted(k for k in cfg.rerank_sizes if k <= have)
     if len(sizes) < len(cfg.rerank_sizes):
@@ -217,6 +220,9 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
     comp_chosen = select(comp_groups, main_k, rank_score)
     if len(chosen) < 2:
         raise UserError(f"{len(chosen)} sample(s) selected from {samples_path}; FID needs at least 2")
+    if main and main_k is None and len(chosen) < len(pool):
+        info(f"measuring the {len(chosen)} samples marked kept in {samples_path.name} (of {len(pool)} there); "
+             "--rerank K measures the best of K per prompt instead")
     if main and cfg.samples is None:  # drawn here: "kept" says which candidates the metrics below measure
         mark_selected(samples_path, chosen)
         if comp_path is not None:

@@ -135,7 +135,8 @@ class ClipTask:
                 index = ShardIndex(self.shards, "val")
             except UserError:
                 raise UserError(f"no val shards in {self.shards}: retrieval accuracy needs held-out images; "
-                                "rebuild with `dalle build-shards --val-fraction 0.05`, or pass --eval-every 0") from None
+                                "rebuild them with a larger --val-fraction (`dalle build-shards --val-fraction 0.1 "
+                                "--overwrite`), or pass --eval-every 0") from None
             images, captions = [], []
             for i in range(min(len(index), self.val_images)):
                 _, members = index.read(i)

@@ -5,6 +5,7 @@ both the dVAE that made the codes and the tokenizer, and a resume or a sampler r
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from dallecli import checkpoint
 from dallecli.codes import read_code_manifest
 from dallecli.config import to_dict
-from dallecli.console import UserError
+from dallecli.console import UserError, warn
 from dallecli.data.loader import BadSample, ShardIndex, make_loader, read_caption, read_codes
 from dallecli.models.prior import (PriorConfig, PriorTransformer, flops_per_token, param_groups, prior_loss,
                                    text_targets)
@@ -97,6 +98,10 @@ class PriorTask:
             try:
                 index = ShardIndex(self.codes, "val")
             except UserError:
+                if not getattr(self, "_told_no_val", False) and os.environ.get("RANK", "0") == "0":
+                    self._told_no_val = True
+                    warn(f"no val codes in {self.codes}: validation is skipped (rebuild the shards with a larger "
+                         "--val-fraction, then encode them again, for held-out val_loss)")
                 return {}
             import numpy as np
 
