@@ -970,3 +970,11 @@ def test_a_small_set_whose_val_split_came_out_empty_is_warned_and_later_errors_s
         tar.unlink()
     with pytest.raises(UserError, match="no train shards in .*; make them with `dalle encode`"):
         ShardIndex(out, "train")
+
+
+def test_a_duplicate_key_names_where_the_first_one_is():
+    from dallecli.data.sources import Item, unique_keys
+
+    items = [Item("k0", "a.tar:k0", b"", b""), Item("k0", "a.tar:k0", b"", b""), Item("k0", "b.tar:k0", b"", b"")]
+    details = [None if i.reject is None else i.reject.detail for i in unique_keys(items)]
+    assert details == [None, "key 'k0' already used earlier in the same shard", "key 'k0' already used by a.tar:k0"]

@@ -393,6 +393,8 @@ def test_generation_goes_through_the_sampler(tmp_path, net_file, clip, monkeypat
     assert test == [render_scene(0, i, 64, split)[1] for split in ("test-seen", "test-zeroshot") for i in range(3)]
     assert m["protocol"]["selection"]["rerank"] == 1 and set(m["rerank_sizes"]) == {"1", "2"}
     assert m["protocol"]["count"]["samples"] == 10
+    assert m["protocol"]["sampling"] == {"temperature": 1.0, "top_k": None, "top_p": None, "guidance": 1.0,
+                                         "candidates_per_prompt": 2, "seed": 7}
 
 
 def test_reconstruction_metrics_with_a_tiny_dvae(tmp_path, net_file, no_clip):

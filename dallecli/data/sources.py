@@ -130,7 +130,9 @@ def unique_keys(items: Iterable[Item]) -> Iterator[Item]:
             if not item.key:
                 item.reject = Rejected("bad-key", "empty key")
             elif item.key in seen:
-                item.reject = Rejected("duplicate-key", f"key {item.key!r} already used by {seen[item.key]}")
+                first = seen[item.key]  # a tar member set repeated in one tar has the same source as the first
+                where = "earlier in the same shard" if first == item.source else f"by {first}"
+                item.reject = Rejected("duplicate-key", f"key {item.key!r} already used {where}")
             else:
                 seen[item.key] = item.source
         yield item

@@ -301,6 +301,10 @@ def evaluate(run: Path, cfg: EvalConfig, state=None) -> tuple[Path, dict] | None
                               "the kept candidates when marked, else all"},
         "samples": str(samples_path), "composition_samples": str(comp_path) if comp_path else None,
         "composition_counts": comp_counts, "blur_radii": list(cfg.blur),
+        # how the samples were drawn, where eval drew them (given samples: their folder's sampling.json)
+        "sampling": None if cfg.samples is not None else {
+            "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "guidance": cfg.guidance,
+            "candidates_per_prompt": n_draw, "seed": cfg.seed},
     }
     for m in per_blur.values():
         m.pop("kid_subset_size", None)
