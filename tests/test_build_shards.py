@@ -978,3 +978,19 @@ def test_a_duplicate_key_names_where_the_first_one_is():
     items = [Item("k0", "a.tar:k0", b"", b""), Item("k0", "a.tar:k0", b"", b""), Item("k0", "b.tar:k0", b"", b"")]
     details = [None if i.reject is None else i.reject.detail for i in unique_keys(items)]
     assert details == [None, "key 'k0' already used earlier in the same shard", "key 'k0' already used by a.tar:k0"]
+
+
+def test_a_rerank_ranking_written_into_the_input_folder_is_not_read(tmp_path):
+    """`dalle rerank --images photos` writes samples.jsonl and ranked.png into photos/: a later build-shards
+    of photos/ must not take ranked.png for an uncaptioned input (nor see the inputs as changed)."""
+    src = good_folder(tmp_path / "photos", 4)
+    ok(src, "--out", tmp_path / "out", "--size", "32")
+    (src / "samples.jsonl").write_text('{"prompt": "x", "image": "img000.png"}\n')
+    (src / "ranked.png").write_bytes(image_bytes(9))
+    result = ok(src, "--out", tmp_path / "out", "--size", "32")
+    assert "not read as input: 1 ranked.png written by dalle" in " ".join(result.output.split())
+    counts = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
+    assert (counts["inputs"], counts["errors"]) == (4, 0)
+    (src / "samples.jsonl").unlink()  # a ranked.png of the user's own (no samples.jsonl beside it) is an input
+    assert cli(src, "--out", tmp_path / "out2", "--size", "32").exit_code == 0
+    assert json.loads((tmp_path / "out2" / "manifest.json").read_text())["counts"]["inputs"] == 5

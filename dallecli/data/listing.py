@@ -93,6 +93,10 @@ def _walk_images(root: Path, skip: Iterable[Path] = (),
         dirnames[:] = keep
         names = set(filenames)
         for name in sorted(filenames):
+            if name == "ranked.png" and "samples.jsonl" in names:  # `dalle rerank --images` wrote the pair here
+                if skipped is not None:
+                    skipped.append(os.path.relpath(os.path.join(dirpath, name), root))
+                continue
             if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
                 folder = Path(dirpath)
                 yield folder / name, folder / _caption_name(name, names)
@@ -107,8 +111,10 @@ def folder_source(root: Path, skip: Iterable[Path] = ()) -> Source:
     files = [image for image, _ in pairs]
     if skipped:
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        info(f"not read as input: {counted(len(skipped), 'folder')} written by dalle under {root} "
-             f"({', '.join(skipped[:3])}{more})")
+        rankings = sum(os.path.basename(s) == "ranked.png" for s in skipped)
+        what = " and ".join(([counted(len(skipped) - rankings, "folder")] if len(skipped) > rankings else [])
+                            + ([f"{rankings} ranked.png"] if rankings else []))
+        info(f"not read as input: {what} written by dalle under {root} ({', '.join(skipped[:3])}{more})")
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
 
