@@ -89,7 +89,8 @@ def command(
                       batch_size=batch_size, image_prompt=image_prompt, prompt_rows=prompt_rows, out=folder,
                       precision=precision.value if precision else None, seed=seed)
         checkpoint.load(prior or RunDir(run).prior, "prior")
-        checkpoint.load(dvae or RunDir(run).dvae, "dvae")
+        if dvae is not None or RunDir(run).dvae.exists():  # else the dVAE its codes name (`load_pipeline`)
+            checkpoint.load(dvae or RunDir(run).dvae, "dvae")
     if claimed:
         from dallecli.commands.common import claim_new_folder
 
