@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= emoji
 RUN ?= runs/demo-$(DATA)
+FONT ?=
 export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test test-all setup font bench rival-env bench-rival clean
@@ -22,11 +23,11 @@ font:
 	@if fc-list 2>/dev/null | grep -qi 'NotoColorEmoji' || test -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -q && apt-get install -y -q fonts-noto-color-emoji) >/dev/null 2>&1 \
-		|| echo "note: could not install fonts-noto-color-emoji; the emoji source needs it (or pass --font PATH)"; \
-	else echo "note: install the emoji font with 'sudo apt-get install fonts-noto-color-emoji' (or pass --font PATH)"; fi
+		|| echo "note: could not install fonts-noto-color-emoji; the emoji source needs it (or make demo FONT=PATH)"; \
+	else echo "note: install the emoji font with 'sudo apt-get install fonts-noto-color-emoji' (or make demo FONT=PATH)"; fi
 
 demo: setup
-	$(BIN)/dalle demo --data $(DATA) --run $(RUN)
+	$(BIN)/dalle demo --data $(DATA) --run $(RUN) $(if $(FONT),--font $(FONT))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -56,7 +56,8 @@ PRIOR_STEPS_10MIN = 1467  # small, bf16, ~4.9 min (default 2,200)
 CLIP_STEPS_10MIN = 333    # dalle-tiny, ~1.5 min (default 500)
 
 
-def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tuple[str, float, Callable[[], None]]]:
+def _stages(data: str, run: Path, budget: Budget, device_flags: dict,
+            font: Path | None = None) -> list[tuple[str, float, Callable[[], None]]]:
     """(name, share of the time budget, action)."""
     from dallecli.commands import (build_shards, encode, eval as eval_cmd, sample, tokenize, train_clip, train_dvae,
                                    train_prior)
@@ -66,7 +67,7 @@ def _stages(data: str, run: Path, budget: Budget, device_flags: dict) -> list[tu
     dvae_preset = "tiny-vq"
     return [
         ("build-shards", 0.02, lambda: build_shards.command(
-            source=build_shards.SourceKind(data), run=run, count=budget.shapes_count, quiet=quiet)),
+            source=build_shards.SourceKind(data), run=run, count=budget.shapes_count, font=font, quiet=quiet)),
         ("tokenize", 0.01, lambda: tokenize.command(run=run, vocab_size=16384, quiet=quiet)),
         ("train-dvae", 0.27, lambda: train_dvae.command(run=run, preset=dvae_preset, steps=budget.dvae_steps,
                                                         eval_every=max(1, budget.dvae_steps // 3), quiet=quiet,
@@ -120,7 +121,8 @@ def gallery_clip_check(run: Path) -> dict:
     return result
 
 
-def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: bool = False) -> dict:
+def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: bool = False,
+             font: Path | None = None) -> dict:
     if data not in ("emoji", "shapes"):
         raise UserError(f"--data must be emoji or shapes (got {data})")
     if not (math.isfinite(minutes) and minutes > 0):
@@ -152,7 +154,7 @@ def run_demo(data: str, minutes: float, run: Path, fresh: bool = False, cpu: boo
     state = {"args": args, "done": state.get("done", {})}
     write_json_atomic(state_path, state)  # at once: from here on the folder is a demo run (and --fresh may go)
     budget = Budget.for_minutes(minutes)
-    stages = _stages(data, run, budget, {"cpu": cpu} if cpu else {})
+    stages = _stages(data, run, budget, {"cpu": cpu} if cpu else {}, font)
     pace = _expected_pace(cpu)
     if pace > 1 and len(state["done"]) < len(stages):
         info(f"this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so the models train in fp32, about "

@@ -264,8 +264,8 @@ def test_train_clip_command_end_to_end(tmp_path):
     from typer.testing import CliRunner
 
     make_shards(tmp_path / "shards", n_train=32, n_val=16, size=64)
-    args = ["train-clip", "--run", str(tmp_path), "--steps", "4", "--batch-size", "8", "--eval-every", "2",
-            "--save-every", "2", "--quiet"]
+    args = ["train-clip", "--run", str(tmp_path), "--steps", "4", "--batch-size", "8", "--lr", "2e-4",
+            "--eval-every", "2", "--save-every", "2", "--quiet"]
     result = CliRunner().invoke(_app(), args)
     assert result.exit_code == 0, result.output
     step = checkpoint.latest(tmp_path / "clip")
@@ -276,6 +276,12 @@ def test_train_clip_command_end_to_end(tmp_path):
     assert {"val_top1", "val_top5", "val_loss"} <= set(vals[-1])
     # A rerun resumes: already at --steps, nothing more to do.
     assert CliRunner().invoke(_app(), args).exit_code == 0
+    # A longer rerun without the options keeps the run's own (not dalle-tiny's batch 128 and lr 1e-3)
+    longer = CliRunner().invoke(_app(), ["train-clip", "--run", str(tmp_path), "--steps", "5", "--eval-every", "0",
+                                         "--quiet"])
+    assert longer.exit_code == 0, longer.output
+    saved = json.loads((tmp_path / "clip" / "train_config.json").read_text())
+    assert (saved["batch_size"], saved["lr"], saved["steps"]) == (8, 2e-4, 5)
 
 
 def test_cached_pretrained_weights_are_found_without_network(no_network, empty_caches, tmp_path):

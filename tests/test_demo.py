@@ -28,6 +28,16 @@ def test_the_default_run_is_the_one_make_demo_uses(data, monkeypatch):
     assert called["run"] == Path(f"runs/demo-{data}")  # Makefile: RUN ?= runs/demo-$(DATA)
 
 
+def test_a_font_given_to_the_demo_is_the_one_build_shards_renders_with(tmp_path):
+    from typer.testing import CliRunner
+
+    from dallecli.cli import app
+
+    font = tmp_path / "nowhere" / "NotoColorEmoji.ttf"
+    result = CliRunner().invoke(app, ["demo", "--run", str(tmp_path / "run"), "--font", str(font), "-q"])
+    assert result.exit_code == 2 and f"emoji font not found at {font}" in " ".join(result.output.split())
+
+
 def test_refuses_another_demo_in_the_same_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

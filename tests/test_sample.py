@@ -339,7 +339,8 @@ def test_samples_without_a_name_started_in_the_same_second_get_folders_of_their_
 
     monkeypatch.setattr(dt, "datetime", Frozen)
     root = tiny_run / "samples"
-    assert [claim_new_folder(root) for _ in range(3)] == ["20300102-030405", "20300102-030405-2", "20300102-030405-3"]
+    assert [claim_new_folder(root)[0] for _ in range(3)] == [
+        "20300102-030405", "20300102-030405-2", "20300102-030405-3"]
     runner = CliRunner()
     for prompt in ("a red circle", "a green cross"):
         result = runner.invoke(app, ["sample", prompt, "--run", str(tiny_run), "--n", "1", "-q"])
@@ -347,9 +348,13 @@ def test_samples_without_a_name_started_in_the_same_second_get_folders_of_their_
     rows = {f.parent.name: json.loads(f.read_text())["prompt"] for f in root.glob("*/samples.jsonl")}
     assert rows == {"20300102-030405-4": "a red circle", "20300102-030405-5": "a green cross"}
     with pytest.raises(RuntimeError):
-        with ReplacedFolder(root / claim_new_folder(root), overwrite=False, claimed=True):
+        name, made = claim_new_folder(root)
+        with ReplacedFolder(root / name, overwrite=False, made=made):
             raise RuntimeError("interrupted")
-    assert not (root / "20300102-030405-6").exists()
+    assert not (root / "20300102-030405-6").exists() and root.is_dir()
+    # A mistyped --run: the run folder and its samples/ made for the claim go with it
+    typo = runner.invoke(app, ["sample", "x", "--run", str(tiny_run.parent / "typo" / "run"), "-q"])
+    assert isinstance(typo.exception, UserError) and not (tiny_run.parent / "typo").exists()
 
 
 def test_a_seed_whose_images_could_not_be_redrawn_alone_is_refused(tiny_run):

@@ -49,16 +49,18 @@ def refuse_nonpositive(**flags: float | None) -> None:
                             "the default")
 
 
-def claim_new_folder(parent: Path) -> str:
+def claim_new_folder(parent: Path) -> tuple[str, list[Path]]:
     """The name of a new, empty folder made under `parent` for a command's output when no name was given: the
     date and time, with -2, -3 … where another command took that name first. `mkdir` fails where the folder
     exists, so two commands started in the same second (`dalle sample a & dalle sample b`) never share a
-    folder."""
+    folder. Also returns the folders made for it (it and the missing parents, innermost first), which
+    `ReplacedFolder(made=…)` removes again if the command fails."""
     from datetime import datetime
 
     from dallecli.console import UserError
 
     stem = datetime.now().strftime("%Y%m%d-%H%M%S")
+    missing = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -68,7 +70,7 @@ def claim_new_folder(parent: Path) -> str:
         name = stem if i == 1 else f"{stem}-{i}"
         try:
             (parent / name).mkdir()
-            return name
+            return name, [parent / name, *missing]
         except FileExistsError:
             continue
         except OSError as exc:
@@ -85,12 +87,12 @@ class ReplacedFolder:
     be run again). `what` names the folder's contents in messages ("samples", "evaluation"), `flags` the
     options that choose the folder. `markers` are the files (any one of them) that a folder this command wrote
     holds: --overwrite replaces only such a folder, never one of the user's own (`--out ~/photos`).
-    `active` False (a worker process of a launched run) does nothing: the launching process does it. `claimed`:
-    the folder was made empty for this command (`claim_new_folder`), and goes if the command fails."""
+    `active` False (a worker process of a launched run) does nothing: the launching process does it. `made`:
+    the folder and its parents made empty for this command (`claim_new_folder`), which go if it fails."""
 
     def __init__(self, folder: Path, overwrite: bool, active: bool = True, what: str = "samples",
                  flags: str = "--name (or --out)", markers: tuple[str, ...] = ("sampling.json", "samples.jsonl"),
-                 claimed: bool = False):
+                 made: list[Path] | tuple = ()):
         import os
 
         self.folder, self.overwrite, self.active = Path(folder), overwrite, active
@@ -98,7 +100,7 @@ class ReplacedFolder:
         whole = Path(os.path.abspath(folder))  # `--out .` has no name of its own to put beside
         self.aside = whole.with_name(f".{whole.name}.replaced")
         self.moved = self.new = False
-        self.claimed = claimed
+        self.made = list(made)
 
     def __enter__(self) -> ReplacedFolder:
         from dallecli.console import UserError
@@ -124,7 +126,7 @@ class ReplacedFolder:
                                 f"run the command from elsewhere or choose another {self.flags}")
             folder.rename(self.aside)
             self.moved = True
-        self.new = self.claimed or (not self.moved and not folder.exists())
+        self.new = bool(self.made) or (not self.moved and not folder.exists())
         return self
 
     def __exit__(self, kind, exc, tb) -> bool:
@@ -140,6 +142,11 @@ class ReplacedFolder:
             shutil.rmtree(self.folder, ignore_errors=True)
             if self.moved:
                 self.aside.rename(self.folder)
+            for folder in self.made[1:]:  # the parents made for a claimed folder (a mistyped --run), if empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         return False
 
 

@@ -22,6 +22,9 @@ def command(
         help="Run directory (default: runs/demo-DATA, as `make demo` uses).", show_default=False)] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete the run directory and start over.")] = False,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even where a GPU is present.")] = False,
+    font: Annotated[Optional[Path], typer.Option(
+        help="Noto Color Emoji font file, where it is not installed in a standard place (--data emoji).",
+        show_default=False)] = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -30,4 +33,4 @@ def command(
     start(quiet, debug)
     from dallecli.demo import run_demo
 
-    run_demo(data.value, minutes, run or Path(f"runs/demo-{data.value}"), fresh=fresh, cpu=cpu)
+    run_demo(data.value, minutes, run or Path(f"runs/demo-{data.value}"), fresh=fresh, cpu=cpu, font=font)

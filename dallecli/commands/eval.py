@@ -112,14 +112,15 @@ def command(
     if inside and not overwrite and not launched() and (folder / "metrics.json").exists():
         raise UserError(f"evaluation folder {folder} already exists; choose another --name, or pass --overwrite to "
                         "replace its results")
+    made: list[Path] = []
     if claimed:  # (`claim_new_folder`: two evaluations started in the same second get two folders)
-        name = claim_new_folder(RunDir(run).eval)
+        name, made = claim_new_folder(RunDir(run).eval)
         cfg = dataclasses.replace(cfg, name=name)
         folder = RunDir(run).eval / name
         if gpus > 1:  # one folder for every process
             sys.argv += ["--name", name]
     with ReplacedFolder(folder, overwrite=overwrite, active=not launched() and not inside, what="evaluation",
-                        flags="--name", markers=("metrics.json", "samples.jsonl", "samples"), claimed=claimed):
+                        flags="--name", markers=("metrics.json", "samples.jsonl", "samples"), made=made):
         maybe_relaunch(gpus, cpu=cpu)  # --gpus N: N copies of this command under accelerate, each a rank
         from accelerate import PartialState
 

@@ -91,14 +91,15 @@ def command(
         checkpoint.load(prior or RunDir(run).prior, "prior")
         if dvae is not None or RunDir(run).dvae.exists():  # else the dVAE its codes name (`load_pipeline`)
             checkpoint.load(dvae or RunDir(run).dvae, "dvae")
+    made: list[Path] = []
     if claimed:
         from dallecli.commands.common import claim_new_folder
 
-        name = claim_new_folder(run / "samples")
+        name, made = claim_new_folder(run / "samples")
         folder = run / "samples" / name
         if gpus > 1:  # one folder for every process, so that the parts land together
             __import__("sys").argv += ["--name", name]
-    with ReplacedFolder(folder, overwrite, active=not launched(), claimed=claimed):
+    with ReplacedFolder(folder, overwrite, active=not launched(), made=made):
         maybe_relaunch(gpus, cpu=cpu)
         import torch
         from accelerate import PartialState

@@ -19,8 +19,9 @@ _TINY_STEPS, _TINY_BATCH, _TINY_LR = DEFAULTS["dalle-tiny"]  # quoted in the hel
 
 def command(
     run: RunOpt = DEFAULT_RUN,
-    model: Annotated[str, typer.Option(help="Architecture: a shipped one (dalle-tiny, dalle-small) or any open_clip "
-                                            "name (ViT-B-32, RN50, …), trained from scratch.")] = "dalle-tiny",
+    model: Annotated[Optional[str], typer.Option(
+        help="Architecture: a shipped one (dalle-tiny, dalle-small) or any open_clip name (ViT-B-32, RN50, …), "
+             "trained from scratch (default: dalle-tiny; a rerun continues the run's own).", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help=f"Total updates (default: per model; dalle-tiny {_TINY_STEPS}).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Image–caption pairs per process per update; the contrastive "
                                                            f"loss sees batch × processes (default: per model; dalle-tiny {_TINY_BATCH}).")] = None,
@@ -46,7 +47,7 @@ def command(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    from dallecli.commands.common import refuse_nonpositive, start
+    from dallecli.commands.common import refuse_nonpositive, resumed_run, start
     from dallecli.hardware import default_precision
 
     start(quiet, debug)
@@ -74,6 +75,11 @@ def command(
     rd = RunDir(run)
     shards = shards or rd.shards
     out = out or rd.clip
+    # A rerun continues the run: options left out are the run's own (its architecture, batch size, lr)
+    resumed_model, resumed_train = resumed_run(out, "clip", fresh)
+    model = model or resumed_model.get("name") or "dalle-tiny"
+    batch_size = resumed_train.get("batch_size") if batch_size is None else batch_size
+    lr = resumed_train.get("lr") if lr is None else lr
     model_cfg = architecture(model)
     if eval_every and not list_shards(shards, "val"):
         raise UserError(f"no val shards in {shards}: validation (retrieval accuracy) needs held-out images; rebuild "
