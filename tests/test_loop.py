@@ -194,6 +194,45 @@ def test_fresh_replaces_every_checkpoint_of_the_earlier_run_at_its_first_save(tm
     assert [s for s, _ in checkpoint.complete_steps(tmp_path / "run")] == [5, 7]
 
 
+class Crash(Exception):
+    pass
+
+
+def test_a_run_stopped_before_it_saved_leaves_the_run_files_of_the_checkpoint_it_started_from(tmp_path):
+    """train_config.json and the logs describe the latest checkpoint: a rerun with other settings (or a --fresh
+    one) that dies before its first save must not hand its settings to the next rerun, nor wipe the logs."""
+    shards = make_code_shards(tmp_path / "shards")
+    out = tmp_path / "run"
+    first = replace(CFG, steps=10, save_every=10, eval_every=0, ema_decay=None)
+    train(ToyTask(shards), first, out)
+    files = {name: (out / name).read_bytes() for name in ("train_config.json",)}
+    for fresh in (False, True):
+        task = ToyTask(shards)
+        real_loss = task.loss
+
+        def crashing(model, x, step, real_loss=real_loss):
+            if step >= 13:
+                raise Crash
+            return real_loss(model, x, step)
+
+        task.loss = crashing
+        logged = (out / "metrics.jsonl").read_bytes()
+        with pytest.raises(Crash):
+            train(task, replace(first, steps=40, save_every=20, batch_size=8, lr=1e-3), out, fresh=fresh)
+        assert json.loads((out / "train_config.json").read_text())["batch_size"] == 4
+        assert (out / "train_config.json").read_bytes() == files["train_config.json"]
+        if fresh:  # the earlier run's rows stay until the new run saves
+            assert (out / "metrics.jsonl").read_bytes() == logged and (out / ".fresh-metrics.jsonl").is_file()
+        else:  # a resume appends its rows (the next resume cuts them back to its step)
+            assert len(losses(out)) == 13
+    # A --fresh run that saves: its own settings and logs replace the earlier run's at that save
+    train(ToyTask(shards), replace(first, steps=3, save_every=3, batch_size=8), out, fresh=True)
+    assert json.loads((out / "train_config.json").read_text())["batch_size"] == 8
+    assert len(losses(out)) == 3 and not list(out.glob(".fresh-*"))
+    assert train(ToyTask(shards), replace(first, steps=4, save_every=3, batch_size=8), out).step == 4
+    assert len(losses(out)) == 4
+
+
 def test_nonfinite_in_a_row_aborts(tmp_path):
     shards = make_code_shards(tmp_path / "shards")
     task = ToyTask(shards)
@@ -281,7 +320,8 @@ def test_mfu_is_reported_only_where_a_peak_is_measured():
 @pytest.mark.parametrize("args", [["train-dvae", "--steps", "0"], ["train-dvae", "--batch-size", "0"],
                                   ["train-dvae", "--lr", "0"], ["train-prior", "--batch-size", "0"],
                                   ["train-prior", "--steps", "0"], ["train-prior", "--global-batch", "0"],
-                                  ["train-clip", "--lr", "0"]])
+                                  ["train-clip", "--lr", "0"], ["train-prior", "--lr", "inf"],
+                                  ["train-dvae", "--lr", "inf"], ["train-clip", "--lr", "inf"]])
 def test_zero_is_refused_not_read_as_the_default(args, tmp_path):
     """`--steps 0` once trained a preset's full 2,000 steps: a 0 was taken for "not given"."""
     from typer.testing import CliRunner
@@ -290,7 +330,7 @@ def test_zero_is_refused_not_read_as_the_default(args, tmp_path):
 
     result = CliRunner().invoke(app, [*args, "--run", str(tmp_path / "run"), "-q"])
     assert isinstance(result.exception, UserError), result.output
-    assert f"{args[1]} must be greater than 0" in str(result.exception)
+    assert f"{args[1]} must be a finite number greater than 0" in str(result.exception)
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 

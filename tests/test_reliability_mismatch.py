@@ -129,6 +129,18 @@ def test_a_rerun_without_the_first_runs_options_continues_the_run(base, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert checkpoint.load(run / "prior", "prior").step == 3
     assert json.loads((run / "prior" / "train_config.json").read_text())["batch_size"] == 4
+    # the schedule, EMA, seed, accumulation and caption dropouts are the run's own too
+    first = ["train-prior", "--run", run, "--fresh", "--preset", "tiny", "--precision", "fp32", "--steps", 2,
+             "--batch-size", 4, "--global-batch", 8, "--text-len", 8, "--save-every", 1, "--eval-every", 0,
+             "--schedule", "plateau", "--ema-decay", 0.5, "--seed", 7, "--cond-drop", 0, "--bpe-dropout", 0, "--quiet"]
+    assert cli.run_inprocess(first, capfd).returncode == 0
+    result = cli.run_inprocess(["train-prior", "--run", run, "--precision", "fp32", "--steps", 3, "--quiet"], capfd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.loads((run / "prior" / "train_config.json").read_text())
+    assert {k: saved[k] for k in ("schedule", "ema_decay", "seed", "grad_accum", "batch_size")} == {
+        "schedule": "plateau", "ema_decay": 0.5, "seed": 7, "grad_accum": 2, "batch_size": 4}
+    meta = checkpoint.load(run / "prior", "prior").meta
+    assert (meta["cond_drop"], meta["bpe_dropout"]) == (0.0, 0.0)
     # an explicit option still wins (and a changed model is still refused)
     result = cli.run_inprocess(["train-prior", "--run", run, "--preset", "small", "--steps", 4, "--quiet"], capfd)
     assert result.returncode == 2 and "the model differs" in cli.error_message(result)

@@ -44,9 +44,9 @@ def refuse_nonpositive(**flags: float | None) -> None:
     from dallecli.console import UserError
 
     for name, value in flags.items():
-        if value is not None and not value > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be greater than 0 (got {value}); leave it out for "
-                            "the default")
+        if value is not None and not 0 < value < float("inf"):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number greater than 0 (got {value}); leave "
+                            "it out for the default")
 
 
 def claim_new_folder(parent: Path) -> tuple[str, list[Path]]:

@@ -53,13 +53,13 @@ def command(
     text_len: Annotated[Optional[int], typer.Option(help="Caption tokens (paper 256; default per preset).")] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Residual/attention dropout (not stated in the paper).")] = None,
     checkpoint_activations: Annotated[Optional[bool], typer.Option("--checkpoint-activations/--no-checkpoint-activations", help="Recompute blocks in backward to save memory.")] = None,
-    bpe_dropout: Annotated[float, typer.Option(help="BPE-dropout rate on captions (paper 0.1).")] = 0.1,
-    cond_drop: Annotated[float, typer.Option(help="Drop the caption with this probability, for classifier-free guidance when sampling.")] = 0.1,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the weights (paper 0.99).")] = 0.99,
+    bpe_dropout: Annotated[Optional[float], typer.Option(help="BPE-dropout rate on captions (default 0.1, the paper's).", show_default=False)] = None,
+    cond_drop: Annotated[Optional[float], typer.Option(help="Drop the caption with this probability, for classifier-free guidance when sampling (default 0.1).", show_default=False)] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(help="EMA decay of the weights (default 0.99, the paper's).", show_default=False)] = None,
     save_every: Annotated[int, typer.Option(help="Save a checkpoint every N updates.")] = 500,
     eval_every: Annotated[int, typer.Option(help="Validation loss (text and image) every N updates; 0: never.")] = 250,
     keep: Annotated[int, typer.Option(help="Keep the newest N checkpoints.")] = 3,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default 0).", show_default=False)] = None,
     workers: Annotated[int, typer.Option(help="Data-loader worker processes.")] = 0,
     max_errors: Annotated[int, typer.Option(help="Stop after this many unreadable samples in a row.")] = 100,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming from the latest checkpoint.")] = False,
@@ -108,6 +108,15 @@ def command(
     batch_size = resumed_train.get("batch_size") if batch_size is None else batch_size
     lr = resumed_train.get("lr") if lr is None else lr
     warmup = resumed_train.get("warmup") if warmup is None else warmup
+    # ... and its schedule, EMA, seed, gradient accumulation and caption dropouts (the task's, in its meta)
+    from dallecli import checkpoint
+
+    resumed_meta = checkpoint.load(out, "prior").meta if resumed_model else {}
+    schedule = schedule.value if schedule else resumed_train.get("schedule")
+    ema_decay = resumed_train.get("ema_decay", 0.99) if ema_decay is None else ema_decay
+    seed = resumed_train.get("seed", 0) if seed is None else seed
+    bpe_dropout = resumed_meta.get("bpe_dropout", 0.1) if bpe_dropout is None else bpe_dropout
+    cond_drop = resumed_meta.get("cond_drop", 0.1) if cond_drop is None else cond_drop
     if preset not in PRESETS:
         raise UserError(f"unknown prior preset '{preset}'; choose one of {', '.join(PRESETS)}")
     for flag, rate in (("--dropout", dropout), ("--bpe-dropout", bpe_dropout), ("--cond-drop", cond_drop)):
@@ -118,7 +127,7 @@ def command(
         raise UserError(f"--text-len must be at least 1 (got {text_len}; the paper's is 256)")
     if warmup is not None and warmup < 0:
         raise UserError(f"--warmup must be ≥ 0 (got {warmup})")
-    if not 0 <= ema_decay < 1:
+    if ema_decay is not None and not 0 <= ema_decay < 1:
         raise UserError(f"--ema-decay must be in [0, 1) (got {ema_decay}; the paper's is 0.99)")
     on_gpu = torch.cuda.is_available() and not cpu
     precision_name = precision.value if precision else default_precision(on_gpu)
@@ -128,7 +137,7 @@ def command(
     # All processes: this one's --gpus × --nodes before the relaunch; a launched process's command line has
     # no --gpus any more, so it takes the count from the launcher.
     world = int(os.environ.get("WORLD_SIZE", gpus * nodes)) if launched() else gpus * nodes
-    accum = 1
+    accum = resumed_train.get("grad_accum", 1) if global_batch is None else 1
     if global_batch is not None:
         if global_batch % (batch * world):
             raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size × processes "
@@ -152,7 +161,7 @@ def command(
     cfg = TrainConfig(
         steps=d_steps if steps is None else steps, batch_size=batch, lr=d_lr if lr is None else lr,
         warmup=d_warm if warmup is None else warmup,
-        schedule=schedule.value if schedule else ("cosine" if preset in SHORT_RUN_PRESETS else "plateau"),
+        schedule=schedule or ("cosine" if preset in SHORT_RUN_PRESETS else "plateau"),
         betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2, grad_clip=4.0,  # App. B
         ema_decay=ema_decay, precision=precision_name,
         save_every=save_every, eval_every=eval_every, keep=keep, seed=seed, workers=workers, grad_accum=accum,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from dallecli import checkpoint
-from dallecli.config import to_dict, write_json_atomic
+from dallecli.config import to_dict
 from dallecli.console import UserError, info, progress, summary, warn
 from dallecli.hardware import cpu_has_bf16, matmul_peak, model_flops_utilisation
 from dallecli.train import distributed, runfiles
@@ -98,21 +98,18 @@ class _Trainer:
         self.ema: dict[str, torch.Tensor] | None = None
         self.rejects: list[dict] = []
         self.last_metrics: dict[str, float] = {}
-        self.saves = RunCheckpoints(task, out, cfg.keep, main)
+        self.saves = RunCheckpoints(task, out, cfg.keep, main, to_dict(cfg))
         ck, resume_optimizer = self._resume(fresh)
         self.start_step = self.step
         if ck is not None:
             self.saves.resumed(self.step, ck.path)
         self._place(ck, resume_optimizer)
-        self.metrics_path = self.rejects_path = None
         if main:
             try:
                 out.mkdir(parents=True, exist_ok=True)
-                write_json_atomic(out / "train_config.json", to_dict(cfg))
             except OSError as exc:
-                raise runfiles.write_error(out / "train_config.json", exc) from None
-            self.metrics_path = runfiles.metrics_file(out, self.step)
-            self.rejects_path = runfiles.trim_jsonl(out / "rejects.jsonl", self.step if self.step > 0 else -1)
+                raise runfiles.write_error(out / "metrics.jsonl", exc) from None
+            self.saves.open_logs(self.step)
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
@@ -232,7 +229,7 @@ class _Trainer:
         if self.main:
             shown = getattr(task, "summary_metrics", lambda m: m)(self.last_metrics)  # what the task shows
             summary(f"train-{task.kind}: done", {"steps": self.step, "checkpoint": self.saves.path,
-                                                 "metrics": self.metrics_path, "skipped samples": len(self.rejects),
+                                                 "metrics": self.saves.metrics_path, "skipped samples": len(self.rejects),
                                                  **{k: f"{v:.4g}" for k, v in shown.items()}})
         return TrainResult(self.step, self.saves.path, self.last_metrics, rejects=self.rejects)
 
@@ -363,7 +360,7 @@ class _Trainer:
             speed["mfu"] = round(model_flops_utilisation(bar.rate, flops, self.world, peak), 4)
         bar.advance(1, rate_count=count * self.world, loss=loss_value, **speed)
         if self.main and (step % cfg.log_every == 0 or step == cfg.steps):
-            runfiles.append(self.metrics_path, {
+            runfiles.append(self.saves.metrics_path, {
                 "step": step, "split": "train", "loss": loss_value, **parts, "lr": lr,
                 "skipped": self.counters.nonfinite + self.counters.empty, "elapsed": round(elapsed, 3),
                 f"{self.task.unit}_per_s": round(bar.rate, 2), **speed})
@@ -371,7 +368,7 @@ class _Trainer:
             result = self.evaluate(step)
             self.last_metrics.update(result)
             if self.main and result:
-                runfiles.append(self.metrics_path, {"step": step, "split": "val", **result})
+                runfiles.append(self.saves.metrics_path, {"step": step, "split": "val", **result})
 
     # --- checkpoints, evaluation, bad samples ---------------------------------------------------------------
 
@@ -425,7 +422,7 @@ class _Trainer:
         if self.main:
             warn(f"skipping {err['shard']}:{err['key']}: {err['reason']}")
             if write:
-                runfiles.append(self.rejects_path, {"step": at, **err})
+                runfiles.append(self.saves.rejects_path, {"step": at, **err})
 
     def synced(self, *flags: float) -> list[float]:
         """Per-process flags summed over the processes (one small all-reduce), so all decide alike."""
@@ -436,7 +433,8 @@ class _Trainer:
 
     def interrupted(self) -> TrainResult:
         if self.main:
-            info(f"stopped by signal {self.stop.signals[0]} after step {self.step}; checkpoint: {self.saves.path}")
+            info(f"stopped by signal {self.stop.signals[0]} after step {self.step}; "
+                 + (f"checkpoint: {self.saves.path}" if self.saves.path else "no checkpoint was saved yet"))
         self.accelerator.wait_for_everyone()
         return TrainResult(self.step, self.saves.path, self.last_metrics,
                            stopped_by=signal.Signals(self.stop.signals[0]).name, rejects=self.rejects)

@@ -31,11 +31,6 @@ def trim_jsonl(path: Path, resume_step: int) -> Path:
     return path
 
 
-def metrics_file(out: Path, resume_step: int) -> Path:
-    """metrics.jsonl, with any lines past the step being resumed dropped (they will be redone)."""
-    return trim_jsonl(out / "metrics.jsonl", resume_step if resume_step > 0 else -1)
-
-
 def write_error(path: Path, exc: OSError) -> UserError:
     return UserError(f"cannot write {path}: {exc.strerror or exc} (disk full or not writable?); the last "
                      "checkpoint is intact: free space and rerun the same command to resume")

@@ -1,29 +1,41 @@
 """A training run's checkpoint folder, as the loop (train/loop.py) uses it: which checkpoint a run resumes
 from, and what a save does around `checkpoint.save` — `--fresh` replacing the earlier run at the new run's
 first save, `--keep` pruning while sparing the steps the run's codes and prior were made with, and the words
-for what a failure leaves behind (DESIGN.md, "Checkpoints")."""
+for what a failure leaves behind (DESIGN.md, "Checkpoints").
+
+The folder's other files describe its latest checkpoint, so they change with a save, not before:
+train_config.json (the settings a rerun continues with, `commands.common.resumed_run`) is written at each
+save; a `--fresh` run over an earlier one logs into hidden .fresh-*.jsonl files that replace metrics.jsonl and
+rejects.jsonl at its first save. A run stopped before it saved leaves the earlier run's files as they were."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from dallecli import checkpoint
+from dallecli.config import write_json_atomic
 from dallecli.console import UserError, info, warn
+from dallecli.train import runfiles
 from dallecli.train.task import Task
+
+LOGS = ("metrics.jsonl", "rejects.jsonl")
 
 
 class RunCheckpoints:
     """The checkpoints of one `train` call in folder `out`, written by the main process (`main`); `keep`
     is --keep. `step` and `path` name the last checkpoint this run saved or resumed from (None before)."""
 
-    def __init__(self, task: Task, out: Path, keep: int, main: bool):
-        self.task, self.out, self.keep, self.main = task, out, keep, main
+    def __init__(self, task: Task, out: Path, keep: int, main: bool, train_config: dict):
+        self.task, self.out, self.keep, self.main, self.train_config = task, out, keep, main, train_config
         self.step: int | None = None
         self.path: Path | None = None
         self.replacing = False  # --fresh: the first save of the new run removes the earlier run's checkpoints
         self.began = time.time()  # files in `out` older than this that the task names are the earlier run's
         self.told: set[int] = set()  # protected steps already reported as kept beyond --keep
+        self.staged = False  # a --fresh run logs beside the earlier run's logs until its first save
+        self.metrics_path = self.rejects_path = None
 
     def latest(self, fresh: bool, wait_for_everyone: Callable[[], None]) -> Path | None:
         """The checkpoint to resume from: the newest complete one, or None for a new run (or `fresh`). The
@@ -36,6 +48,7 @@ class RunCheckpoints:
         if not fresh:
             return checkpoint.latest(out) if out.exists() else None
         if self.main and out.exists() and checkpoint.latest(out) is not None:
+            self.staged = True
             info(f"--fresh: starting over; the checkpoints in {out} will be replaced as the new run saves")
             needed = self._asked_protected()
             if needed:
@@ -47,6 +60,16 @@ class RunCheckpoints:
 
     def resumed(self, step: int, path: Path) -> None:
         self.step, self.path = step, path
+
+    def open_logs(self, step: int) -> None:
+        """metrics.jsonl and rejects.jsonl cut back to `step` (the rows after it will be redone), or, for a
+        --fresh run over an earlier one, empty staged ones (main process only)."""
+        cut = step if step > 0 else -1
+        if not self.staged:  # a --fresh run that was stopped before its first save left these
+            for name in LOGS:
+                (self.out / f".fresh-{name}").unlink(missing_ok=True)
+        paths = [self.out / (f".fresh-{name}" if self.staged else name) for name in LOGS]
+        self.metrics_path, self.rejects_path = (runfiles.trim_jsonl(p, -1 if self.staged else cut) for p in paths)
 
     def save(self, at: int, **contents: Any) -> Path:
         """`checkpoint.save(out, at, **contents)`; then, after a --fresh run's first save, the earlier run's
@@ -61,6 +84,18 @@ class RunCheckpoints:
             self.replacing = False
         checkpoint.prune(self.out, self.keep, self._protected())
         self.step, self.path = at, path
+        try:
+            if self.staged:  # the new run's logs replace the earlier run's
+                for staged, name in zip((self.metrics_path, self.rejects_path), LOGS):
+                    if staged.exists():
+                        os.replace(staged, self.out / name)
+                    else:
+                        (self.out / name).unlink(missing_ok=True)
+                self.metrics_path, self.rejects_path = (self.out / name for name in LOGS)
+                self.staged = False
+            write_json_atomic(self.out / "train_config.json", self.train_config)
+        except OSError as exc:
+            raise runfiles.write_error(self.out / "train_config.json", exc) from None
         return path
 
     def kept(self) -> str:
