@@ -2,6 +2,7 @@
 import io
 import json
 import math
+import re
 import shutil
 import tarfile
 from dataclasses import replace
@@ -132,7 +133,7 @@ def test_resume_refuses_another_shape(tmp_path):
         train(task, CFG, tmp_path / "run")
 
 
-def test_nonfinite_step_is_skipped(tmp_path):
+def test_nonfinite_step_is_skipped(tmp_path, capfd):
     shards = make_code_shards(tmp_path / "shards")
     cfg = replace(CFG, steps=6, save_every=100, ema_decay=None)
     # Stop right before the poisoned step, then run it: weights and optimizer must not change.
@@ -143,6 +144,7 @@ def test_nonfinite_step_is_skipped(tmp_path):
     for k, v in before.weights().items():
         assert torch.equal(v, after.weights()[k])
     assert after.training_state()["nonfinite"] == 1
+    assert re.search(r"skipped updates\s+1\b", capfd.readouterr().out)  # said in the summary
     sa, sb = before.training_state()["optimizer"]["state"], after.training_state()["optimizer"]["state"]
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
 

@@ -141,6 +141,9 @@ def test_a_rerun_without_the_first_runs_options_continues_the_run(base, tmp_path
         "schedule": "plateau", "ema_decay": 0.5, "seed": 7, "grad_accum": 2, "batch_size": 4}
     meta = checkpoint.load(run / "prior", "prior").meta
     assert (meta["cond_drop"], meta["bpe_dropout"]) == (0.0, 0.0)
+    # without --steps, a rerun goes on to the run's own --steps (here: done), not to the preset's default
+    result = cli.run_inprocess(["train-prior", "--run", run, "--precision", "fp32"], capfd)
+    assert result.returncode == 0 and checkpoint.load(run / "prior", "prior").step == 3
     # an explicit option still wins (and a changed model is still refused)
     result = cli.run_inprocess(["train-prior", "--run", run, "--preset", "small", "--steps", 4, "--quiet"], capfd)
     assert result.returncode == 2 and "the model differs" in cli.error_message(result)

@@ -22,7 +22,7 @@ def command(
     model: Annotated[Optional[str], typer.Option(
         help="Architecture: a shipped one (dalle-tiny, dalle-small) or any open_clip name (ViT-B-32, RN50, …), "
              "trained from scratch (default: dalle-tiny; a rerun continues the run's own).", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help=f"Total updates (default: per model; dalle-tiny {_TINY_STEPS}).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Total updates (a rerun: the run's own; default: per model; dalle-tiny {_TINY_STEPS}).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Image–caption pairs per process per update; the contrastive "
                                                            f"loss sees batch × processes (default: per model; dalle-tiny {_TINY_BATCH}).")] = None,
     lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate, cosine to 0 after a 5% warm-up (default: per model; dalle-tiny {_TINY_LR:g}).")] = None,
@@ -91,7 +91,7 @@ def command(
         info(f"the shard images are {size} px and {model} takes {want} px: they are resized as they are read")
     maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
     default_steps, default_batch, default_lr = DEFAULTS.get(model, OTHER)
-    steps = default_steps if steps is None else steps
+    steps = resumed_train.get("steps", default_steps) if steps is None else steps  # a rerun: the run's own
     on_gpu = torch.cuda.is_available() and not cpu
     cfg = TrainConfig(
         steps=steps, batch_size=default_batch if batch_size is None else batch_size,

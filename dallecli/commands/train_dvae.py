@@ -59,7 +59,7 @@ def command(
                                                      "codes in a five-minute run), 128 px small-vq, 256 px paper; larger "
                                                      "images take the preset below their size and are cropped at random "
                                                      "(App. A.2).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset; a rerun: the run's own).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per process per update (default: per preset).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, cosine to 1.25% of it (paper: 1e-4 → 1.25e-6; "
                                                    "default: per preset, 1e-3 for tiny-vq).")] = None,
@@ -132,7 +132,7 @@ def command(
         info(f"the images in {shards} are {size} px: each is cropped and resized at random to the dVAE's "
              f"{config.image_size} px as it is read (App. A.2; {preset} preset)")
     default_steps, default_batch, default_lr = DEFAULTS.get(preset, (10_000, 32, 1e-4))
-    steps = default_steps if steps is None else steps
+    steps = resumed_train.get("steps", default_steps) if steps is None else steps  # a rerun: the run's own
     if preset == "tiny" and steps <= 10_000 and not resumed_model and not launched():  # once, before --gpus N
         warn("the paper's gumbel dVAE at the `tiny` preset collapses onto a few codes in runs of a few thousand "
              "updates (4 of 512 codes in use after 2,000; docs/dvae-tiny-gumbel.md); `--preset tiny-vq` learns "

@@ -42,7 +42,7 @@ SHORT_RUN_PRESETS = ("tiny", "small")
 def command(
     run: RunOpt = DEFAULT_RUN,
     preset: Annotated[Optional[Preset], typer.Option(help="Model size: tiny (tests), small (CPU: d 256, 4 layers), base (one GPU) or paper. Default: small, or the run's own when continuing it.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Total updates (default: per preset; a rerun: the run's own).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Captions per process per micro-batch (default: per preset).")] = None,
     global_batch: Annotated[Optional[int], typer.Option(help="Accumulate gradients up to this global batch (paper: 1024).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (paper 4.5e-4).")] = None,
@@ -159,7 +159,7 @@ def command(
             changes[name] = resumed_model[name]
     config = dataclasses.replace(PRESETS[preset], **changes)
     cfg = TrainConfig(
-        steps=d_steps if steps is None else steps, batch_size=batch, lr=d_lr if lr is None else lr,
+        steps=resumed_train.get("steps", d_steps) if steps is None else steps, batch_size=batch, lr=d_lr if lr is None else lr,
         warmup=d_warm if warmup is None else warmup,
         schedule=schedule or ("cosine" if preset in SHORT_RUN_PRESETS else "plateau"),
         betas=(0.9, 0.96), eps=1e-8, weight_decay=4.5e-2, grad_clip=4.0,  # App. B

@@ -78,7 +78,9 @@ class DVAETask:
         return to_dict(self.config)
 
     def meta(self) -> dict:
-        return {"shards": str(self.shards), "schedule": to_dict(self.schedule)}
+        # τ and β (the learning rate follows train_config.json, not the paper's lr_* fields of the schedule)
+        return {"shards": str(self.shards),
+                "schedule": {k: v for k, v in to_dict(self.schedule).items() if not k.startswith("lr_")}}
 
     def build_model(self) -> DVAE:
         model = DVAE(self.config)

@@ -228,8 +228,10 @@ class _Trainer:
         self.accelerator.wait_for_everyone()
         if self.main:
             shown = getattr(task, "summary_metrics", lambda m: m)(self.last_metrics)  # what the task shows
+            skipped = self.counters.nonfinite + self.counters.empty  # updates not applied (non-finite, no data)
             summary(f"train-{task.kind}: done", {"steps": self.step, "checkpoint": self.saves.path,
                                                  "metrics": self.saves.metrics_path, "skipped samples": len(self.rejects),
+                                                 **({"skipped updates": skipped} if skipped else {}),
                                                  **{k: f"{v:.4g}" for k, v in shown.items()}})
         return TrainResult(self.step, self.saves.path, self.last_metrics, rejects=self.rejects)
 
