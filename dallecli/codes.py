@@ -289,6 +289,17 @@ def _plan(out: Path, shards: Path, ck: checkpoint.Checkpoint, prior: Path | None
                                "(the old ones stay until the new set is complete)")
 
 
+def stale_codes(codes: Path, shards: Path) -> list[str]:
+    """The image shards in `shards` added, rebuilt or removed since the codes in `codes` were encoded from
+    them (none where either folder cannot tell: no manifest, no shards, no records)."""
+    manifest = _code_manifest_or_none(Path(codes))
+    try:
+        paths = [p for _, p in shard_jobs(shards)]
+    except UserError:
+        return []
+    return _changed_shards(Path(codes), manifest, _source_ids(shards, paths)) if manifest else []
+
+
 def _changed_shards(out: Path, manifest: dict, sources: dict[str, str]) -> list[str]:
     """The image shards added, rebuilt or removed since OUT's codes were made (by the sources its .parts
     records hold); none where OUT keeps no such records."""

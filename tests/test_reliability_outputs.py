@@ -167,6 +167,19 @@ def test_codes_a_prior_was_trained_on_are_not_re_encoded_from_changed_shards(run
     assert encode(run, capfd, "--dvae", run / "dvae1", "-q").returncode == 0  # nothing changed since: kept
 
 
+def test_codes_older_than_their_image_shards_are_found(run, capfd):
+    """What `train-prior` warns about: RUN/codes encoded before RUN/shards were rebuilt."""
+    from dallecli.codes import stale_codes
+
+    assert stale_codes(run / "codes", run / "shards") == []  # no codes yet: nothing to say
+    assert encode(run, capfd, "--dvae", run / "dvae1", "-q").returncode == 0
+    assert stale_codes(run / "codes", run / "shards") == []
+    shutil.copyfile(run / "shards" / "train-000001.tar", run / "shards" / "train-000000.tar")
+    assert stale_codes(run / "codes", run / "shards") == ["train-000000.tar"]
+    assert encode(run, capfd, "--dvae", run / "dvae1", "-q").returncode == 0  # no prior: encoded again
+    assert stale_codes(run / "codes", run / "shards") == []
+
+
 def test_interrupted_replacement_keeps_the_old_codes_and_resumes(run, capfd, monkeypatch):
     from dallecli import codes
 

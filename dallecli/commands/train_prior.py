@@ -146,6 +146,15 @@ def command(
     codes = codes or rd.codes
     tok = Tokenizer.load(tokenizer or rd.tokenizer)
     dvae = codes_info(codes)
+    if not launched() and Path(codes).resolve() == rd.codes.resolve():  # the run's codes of the run's shards:
+        from dallecli.codes import stale_codes
+
+        if stale := stale_codes(codes, rd.shards):  # rebuilt after encoding, the prior would learn old data
+            from dallecli.console import warn
+
+            more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
+            warn(f"the image shards in {rd.shards} changed since {codes} was encoded ({stale[0]}{more}): this "
+                 "trains on the old codes; run `dalle encode` first (with --overwrite if a prior was trained on them)")
     maybe_relaunch(gpus, nodes, node_rank, main_address, main_port, cpu)  # after the input checks: fail in seconds
     changes = {"text_vocab": tok.vocab_size, "image_vocab": dvae["vocab_size"], "grid": dvae["grid"],
                "pad_id": tok.pad_id}
