@@ -394,6 +394,19 @@ def read_code_manifest(codes: Path) -> dict:
     return manifest
 
 
+def dvae_of_codes(codes: str | Path | None) -> Path | None:
+    """The dVAE checkpoint a code folder's manifest names, where it still exists (else None): what decodes the
+    codes of a prior trained on them when its run has no dVAE of its own (`encode --dvae ../other`)."""
+    try:
+        path = Path(read_code_manifest(Path(codes))["dvae"]["checkpoint"])
+    except (UserError, KeyError, TypeError):
+        return None
+    if not path.is_dir():
+        return None
+    info(f"using {path}, the dVAE that made the codes the prior was trained on (the run has no dVAE of its own)")
+    return path
+
+
 def preview(dvae: Path, shards: Path, out: Path, n: int, device: str = "cpu") -> Path:
     """N val images: originals and reconstructions as PNGs, preview.jsonl and a grid (originals above)."""
     if n < 1:

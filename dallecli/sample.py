@@ -276,7 +276,9 @@ def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None
         if dvae is not None and dvae != checkpoint.latest(rd.dvae):
             info(f"using {dvae}, the dVAE the prior was trained with (later dVAE checkpoints make other codes)")
         if dvae is None and not (rd.dvae.is_dir() and checkpoint.latest(rd.dvae)):
-            dvae = _dvae_of_codes(pck.meta.get("codes"))  # codes made with another run's dVAE (encode --dvae)
+            from dallecli.codes import dvae_of_codes
+
+            dvae = dvae_of_codes(pck.meta.get("codes"))  # codes made with another run's dVAE (encode --dvae)
     dmodel, dck = load_dvae(dvae or rd.dvae, device)
     tok = Tokenizer.load(tokenizer or rd.tokenizer)
     check_prior_meta(pck, dck.fingerprint, tok.fingerprint, training=False)
@@ -284,20 +286,6 @@ def load_pipeline(run: Path, prior: Path | None = None, dvae: Path | None = None
         raise UserError(f"the dVAE {dck.path} (grid {dmodel.config.grid}, {dmodel.config.vocab_size} codes) does not "
                         f"match the prior {pck.path} (grid {model.config.grid}, {model.config.image_vocab} codes)")
     return Pipeline(model, dmodel, tok, pck.path, dck.path, device, precision, pck.meta.get("cond_drop"))
-
-
-def _dvae_of_codes(codes: str | None) -> Path | None:
-    """The dVAE checkpoint a code folder's manifest names, where it still exists (else None)."""
-    from dallecli.config import read_json
-
-    try:
-        path = Path(read_json(Path(codes) / "manifest.json", "code manifest")["dvae"]["checkpoint"])
-    except (UserError, KeyError, TypeError):
-        return None
-    if not path.is_dir():
-        return None
-    info(f"using {path}, the dVAE that made the codes the prior was trained on (the run has no dVAE of its own)")
-    return path
 
 
 def encode_prompts(pipe: Pipeline, prompts: list[str]) -> torch.Tensor:
